@@ -1,0 +1,152 @@
+"""Settings, resolved in this order (later wins):
+
+    defaults  <  backprop.config.json  <  BACKPROPAGATE_* env vars  <  CLI flags or UI form
+
+Nested env vars use "__": `BACKPROPAGATE_LORA__R=16`. The config file is `backprop.config.json` in the
+current directory, or the path in `BACKPROPAGATE_CONFIG`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from training.errors import BackpropError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+class LoraSettings(BaseModel):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainingSettings(BaseModel):
+    steps: int | None = Field(None, ge=1, description="optimizer steps; wins over epochs")
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    max_seq_length: int = Field(1024, ge=16)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler: str = Field("cosine", pattern="^(cosine|linear|constant)$")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    packing: bool = True
+    response_only: bool = True
+    validation_split: float = Field(0.0, ge=0, lt=1)
+    eval_every: int = Field(0, ge=0, description="steps between evals; 0: only at the end")
+    save_every: int = Field(50, ge=0, description="steps between checkpoints; 0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    qlora: bool = False
+    use_unsloth: bool = True
+    bf16: bool | None = None  # None: bf16 on CUDA when supported, fp32 on CPU
+
+
+class UiSettings(BaseModel):
+    output_dir: Path = Path("~/.backpropagate/ui-outputs").expanduser()
+    port: int = 7862
+    host: str = "127.0.0.1"
+    max_upload_mb: int = 500
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BACKPROPAGATE_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    home: Path = Path("~/.backprop").expanduser()
+    model: str = DEFAULT_MODEL
+    lora: LoraSettings = LoraSettings()
+    training: TrainingSettings = TrainingSettings()
+    ui: UiSettings = UiSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: flags, then env, then the JSON file, then the defaults above.
+        return (init_settings, env_settings, JsonFileSource(settings_cls))
+
+
+class JsonFileSource(PydanticBaseSettingsSource):
+    """Reads backprop.config.json; a broken file is a coded error, never silently ignored."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = config_file_path()
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BackpropError("CONFIG_FILE_UNREADABLE", path=path, reason=exc) from exc
+        if not isinstance(data, dict):
+            raise BackpropError("CONFIG_FILE_UNREADABLE", path=path, reason="top level is not an object")
+        return data
+
+
+def config_file_path() -> Path:
+    return Path(os.environ.get("BACKPROPAGATE_CONFIG", "backprop.config.json")).expanduser()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings with `overrides` (CLI flags, form fields) on top; None values mean "not given"."""
+    cleaned = _drop_none(overrides)
+    try:
+        return Settings(**cleaned)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BackpropError("CONFIG_INVALID", reason=f"{where}: {first['msg']}") from exc
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+# Flat option names (CLI flags, library keyword arguments, form fields) and where they live.
+FLAT_OPTIONS: dict[str, str] = {
+    "model": "model",
+    "home": "home",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "target_modules": "lora.target_modules",
+    "lr": "training.learning_rate",
+    **{name: f"training.{name}" for name in TrainingSettings.model_fields},
+}
+
+
+def nest_options(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"lr": 1e-3, "lora_r": 8} -> {"training": {"learning_rate": 1e-3}, "lora": {"r": 8}}; None means not given."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        if key not in FLAT_OPTIONS:
+            raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"unknown option '{key}'",
+                                hint=f"Known options: {', '.join(sorted(FLAT_OPTIONS))}")  # fmt: skip
+        *parents, leaf = FLAT_OPTIONS[key].split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested

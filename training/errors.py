@@ -1,0 +1,183 @@
+"""The error catalogue: every failure a user can meet has a stable code, a hint and an exit code.
+
+Raise with `BackpropError("INPUT_DATASET_NOT_FOUND", path=...)`; the message and hint templates below
+are filled from the keyword arguments. Exit codes: 1 input or config, 2 runtime or dependency,
+3 partial success, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    message: str
+    hint: str
+    retryable: bool = False
+    exit_code: int | None = None  # None: derived from the code's prefix
+
+
+CATALOGUE: dict[str, ErrorSpec] = {
+    # Input: the user's files and arguments.
+    "INPUT_DATASET_NOT_FOUND": ErrorSpec(
+        "Dataset not found: {path}",
+        "Check the path, or give a hub dataset id like 'owner/name' when online.",
+    ),
+    "INPUT_DATASET_EMPTY": ErrorSpec(
+        "{path}: the dataset holds no rows",
+        "Add at least one example; see the README for the accepted formats.",
+    ),
+    "INPUT_DATASET_BINARY": ErrorSpec(
+        "{path}:{line}: this looks like a binary file, not text",
+        "Datasets are .jsonl, .json, .csv, .parquet, .txt or .md files.",
+    ),
+    "INPUT_DATASET_ENCODING": ErrorSpec(
+        "{path}:{line}: invalid UTF-8 ({reason})",
+        "Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`.",
+    ),
+    "INPUT_DATASET_INVALID_JSON": ErrorSpec(
+        "{path}:{line}: invalid JSON ({reason})",
+        "Each line of a .jsonl file must be one complete JSON object. "
+        "Fix the line, or pass --skip-invalid to train on the good rows.",
+    ),
+    "INPUT_DATASET_INVALID_ROW": ErrorSpec(
+        "{path}:{line}: {reason}",
+        "Fix the row, or pass --skip-invalid to train on the good rows; "
+        "`backprop validate FILE` lists every bad line.",
+    ),
+    "INPUT_DATASET_NO_ASSISTANT_TURN": ErrorSpec(
+        "{path}:{line}: the conversation has no assistant turn to learn from",
+        "Every chat example needs at least one assistant (gpt) message.",
+    ),
+    "INPUT_DATASET_UNKNOWN_FORMAT": ErrorSpec(
+        "{path}:{line}: no known dataset format fits this row ({reason})",
+        "Accepted: ShareGPT 'conversations', OpenAI 'messages', Alpaca instruction/output, "
+        "prompt/completion, or 'text'. Force one with --format.",
+    ),
+    "INPUT_DATASET_UNSUPPORTED_FILE": ErrorSpec(
+        "{path}: unsupported file type '{suffix}'",
+        "Use .jsonl, .json, .csv, .parquet, .txt or .md.",
+    ),
+    "INPUT_DATASET_TOO_SMALL": ErrorSpec(
+        "{path}: {reason}",
+        "Add more rows or lower --validation-split.",
+    ),
+    "INPUT_RUN_NOT_FOUND": ErrorSpec(
+        "No run matches '{run_id}'",
+        "`backprop list` shows the runs and their ids.",
+    ),
+    "INPUT_RUN_AMBIGUOUS": ErrorSpec(
+        "'{run_id}' matches several runs: {matches}",
+        "Type more characters of the id.",
+    ),
+    "INPUT_MODEL_NOT_FOUND": ErrorSpec(
+        "Model not found: {model}",
+        "Give a preset name (`backprop info` lists them), a hub id like 'Qwen/Qwen2.5-0.5B-Instruct', "
+        "a local folder with config.json, or 'demo'.",
+    ),
+    "INPUT_INVALID_ARGUMENT": ErrorSpec("{reason}", "{hint}"),
+    # Config.
+    "CONFIG_INVALID": ErrorSpec(
+        "Invalid setting: {reason}",
+        "Check backprop.config.json, BACKPROPAGATE_* environment variables and the flags you passed.",
+    ),
+    "CONFIG_FILE_UNREADABLE": ErrorSpec(
+        "Cannot read config file {path}: {reason}",
+        "backprop.config.json must be a JSON object.",
+    ),
+    # Dependencies.
+    "DEP_MODEL_LOAD_FAILED": ErrorSpec(
+        "Could not load model '{model}': {reason}",
+        "Hub models need internet on first use (then they come from the HF cache). "
+        "Offline, use a local folder or the built-in 'demo' model.",
+        retryable=True,
+    ),
+    "DEP_DATASET_DOWNLOAD_FAILED": ErrorSpec(
+        "Could not download dataset '{dataset}': {reason}",
+        "Check your connection, or download the file and pass its path.",
+        retryable=True,
+    ),
+    "DEP_MISSING": ErrorSpec(
+        "{package} is not installed: {reason}",
+        "Install it with: pip install {install}",
+    ),
+    # Runtime.
+    "RUNTIME_OOM_RECOVERY_EXHAUSTED": ErrorSpec(
+        "Out of GPU memory even at batch size {batch_size}",
+        "Lower --max-seq-length, use --qlora, or pick a smaller model.",
+    ),
+    "RUNTIME_TRAINING_FAILED": ErrorSpec(
+        "Training failed: {reason}",
+        "Run again with --verbose for the traceback.",
+    ),
+    "RUNTIME_NAN_LOSS": ErrorSpec(
+        "The loss became {value} at step {step}",
+        "Lower the learning rate (--lr) or raise warmup.",
+    ),
+    "RUNTIME_INTERRUPTED": ErrorSpec(
+        "Interrupted by the user",
+        "`backprop resume {run_id}` continues from the last checkpoint.",
+        exit_code=130,
+    ),
+    # State.
+    "STATE_NOT_RESUMABLE": ErrorSpec(
+        "Run {run_id} cannot be resumed: {reason}",
+        "Only runs that are interrupted, time-boxed, stopped or failed after a checkpoint can resume.",
+    ),
+    "STATE_RUN_ACTIVE": ErrorSpec(
+        "Run {run_id} is still {status} (pid {pid})",
+        "Wait for it to finish, or stop it first.",
+    ),
+    "STATE_CHECKPOINT_CORRUPT": ErrorSpec(
+        "Checkpoint {path} is unreadable: {reason}",
+        "Delete that checkpoint folder; resume then uses the one before it.",
+    ),
+    "STATE_REGISTRY_CORRUPT": ErrorSpec(
+        "The run registry {path} is unreadable: {reason}",
+        "Move it aside; run folders under the home directory are kept.",
+    ),
+}
+
+_EXIT_BY_PREFIX = {"INPUT": 1, "CONFIG": 1, "UI": 1, "DEP": 2, "RUNTIME": 2, "STATE": 2}
+
+
+class BackpropError(Exception):
+    """An error a user can act on: `[CODE] message` plus a hint."""
+
+    def __init__(self, code: str, message: str | None = None, hint: str | None = None, **fields: object):
+        spec = CATALOGUE.get(code)
+        if spec is None:
+            raise KeyError(f"unknown error code {code}: add it to training/errors.py")
+        self.code = code
+        self.fields = fields
+        self.message = message or _fill(spec.message, fields)
+        self.hint = hint or _fill(spec.hint, fields)
+        self.retryable = spec.retryable
+        self.exit_code = spec.exit_code or _EXIT_BY_PREFIX[code.split("_", 1)[0]]
+        super().__init__(f"[{code}] {self.message}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"code": self.code, "message": self.message, "hint": self.hint, "retryable": self.retryable}
+
+
+def _fill(template: str, fields: dict[str, object]) -> str:
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError):
+        return template
+
+
+_SECRET_PATTERNS = [
+    re.compile(r"hf_[A-Za-z0-9]{10,}"),
+    re.compile(r"(?i)((?:token|password|secret|api[_-]?key)\s*[=:]\s*)\S+"),
+    re.compile(r"(?i)(bearer\s+)\S+"),
+]
+
+
+def redact(text: str) -> str:
+    """Mask tokens and passwords before anything reaches a terminal or a log."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
+    return text

@@ -1,0 +1,60 @@
+"""The event stream of a run: one JSON object per line in RUN_DIR/events.jsonl.
+
+Every event has `t` (unix seconds) and `event`; see DESIGN.md for the vocabulary
+(started, step, eval, telemetry, checkpoint_saved, paused, resumed, merge, log, completed, failed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Event = dict[str, Any]
+EventSink = Callable[[Event], None]
+
+
+class EventWriter:
+    """Appends events to a file; `durable=True` events (checkpoints, endings) are fsynced."""
+
+    def __init__(self, path: Path, also: EventSink | None = None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+        self._also = also
+
+    def emit(self, event: str, durable: bool = False, **fields: Any) -> Event:
+        record = {"t": round(time.time(), 3), "event": event, **fields}
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.flush()
+        if durable:
+            os.fsync(self._file.fileno())
+        if self._also is not None:
+            self._also(record)
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[Event], int]:
+    """Complete events from byte `offset` on, and the offset to continue from (a half-written line waits)."""
+    if not path.exists():
+        return [], offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    events: list[Event] = []
+    consumed = 0
+    for raw in data.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            break
+        consumed += len(raw)
+        try:
+            events.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash is skipped, not fatal
+    return events, offset + consumed

@@ -1,0 +1,140 @@
+"""Which model to train: presets, name resolution, and loading a base model with its tokenizer.
+
+`--model` takes a preset name or hub id (loaded with `from_pretrained` through the HF cache), a local HF
+folder, or `demo` (the built-in tiny model, see demo_model.py). A tokenizer without a chat template gets
+ChatML.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.errors import BackpropError
+
+DEMO = "demo"
+
+
+@dataclass(frozen=True)
+class Preset:
+    hub_id: str
+    params_billion: float
+    architecture: str
+
+    def vram_gb(self, qlora: bool = False) -> float:
+        """Rough LoRA training footprint: weights + ~30% for activations, adapter and optimizer state."""
+        bytes_per_param = 0.55 if qlora else 2.0  # 4-bit incl. quant constants, or bf16
+        return round(self.params_billion * bytes_per_param * 1.3 + 0.8, 1)
+
+
+PRESETS: dict[str, Preset] = {
+    p.hub_id: p
+    for p in [
+        Preset("Qwen/Qwen2.5-0.5B-Instruct", 0.49, "qwen2"),
+        Preset("Qwen/Qwen2.5-1.5B-Instruct", 1.54, "qwen2"),
+        Preset("Qwen/Qwen2.5-3B-Instruct", 3.09, "qwen2"),
+        Preset("Qwen/Qwen2.5-7B-Instruct", 7.62, "qwen2"),
+        Preset("meta-llama/Llama-3.2-1B-Instruct", 1.24, "llama"),
+        Preset("meta-llama/Llama-3.2-3B-Instruct", 3.21, "llama"),
+        Preset("HuggingFaceTB/SmolLM2-135M-Instruct", 0.135, "llama"),
+        Preset("HuggingFaceTB/SmolLM2-360M-Instruct", 0.36, "llama"),
+        Preset("mistralai/Mistral-7B-Instruct-v0.3", 7.25, "mistral"),
+    ]
+}
+# Short names people type: "qwen2.5-0.5b", "smollm2-135m", ...
+ALIASES: dict[str, str] = {
+    hub_id.split("/")[1].lower().removesuffix("-instruct").removesuffix("-instruct-v0.3"): hub_id for hub_id in PRESETS
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: `name` as the user gave it, `path` a local folder or hub id to load."""
+
+    name: str
+    path: str
+    is_local: bool
+
+
+def resolve_model(name: str, home: Path | None = None) -> ModelSource:
+    if name == DEMO:
+        from training.demo_model import demo_model_path
+
+        return ModelSource(DEMO, str(demo_model_path(home)), True)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists() and not (local / "adapter_config.json").exists():
+            raise BackpropError("INPUT_MODEL_NOT_FOUND", model=name)
+        return ModelSource(name, str(local.resolve()), True)
+    hub_id = ALIASES.get(name.lower(), name)
+    if hub_id.count("/") != 1 or hub_id.startswith(("/", ".", "~")):
+        raise BackpropError("INPUT_MODEL_NOT_FOUND", model=name)
+    return ModelSource(name, hub_id, False)
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    from training.demo_model import CHATML_TEMPLATE
+
+    tokenizer = _from_pretrained(AutoTokenizer, source)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+        for token in ("<|im_start|>", "<|im_end|>"):
+            if token not in tokenizer.get_vocab():
+                tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+                break
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, *, dtype: Any = None, device: str = "cpu", quantization_config: Any = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": device}
+    model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+    if quantization_config is None:
+        model.to(device)
+    return model
+
+
+def _from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
+    """`from_pretrained` that fails fast and clearly offline instead of hanging on the network."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not source.is_local:
+        # Short network timeouts: an unreachable hub must fail in seconds, not minutes.
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return loader.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        reason = str(exc).splitlines()[0][:300]
+        raise BackpropError("DEP_MODEL_LOAD_FAILED", model=source.name, reason=reason) from exc
+
+
+# Defaults that suit a model better than the global ones; a value the user set always wins.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    # A random-initialized tiny model needs a high learning rate to learn in a minute on a CPU.
+    DEMO: {"learning_rate": 3e-3, "steps": 150, "warmup_ratio": 0.05, "save_every": 50},
+}
+
+
+def apply_model_defaults(settings: Any) -> Any:
+    defaults = MODEL_DEFAULTS.get(settings.model)
+    if not defaults:
+        return settings
+    training = settings.training
+    unset = {k: v for k, v in defaults.items() if k not in training.model_fields_set}
+    if not unset:
+        return settings
+    merged = training.model_copy(update=unset)
+    merged.__pydantic_fields_set__ = set(training.model_fields_set)  # defaults stay "not given"
+    return settings.model_copy(update={"training": merged})

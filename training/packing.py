@@ -1,0 +1,184 @@
+"""From examples to batches: tokenize with the chat template, mask non-assistant tokens, pack, batch.
+
+Packing puts several short examples into one row of up to `max_seq_length` tokens. Position ids restart
+at 0 for each example, which transformers reads as sequence boundaries: attention never crosses from one
+example into another (no padding waste, no contamination). Without packing, examples of similar length
+are grouped into batches to keep padding small.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from training.datasets import Example
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
+
+
+@dataclass
+class Batch:
+    input_ids: Any  # LongTensor [rows, length]
+    labels: Any
+    position_ids: Any | None  # packed rows: restarts at each example
+    attention_mask: Any | None  # padded rows: 1 for real tokens
+    tokens: int  # real (non-padding) tokens
+    target_tokens: int  # tokens that carry loss
+
+
+class ChatEncoder:
+    """Token ids and labels for one example; only assistant turns carry loss when `response_only`."""
+
+    def __init__(self, tokenizer: Any, max_seq_length: int, response_only: bool = True):
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.response_only = response_only
+        self.fallbacks = 0  # conversations whose template is not prefix-stable: trained on every token
+        self.truncated = 0
+
+    def __call__(self, example: Example) -> Encoded:
+        if example.is_raw_text:
+            ids = self._ids(example.messages[0]["content"])
+            if self.tokenizer.eos_token_id is not None:
+                ids.append(self.tokenizer.eos_token_id)
+            encoded = Encoded(ids, list(ids))
+        elif self.response_only:
+            encoded = self._masked(example.messages)
+        else:
+            ids = self._ids(self._render(example.messages))
+            encoded = Encoded(ids, list(ids))
+        if len(encoded) > self.max_seq_length:
+            self.truncated += 1
+            encoded = Encoded(encoded.input_ids[: self.max_seq_length], encoded.labels[: self.max_seq_length])
+        return encoded
+
+    def _masked(self, messages: list[dict[str, str]]) -> Encoded:
+        # Render growing prefixes of the conversation; each new piece of text is one segment, trained on
+        # only when it is an assistant reply (the "<|im_start|>assistant\n" header itself is not).
+        segments: list[tuple[str, bool]] = []
+        done = ""
+        try:
+            for i, message in enumerate(messages):
+                if message["role"] == "assistant":
+                    head = self._render(messages[:i], add_generation_prompt=True)
+                    body = self._render(messages[: i + 1])
+                    if not (head.startswith(done) and body.startswith(head)):
+                        raise ValueError("chat template is not prefix-stable")
+                    segments += [(head[len(done) :], False), (body[len(head) :], True)]
+                    done = body
+                else:
+                    text = self._render(messages[: i + 1])
+                    if not text.startswith(done):
+                        raise ValueError("chat template is not prefix-stable")
+                    segments.append((text[len(done) :], False))
+                    done = text
+        except Exception:  # templates that reject partial conversations: train on everything instead
+            self.fallbacks += 1
+            ids = self._ids(self._render(messages))
+            return Encoded(ids, list(ids))
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, trained in segments:
+            piece = self._ids(text)
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        return Encoded(ids, labels)
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def pack(encoded: list[Encoded], max_seq_length: int) -> list[list[Encoded]]:
+    """First-fit decreasing: group examples into bins of at most `max_seq_length` tokens."""
+    bins: list[list[Encoded]] = []
+    space: list[int] = []
+    for item in sorted(encoded, key=len, reverse=True):
+        for i, free in enumerate(space):
+            if len(item) <= free:
+                bins[i].append(item)
+                space[i] -= len(item)
+                break
+        else:
+            bins.append([item])
+            space.append(max_seq_length - len(item))
+    return bins
+
+
+class BatchPlan:
+    """The deterministic order of micro-batches, epoch after epoch, so a resumed run sees the same data."""
+
+    def __init__(self, encoded: list[Encoded], batch_size: int, max_seq_length: int, packing: bool, seed: int, pad_id: int):
+        self.batch_size = batch_size
+        self.packing = packing
+        self.seed = seed
+        self.pad_id = pad_id
+        self.rows = pack(encoded, max_seq_length) if packing else [[e] for e in encoded]
+        self.batches_per_epoch = max(1, -(-len(self.rows) // batch_size))
+
+    def epoch(self, epoch: int) -> list[list[list[Encoded]]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        rows = list(self.rows)
+        rng.shuffle(rows)
+        if not self.packing:  # group similar lengths: sort within windows of 50 batches
+            window = self.batch_size * 50
+            rows = [r for i in range(0, len(rows), window) for r in sorted(rows[i : i + window], key=_row_len)]
+        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def micro_batches(self, start: int = 0):
+        """Yield micro-batches forever, starting at global index `start` (for resume)."""
+        epoch, index = divmod(start, self.batches_per_epoch)
+        while True:
+            batches = self.epoch(epoch)
+            for rows in batches[index:]:
+                yield collate(rows, self.pad_id, self.packing)
+            epoch, index = epoch + 1, 0
+
+
+def _row_len(row: list[Encoded]) -> int:
+    return sum(len(e) for e in row)
+
+
+def collate(rows: list[list[Encoded]], pad_id: int, packing: bool) -> Batch:
+    import torch
+
+    length = max(_row_len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), length), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    tokens = targets = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for item in row:
+            n = len(item)
+            ids[r, at : at + n] = torch.tensor(item.input_ids)
+            labels[r, at : at + n] = torch.tensor(item.labels)
+            labels[r, at] = IGNORE  # an example's first token is never predicted from the one before it
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+            tokens += n
+            targets += item.target_tokens
+        mask[r, :at] = 1
+        positions[r, at:] = torch.arange(length - at)  # padding is a segment of its own
+    if packing:
+        return Batch(ids, labels, positions, None, tokens, targets)
+    return Batch(ids, labels, None, mask, tokens, targets)

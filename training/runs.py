@@ -1,0 +1,269 @@
+"""The run registry: one SQLite database (WAL) shared by the CLI, workers and the web app.
+
+    <home>/runs.db              runs and their checkpoints
+    <home>/runs/<id>/           spec.json, events.jsonl, train.log, checkpoints/, adapter/
+
+Every write is one short IMMEDIATE transaction, so several processes can write at once without losing a
+row. A run whose worker died without a last word (status running or paused, pid gone) is marked
+`interrupted` by whoever looks at it next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from training import atomic
+from training.errors import BackpropError
+
+ACTIVE = ("queued", "running", "paused")
+RESUMABLE = ("interrupted", "timeboxed", "stopped", "failed")
+STATUSES = (*ACTIVE, "completed", *RESUMABLE)
+STALE_HEARTBEAT_S = 300
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    model TEXT,
+    dataset TEXT,
+    dataset_sha256 TEXT,
+    params TEXT NOT NULL DEFAULT '{}',
+    run_dir TEXT NOT NULL,
+    parent_id TEXT,
+    pid INTEGER,
+    heartbeat REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    max_steps INTEGER,
+    loss REAL,
+    final_loss REAL,
+    eval_loss REAL,
+    error_code TEXT,
+    error_message TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step)
+);
+"""
+
+
+@dataclass
+class RunRecord:
+    id: str
+    name: str | None
+    kind: str
+    status: str
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    model: str | None
+    dataset: str | None
+    dataset_sha256: str | None
+    params: dict[str, Any]
+    run_dir: str
+    parent_id: str | None
+    pid: int | None
+    heartbeat: float | None
+    step: int
+    max_steps: int | None
+    loss: float | None
+    final_loss: float | None
+    eval_loss: float | None
+    error_code: str | None
+    error_message: str | None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_COLUMNS = [f.name for f in fields(RunRecord)]
+
+
+@dataclass
+class Checkpoint:
+    run_id: str
+    step: int
+    path: str
+    created_at: float
+
+
+class Registry:
+    def __init__(self, home: Path):
+        self.home = Path(home).expanduser()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.home / "runs.db"
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+        except sqlite3.DatabaseError as exc:
+            raise BackpropError("STATE_REGISTRY_CORRUPT", path=self.db_path, reason=exc) from exc
+        try:
+            db.execute("PRAGMA busy_timeout=60000")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.row_factory = sqlite3.Row
+            yield db
+        except sqlite3.DatabaseError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise
+            raise BackpropError("STATE_REGISTRY_CORRUPT", path=self.db_path, reason=exc) from exc
+        finally:
+            db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    # ------------------------------------------------------------ runs
+
+    def create(
+        self,
+        kind: str,
+        spec: dict[str, Any],
+        *,
+        model: str | None = None,
+        dataset: str | None = None,
+        name: str | None = None,
+        parent_id: str | None = None,
+    ) -> RunRecord:
+        run_id = uuid.uuid4().hex[:12]
+        run_dir = self.home / "runs" / run_id
+        run_dir.mkdir(parents=True)
+        atomic.write_json(run_dir / "spec.json", {"id": run_id, "kind": kind, **spec})
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO runs (id, name, kind, status, created_at, model, dataset, params, run_dir, parent_id)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (run_id, name, kind, time.time(), model, dataset, json.dumps(spec.get("params", {})), str(run_dir), parent_id),
+            )
+        return self.get(run_id)
+
+    def update(self, run_id: str, **values: Any) -> None:
+        unknown = set(values) - set(_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown run columns: {unknown}")
+        if "params" in values:
+            values["params"] = json.dumps(values["params"])
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        with self._write() as db:
+            db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*values.values(), run_id))
+
+    def get(self, id_or_prefix: str) -> RunRecord:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM runs WHERE id LIKE ? LIMIT 6", (id_or_prefix.lower() + "%",)).fetchall()
+        exact = [r for r in rows if r["id"] == id_or_prefix]
+        if exact:
+            rows = exact
+        if not rows:
+            raise BackpropError("INPUT_RUN_NOT_FOUND", run_id=id_or_prefix)
+        if len(rows) > 1:
+            raise BackpropError("INPUT_RUN_AMBIGUOUS", run_id=id_or_prefix, matches=", ".join(r["id"] for r in rows))
+        return self._refresh(self._record(rows[0]))
+
+    def list(self, status: str | None = None, limit: int | None = None, kind: str | None = None) -> list[RunRecord]:
+        query, args = "SELECT * FROM runs", []
+        where = []
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY created_at DESC"
+        with self._connect() as db:
+            records = [self._refresh(self._record(r)) for r in db.execute(query, args).fetchall()]
+        if status:
+            records = [r for r in records if r.status == status]
+        return records[:limit] if limit else records
+
+    def delete(self, run_id: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    # ------------------------------------------------------------ checkpoints
+
+    def add_checkpoint(self, run_id: str, step: int, path: Path) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO checkpoints (run_id, step, path, created_at) VALUES (?, ?, ?, ?)",
+                (run_id, step, str(path), time.time()),
+            )
+
+    def remove_checkpoint(self, run_id: str, step: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM checkpoints WHERE run_id = ? AND step = ?", (run_id, step))
+
+    def checkpoints(self, run_id: str) -> list[Checkpoint]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step", (run_id,)).fetchall()
+        return [Checkpoint(**dict(r)) for r in rows]
+
+    # ------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _record(row: sqlite3.Row) -> RunRecord:
+        values = dict(row)
+        values["params"] = json.loads(values["params"] or "{}")
+        return RunRecord(**{k: values[k] for k in _COLUMNS})
+
+    def _refresh(self, run: RunRecord) -> RunRecord:
+        """Mark a run interrupted when its worker is gone (dead pid, or a heartbeat long silent)."""
+        if run.status not in ("running", "paused") or run.pid is None:
+            return run
+        silent = run.heartbeat is not None and time.time() - run.heartbeat > STALE_HEARTBEAT_S
+        if pid_alive(run.pid) and not silent:
+            return run
+        with self._write() as db:
+            db.execute(
+                "UPDATE runs SET status = 'interrupted', ended_at = ? WHERE id = ? AND status IN ('running', 'paused')",
+                (time.time(), run.id),
+            )
+        run.status = "interrupted"
+        return run
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not alive for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return True

@@ -1,0 +1,414 @@
+"""LoRA supervised fine-tuning: the training loop of one run.
+
+`run_training(run, registry)` reads the run's spec.json, loads data and model, trains, and keeps the run's
+events.jsonl and registry row current. The loop is plain PyTorch so that every step boundary is ours:
+checkpoints, a time box, a graceful stop and (on CUDA) OOM recovery all happen between two steps.
+
+Loss is summed over the tokens that carry it and divided by their count across all micro-batches of a
+step, so gradient accumulation and packing give the same result as one large batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training import checkpoints
+from training.checkpoints import TrainerState
+from training.config import Settings, load_settings
+from training.datasets import load_dataset, split
+from training.errors import BackpropError
+from training.events import EventSink, EventWriter
+from training.models import ModelSource, load_model, load_tokenizer, resolve_model
+from training.packing import BatchPlan, ChatEncoder, Encoded
+from training.runs import Registry, RunRecord
+
+log = logging.getLogger("backprop.trainer")
+MAX_OOM_SPLITS = 3
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    status: str
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    adapter_path: Path | None
+    run_dir: Path
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Control:
+    """How the outside world steers a running loop: a stop request and a deadline."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic() value; at it the run ends `timeboxed`
+
+
+def run_training(run: RunRecord, registry: Registry, *, control: Control | None = None, on_event: EventSink | None = None) -> TrainResult:
+    import json
+    import os
+
+    control = control or Control()
+    spec = json.loads((run.path / "spec.json").read_text())
+    settings = load_settings(**spec["settings"])
+    events = EventWriter(run.path / "events.jsonl", also=on_event)
+    registry.update(run.id, status="running", pid=os.getpid(), heartbeat=time.time(), started_at=run.started_at or time.time())
+    try:
+        return _Loop(run, registry, settings, spec, events, control).run()
+    except BackpropError as exc:
+        _fail(run, registry, events, exc.code, exc.message)
+        raise
+    except KeyboardInterrupt:
+        registry.update(run.id, status="stopped", ended_at=time.time())
+        events.emit("log", durable=True, level="warning", message="interrupted before the first step")
+        raise
+    except Exception as exc:
+        _fail(run, registry, events, "RUNTIME_TRAINING_FAILED", str(exc))
+        raise BackpropError("RUNTIME_TRAINING_FAILED", reason=exc) from exc
+    finally:
+        events.close()
+
+
+def _fail(run: RunRecord, registry: Registry, events: EventWriter, code: str, message: str) -> None:
+    events.emit("failed", durable=True, code=code, message=message)
+    registry.update(run.id, status="failed", ended_at=time.time(), error_code=code, error_message=message[:500])
+
+
+class _Loop:
+    def __init__(self, run: RunRecord, registry: Registry, settings: Settings, spec: dict[str, Any], events: EventWriter, control: Control):
+        self.run_record = run
+        self.registry = registry
+        self.settings = settings
+        self.t = settings.training
+        self.spec = spec
+        self.events = events
+        self.control = control
+        self.losses: list[float] = []
+        self.oom_splits = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def run(self) -> TrainResult:
+        import torch
+
+        t = self.t
+        torch.manual_seed(t.seed)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dataset = load_dataset(self.spec["data"], self.spec.get("format"), self.spec.get("skip_invalid", False))
+        if dataset.report.error_count:
+            self.events.emit("log", level="warning", message=f"skipped {dataset.report.error_count} invalid rows",
+                             skipped=[e.describe(dataset.report.path) for e in dataset.report.errors[:50]])  # fmt: skip
+        self.registry.update(self.run_record.id, dataset_sha256=dataset.sha256)
+        train_examples, val_examples = split(dataset.examples, t.validation_split, t.seed)
+
+        source = resolve_model(self.settings.model, self.settings.home)
+        self.tokenizer = load_tokenizer(source)
+        self.model = self._load_lora_model(source)
+        encoder = ChatEncoder(self.tokenizer, t.max_seq_length, t.response_only)
+        train_encoded = [encoder(e) for e in train_examples]
+        self.val_encoded = [encoder(e) for e in val_examples]
+        if encoder.truncated:
+            self.events.emit("log", level="warning", message=f"{encoder.truncated} examples longer than {t.max_seq_length} tokens were truncated")
+        if encoder.fallbacks:
+            self.events.emit("log", level="warning", message=f"{encoder.fallbacks} conversations trained on every token (chat template not prefix-stable)")
+        if not any(e.target_tokens for e in train_encoded):
+            raise BackpropError("INPUT_DATASET_TOO_SMALL", path=dataset.report.path, reason="no trainable tokens after tokenization")
+
+        self.plan = BatchPlan(train_encoded, self._batch_size(), t.max_seq_length, t.packing, t.seed, self.tokenizer.pad_token_id)
+        self.max_steps = t.steps or max(1, math.ceil(t.epochs * self.plan.batches_per_epoch / t.gradient_accumulation))
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        state = self._resume_state() or TrainerState(step=0, micro_batch=0, tokens_seen=0, loss=None)
+        self.registry.update(self.run_record.id, max_steps=self.max_steps)
+        self.events.emit("started", durable=True, model=self.settings.model, dataset=dataset.report.path,
+                         examples=len(train_encoded), validation_examples=len(self.val_encoded), max_steps=self.max_steps,
+                         resumed_from=state.step or None, device=self.device, trainable_params=self._trainable())  # fmt: skip
+        return self._train(state)
+
+    def _load_lora_model(self, source: ModelSource):
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        lora, t = self.settings.lora, self.t
+        use_bf16 = t.bf16 if t.bf16 is not None else (self.device == "cuda" and torch.cuda.is_bf16_supported())
+        dtype = torch.bfloat16 if use_bf16 else torch.float32
+        if self.device == "cuda" and t.use_unsloth:
+            model = self._load_unsloth(source, dtype)
+            if model is not None:
+                return model
+        quantization = None
+        if t.qlora:
+            quantization = _qlora_config(self.device, dtype)
+        model = load_model(source, dtype=dtype, device=self.device, quantization_config=quantization)
+        if quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model.config.use_cache = False
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            task_type="CAUSAL_LM", bias="none",
+        )  # fmt: skip
+        return get_peft_model(model, config)
+
+    def _load_unsloth(self, source: ModelSource, dtype: Any):
+        """The unsloth fast path, when its extra is installed; otherwise say so and use transformers."""
+        try:
+            from unsloth import FastLanguageModel  # type: ignore[import-not-found]
+        except Exception as exc:  # not installed, or incompatible with this GPU/driver
+            self.events.emit("log", level="info", message=f"unsloth unavailable ({type(exc).__name__}); using transformers + peft")
+            return None
+        lora, t = self.settings.lora, self.t
+        model, _ = FastLanguageModel.from_pretrained(source.path, max_seq_length=t.max_seq_length, dtype=dtype, load_in_4bit=t.qlora)
+        targets = lora.target_modules
+        if targets == "all-linear":
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        self.events.emit("log", level="info", message="using unsloth")
+        return FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                target_modules=targets, use_gradient_checkpointing="unsloth")  # fmt: skip
+
+    def _batch_size(self) -> int:
+        """The configured batch size; on CUDA, when not given, one that fits the free VRAM.
+
+        The choice is written into spec.json so that a resumed run reads the same batches."""
+        t = self.t
+        if self.spec.get("batch_size_given", True) or self.device != "cuda":
+            return t.batch_size
+        if self.spec.get("auto_batch_size"):
+            return int(self.spec["auto_batch_size"])
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        cfg = self.model.config
+        # Activation bytes per token, roughly: ~34 hidden-size vectors per layer in bf16, plus logits.
+        per_token = cfg.num_hidden_layers * cfg.hidden_size * 34 * 2 + cfg.vocab_size * 4
+        rows = int(free * 0.7 // (per_token * t.max_seq_length))
+        size = 1 << max(0, min(rows, 64).bit_length() - 1)
+        self.events.emit("log", level="info", message=f"auto batch size {size} from {free / 2**30:.1f} GiB free VRAM")
+        from training import atomic
+
+        self.spec["auto_batch_size"] = size
+        atomic.write_json(self.run_record.path / "spec.json", self.spec)
+        return size
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = int(self.t.warmup_ratio * self.max_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.max_steps - warmup)
+        if self.t.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if self.t.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    def _resume_state(self) -> TrainerState | None:
+        saved = [c for c in self.registry.checkpoints(self.run_record.id) if checkpoints.is_readable(Path(c.path))]
+        if not saved:
+            return None
+        latest = Path(saved[-1].path)
+        state = checkpoints.load(latest, self.model, self.optimizer, self.scheduler)
+        self.events.emit("log", level="info", message=f"resumed from checkpoint at step {state.step}")
+        return state
+
+    def _trainable(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _train(self, state: TrainerState) -> TrainResult:
+        import torch
+
+        t = self.t
+        run_id = self.run_record.id
+        batches = self.plan.micro_batches(state.micro_batch)
+        self.model.train()
+        status = "completed"
+        last_registry_write = 0.0
+        while state.step < self.max_steps:
+            if self.control.stop.is_set():
+                status = "stopped"
+                break
+            if self.control.deadline is not None and time.monotonic() >= self.control.deadline:
+                status = "timeboxed"
+                break
+            started = time.perf_counter()
+            micro = [next(batches) for _ in range(t.gradient_accumulation)]
+            targets = sum(b.target_tokens for b in micro)
+            tokens = sum(b.tokens for b in micro)
+            loss_sum = self._accumulate(micro, max(1, targets))
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = loss_sum / max(1, targets)
+            if not math.isfinite(loss):
+                raise BackpropError("RUNTIME_NAN_LOSS", value=loss, step=state.step + 1)
+            elapsed = time.perf_counter() - started
+            state = TrainerState(state.step + 1, state.micro_batch + len(micro), state.tokens_seen + tokens, loss)
+            self.losses.append(loss)
+            self.events.emit("step", step=state.step, max_steps=self.max_steps, loss=round(loss, 5), lr=lr,
+                             grad_norm=round(float(grad_norm), 4), tokens=tokens, target_tokens=targets,
+                             tokens_per_s=round(tokens / elapsed, 1))  # fmt: skip
+            now = time.time()
+            if now - last_registry_write >= 1.0 or state.step == self.max_steps:
+                self.registry.update(run_id, step=state.step, loss=loss, heartbeat=now)
+                last_registry_write = now
+            if t.eval_every and state.step % t.eval_every == 0 and state.step < self.max_steps:
+                self._evaluate(state.step)
+            if t.save_every and state.step % t.save_every == 0 and state.step < self.max_steps:
+                self._checkpoint(state)
+        return self._finish(state, status)
+
+    def _accumulate(self, micro: list, targets: int) -> float:
+        """Forward and backward over a step's micro-batches; on CUDA OOM split them and retry."""
+        import torch
+
+        while True:
+            try:
+                total = 0.0
+                for batch in micro:
+                    for part in _split(batch, 2**self.oom_splits):
+                        loss = self._loss(part) / targets
+                        loss.backward()
+                        total += float(loss.detach()) * targets
+                return total
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                if self.oom_splits >= MAX_OOM_SPLITS:
+                    raise BackpropError("RUNTIME_OOM_RECOVERY_EXHAUSTED", batch_size=max(1, self.plan.batch_size >> self.oom_splits)) from None
+                self.oom_splits += 1
+                self.events.emit("log", level="warning", message=f"CUDA out of memory: batch halved, accumulation doubled (x{2**self.oom_splits})")
+
+    def _loss(self, batch) -> Any:
+        """Summed cross-entropy over the tokens that carry loss; logits only where they are needed."""
+        import torch.nn.functional as F
+
+        device = self.device
+        base = self.model.get_base_model()
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        hidden = decoder(
+            input_ids=batch.input_ids.to(device),
+            position_ids=None if batch.position_ids is None else batch.position_ids.to(device),
+            attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(device),
+            use_cache=False,
+        ).last_hidden_state
+        labels = batch.labels.to(device)[:, 1:]
+        keep = labels != -100
+        logits = head(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+
+    def _evaluate(self, step: int) -> float | None:
+        import torch
+
+        if not self.val_encoded:
+            return None
+        plan = BatchPlan(self.val_encoded, self.plan.batch_size, self.t.max_seq_length, self.t.packing, 0, self.tokenizer.pad_token_id)
+        self.model.eval()
+        total = targets = 0.0
+        with torch.no_grad():
+            for rows in plan.epoch(0):
+                from training.packing import collate
+
+                batch = collate(rows, self.tokenizer.pad_token_id, self.t.packing)
+                total += float(self._loss(batch))
+                targets += batch.target_tokens
+        self.model.train()
+        eval_loss = total / max(1, targets)
+        self.events.emit("eval", step=step, eval_loss=round(eval_loss, 5))
+        self.registry.update(self.run_record.id, eval_loss=eval_loss)
+        return eval_loss
+
+    def _checkpoint(self, state: TrainerState) -> Path:
+        path = checkpoints.save(self.run_record.path, self.model, self.optimizer, self.scheduler, state)
+        self.registry.add_checkpoint(self.run_record.id, state.step, path)
+        self.registry.update(self.run_record.id, step=state.step, loss=state.loss, heartbeat=time.time())
+        self.events.emit("checkpoint_saved", durable=True, path=str(path), step=state.step)
+        for old in self.registry.checkpoints(self.run_record.id)[: -self.t.keep_checkpoints]:
+            import shutil
+
+            shutil.rmtree(old.path, ignore_errors=True)
+            self.registry.remove_checkpoint(self.run_record.id, old.step)
+        return path
+
+    def _finish(self, state: TrainerState, status: str) -> TrainResult:
+        from training import atomic
+
+        run_id, run_dir = self.run_record.id, self.run_record.path
+        eval_loss = self._evaluate(state.step) if status == "completed" else None
+        if state.step > 0 and not any(c.step == state.step for c in self.registry.checkpoints(run_id)):
+            self._checkpoint(state)
+        adapter = None
+        if status == "completed":
+            import tempfile
+
+            adapter = run_dir / "adapter"
+            staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run_dir))
+            self.model.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            atomic.publish_dir(staging, adapter)
+            self.events.emit("completed", durable=True, step=state.step, final_loss=state.loss, eval_loss=eval_loss, adapter=str(adapter))
+        else:
+            self.events.emit("log", durable=True, level="warning", message=f"run {status} at step {state.step}; `backprop resume {run_id}` continues it")
+        self.registry.update(run_id, status=status, ended_at=time.time(), step=state.step, loss=state.loss,
+                             final_loss=state.loss if status == "completed" else None, heartbeat=time.time())  # fmt: skip
+        return TrainResult(run_id, status, state.step, state.loss, eval_loss, adapter, run_dir, self.losses)
+
+
+def _split(batch, parts: int) -> list:
+    """Split a micro-batch into `parts` smaller ones (rows first); used after a CUDA OOM."""
+    if parts == 1 or batch.input_ids.shape[0] == 1:
+        return [batch]
+    from training.packing import Batch
+
+    n = batch.input_ids.shape[0]
+    size = max(1, n // parts)
+    out = []
+    for i in range(0, n, size):
+        sl = slice(i, i + size)
+        ids = batch.input_ids[sl]
+        labels = batch.labels[sl]
+        real = int((labels[:, 1:] != -100).sum())
+        out.append(Batch(ids, labels, None if batch.position_ids is None else batch.position_ids[sl],
+                         None if batch.attention_mask is None else batch.attention_mask[sl], int(ids.numel()), real))  # fmt: skip
+    return out
+
+
+def _qlora_config(device: str, dtype: Any):
+    if device != "cuda":
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason="QLoRA (4-bit) needs an NVIDIA GPU", hint="Drop --qlora to train in full precision on CPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise BackpropError("DEP_MISSING", package="bitsandbytes", reason=exc, install="'backprop[gpu]'") from exc
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+
+
+def new_train_run(registry: Registry, settings: Settings, data: str, *, fmt: str | None = None, skip_invalid: bool = False, name: str | None = None) -> RunRecord:
+    """Register a training run: its spec holds every setting, so resume needs nothing else."""
+    from training.models import apply_model_defaults
+
+    settings = apply_model_defaults(settings)
+    spec = {
+        "data": str(Path(data).expanduser().resolve()) if Path(data).expanduser().exists() else data,
+        "format": fmt,
+        "skip_invalid": skip_invalid,
+        "batch_size_given": "batch_size" in settings.training.model_fields_set,
+        "settings": settings.model_dump(mode="json", exclude={"home", "ui"}),
+        "params": {"model": settings.model, **settings.lora.model_dump(), **settings.training.model_dump()},
+    }
+    return registry.create("train", spec, model=settings.model, dataset=spec["data"], name=name)
+
