@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 def _print_error(exc: BackpropError, verbose: bool) -> None:
     from rich.console import Console
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     console.print(f"[bold red][{exc.code}][/] {redact(exc.message)}", markup=True)
     if exc.hint:
         console.print(f"[dim]hint:[/] {redact(exc.hint)}")
@@ -62,9 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", parents=[common], help="fine-tune a model on a dataset",
                            description="Fine-tune a model with LoRA. Every run is recorded in the registry.")  # fmt: skip
-    train.add_argument("--model", "-m", help="preset, hub id, local folder, or 'demo' (default: config, else Qwen/Qwen2.5-0.5B-Instruct)")
+    train.add_argument(
+        "--model", "-m", help="preset, hub id, local folder, or 'demo' (default: config, else Qwen/Qwen2.5-0.5B-Instruct)"
+    )
     train.add_argument("--data", "-d", help="dataset file or hub dataset id (default with --model demo: the demo dataset)")
-    train.add_argument("--format", choices=["sharegpt", "openai", "alpaca", "prompt_completion", "chatml", "text"], help="force a dataset format")
+    train.add_argument(
+        "--format", choices=["sharegpt", "openai", "alpaca", "prompt_completion", "chatml", "text"], help="force a dataset format"
+    )
     train.add_argument("--skip-invalid", action="store_true", help="train on the valid rows and report the bad ones")
     train.add_argument("--name", help="a name for the run")
     train.add_argument("--steps", type=int, help="optimizer steps (wins over --epochs)")
@@ -89,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--qlora", action="store_true", default=None, help="4-bit QLoRA (NVIDIA GPU)")
     train.add_argument("--unsloth", dest="use_unsloth", action=argparse.BooleanOptionalAction, default=None,
                        help="use unsloth on CUDA when installed (default on)")  # fmt: skip
-    train.add_argument("--max-run-minutes", type=float, default=0, help="time box: stop with a checkpoint after this long (0: none)")
+    train.add_argument(
+        "--max-run-minutes", type=float, default=0, help="time box: stop with a checkpoint after this long (0: none)"
+    )
     train.add_argument("--json", action="store_true", help="print the result as JSON instead of a progress bar")
     train.set_defaults(handler=cmd_train)
 
@@ -152,7 +158,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = args.data
     if data is None:
         if settings.model != "demo":
-            raise BackpropError("INPUT_INVALID_ARGUMENT", reason="--data is required", hint="Pass --data FILE, or use --model demo.")
+            raise BackpropError(
+                "INPUT_INVALID_ARGUMENT", reason="--data is required", hint="Pass --data FILE, or use --model demo."
+            )
         data = str(DEMO_DATASET)
     registry = Registry(settings.home)
     run = new_train_run(registry, settings, data, fmt=args.format, skip_invalid=args.skip_invalid, name=args.name)
@@ -170,7 +178,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     registry = _registry()
     run = registry.get(args.run_id)
-    return _run_in_foreground(run.id, args, lambda control, on_event: resume_run(registry, run.id, control=control, on_event=on_event))
+    return _run_in_foreground(
+        run.id, args, lambda control, on_event: resume_run(registry, run.id, control=control, on_event=on_event)
+    )
 
 
 def _run_in_foreground(run_id: str, args: argparse.Namespace, start) -> int:
@@ -213,7 +223,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
     console = Console()
     colour = "green" if summary["status"] == "completed" else "yellow"
     loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"
-    console.print(f"[{colour}]{summary['status']}[/] run [bold]{summary['run_id']}[/] after {summary['steps']} steps, final loss {loss}")
+    console.print(
+        f"[{colour}]{summary['status']}[/] run [bold]{summary['run_id']}[/] after {summary['steps']} steps, final loss {loss}"
+    )
     if summary["adapter"]:
         console.print(f"adapter: {summary['adapter']}")
     elif summary["status"] != "completed":
@@ -247,7 +259,9 @@ class _TrainingProgress:
             self.progress.update(self.task, total=event["max_steps"], completed=event.get("resumed_from") or 0)
             self.progress.console.print(f"training {event['model']} on {event['examples']} examples ({event['device']})")
         elif kind == "step":
-            self.progress.update(self.task, completed=event["step"], loss=f"{event['loss']:.4f}", tps=f"{event['tokens_per_s']:.0f}")
+            self.progress.update(
+                self.task, completed=event["step"], loss=f"{event['loss']:.4f}", tps=f"{event['tokens_per_s']:.0f}"
+            )
         elif kind == "eval":
             self.progress.console.print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}")
         elif kind == "checkpoint_saved":
@@ -303,7 +317,7 @@ def cmd_show_run(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"[bold]run {run.id}[/] {run.name or ''}  {_status_markup(run.status)}  step {run.step}/{run.max_steps or '?'}")
     console.print(f"model {run.model}   dataset {run.dataset}   sha256 {(run.dataset_sha256 or '')[:12]}")
     if run.error_code:
@@ -353,13 +367,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return code
     from rich.console import Console
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     formats = ", ".join(f"{k} {v}" for k, v in report.formats.most_common()) or "none"
     console.print(f"[bold]{report.path}[/] ({report.file_type})")
     console.print(f"format: {report.format or 'unknown'}  ({formats})")
     console.print(f"rows: {report.rows}   valid: {report.valid_rows}   invalid: {report.error_count}")
     if report.turns.count:
-        console.print(f"turns per conversation: min {report.turns.minimum}  mean {report.turns.to_dict()['mean']}  max {report.turns.maximum}")
+        turns = report.turns.to_dict()
+        console.print(f"turns per conversation: min {turns['min']}  mean {turns['mean']}  max {turns['max']}")
     if report.tokens and report.tokens.count:
         t = report.tokens.to_dict()
         console.print(f"tokens ({args.model} tokenizer): min {t['min']}  mean {t['mean']}  max {t['max']}  total {t['total']}")
@@ -386,7 +401,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     for key in ("backprop", "python", "torch", "transformers", "peft", "platform", "home"):
         console.print(f"{key:13} {info[key]}")
     console.print(f"{'cuda':13} {info['cuda'] or 'not available'}")

@@ -151,7 +151,7 @@ def normalize(record: Any, fmt: str | None = None) -> tuple[str, list[dict[str, 
     fmt = fmt or detect_format(record)
     if fmt is None:
         keys = ", ".join(sorted(record)[:6]) or "no keys"
-        raise RowProblem(f"keys: {keys}", code="INPUT_DATASET_UNKNOWN_FORMAT")
+        raise RowProblem(f"no known format fits this row (keys: {keys})", code="INPUT_DATASET_UNKNOWN_FORMAT")
     messages = _NORMALIZERS[fmt](record)
     if fmt != "text":
         _check_chat(messages)
@@ -296,9 +296,7 @@ def _download_hub_dataset(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(
-            snapshot_download(repo_id, repo_type="dataset", allow_patterns=[f"*{s}" for s in FILE_TYPES if s != ".md"])
-        )
+        folder = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=[f"*{s}" for s in FILE_TYPES if s != ".md"]))
     except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
         raise BackpropError("DEP_DATASET_DOWNLOAD_FAILED", dataset=repo_id, reason=str(exc).splitlines()[0][:200]) from exc
     files = sorted(p for p in folder.rglob("*") if p.suffix in FILE_TYPES and p.is_file())

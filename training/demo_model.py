@@ -42,6 +42,7 @@ class DemoArchitecture:
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
     max_position_embeddings: int = 1024
+    head_init_scale: float = 5.0
     seed: int = 0
 
 
@@ -125,6 +126,10 @@ def _build_model(tokenizer, arch: DemoArchitecture):
     )
     torch.manual_seed(arch.seed)
     model = LlamaForCausalLM(config)
+    # LoRA leaves the output head and final norm frozen; at the usual init (std 0.02) the head cannot
+    # express a confident prediction, so even a perfectly learned answer would keep a loss near 2.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(arch.head_init_scale)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
         pad_token_id=tokenizer.pad_token_id,

@@ -44,8 +44,7 @@ CATALOGUE: dict[str, ErrorSpec] = {
     ),
     "INPUT_DATASET_INVALID_ROW": ErrorSpec(
         "{path}:{line}: {reason}",
-        "Fix the row, or pass --skip-invalid to train on the good rows; "
-        "`backprop validate FILE` lists every bad line.",
+        "Fix the row, or pass --skip-invalid to train on the good rows; `backprop validate FILE` lists every bad line.",
     ),
     "INPUT_DATASET_NO_ASSISTANT_TURN": ErrorSpec(
         "{path}:{line}: the conversation has no assistant turn to learn from",

@@ -115,7 +115,7 @@ def _from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
         os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
     try:
         return loader.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:300]
         raise BackpropError("DEP_MODEL_LOAD_FAILED", model=source.name, reason=reason) from exc
 
@@ -123,7 +123,7 @@ def _from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
 # Defaults that suit a model better than the global ones; a value the user set always wins.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # A random-initialized tiny model needs a high learning rate to learn in a minute on a CPU.
-    DEMO: {"learning_rate": 3e-3, "steps": 150, "warmup_ratio": 0.05, "save_every": 50},
+    DEMO: {"learning_rate": 3e-3, "steps": 300, "batch_size": 2, "max_seq_length": 128, "save_every": 100},
 }
 
 

@@ -8,7 +8,9 @@ from training.runs import ACTIVE, RESUMABLE, Registry
 from training.trainer import Control, TrainResult, run_training
 
 
-def resume_run(registry: Registry, run_id: str, *, control: Control | None = None, on_event: EventSink | None = None) -> TrainResult:
+def resume_run(
+    registry: Registry, run_id: str, *, control: Control | None = None, on_event: EventSink | None = None
+) -> TrainResult:
     run = registry.get(run_id)
     if run.status in ACTIVE:
         raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)

@@ -127,6 +127,7 @@ class Registry:
         try:
             db.execute("PRAGMA busy_timeout=60000")
             db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, no fsync per commit
             db.row_factory = sqlite3.Row
             yield db
         except sqlite3.DatabaseError as exc:

@@ -42,7 +42,12 @@ def collect() -> dict[str, Any]:
         "extras": {name: package_version(name) or "" for name in EXTRAS},
         "home": str(load_settings().home),
         "presets": [
-            {"hub_id": p.hub_id, "params_billion": p.params_billion, "vram_gb": p.vram_gb(), "qlora_vram_gb": p.vram_gb(qlora=True)}
+            {
+                "hub_id": p.hub_id,
+                "params_billion": p.params_billion,
+                "vram_gb": p.vram_gb(),
+                "qlora_vram_gb": p.vram_gb(qlora=True),
+            }
             for p in PRESETS.values()
         ],
     }

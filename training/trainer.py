@@ -25,7 +25,7 @@ from training.datasets import load_dataset, split
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
 from training.models import ModelSource, load_model, load_tokenizer, resolve_model
-from training.packing import BatchPlan, ChatEncoder, Encoded
+from training.packing import BatchPlan, ChatEncoder
 from training.runs import Registry, RunRecord
 
 log = logging.getLogger("backprop.trainer")
@@ -52,7 +52,9 @@ class Control:
     deadline: float | None = None  # time.monotonic() value; at it the run ends `timeboxed`
 
 
-def run_training(run: RunRecord, registry: Registry, *, control: Control | None = None, on_event: EventSink | None = None) -> TrainResult:
+def run_training(
+    run: RunRecord, registry: Registry, *, control: Control | None = None, on_event: EventSink | None = None
+) -> TrainResult:
     import json
     import os
 
@@ -83,7 +85,9 @@ def _fail(run: RunRecord, registry: Registry, events: EventWriter, code: str, me
 
 
 class _Loop:
-    def __init__(self, run: RunRecord, registry: Registry, settings: Settings, spec: dict[str, Any], events: EventWriter, control: Control):
+    def __init__(
+        self, run: RunRecord, registry: Registry, settings: Settings, spec: dict[str, Any], events: EventWriter, control: Control
+    ):
         self.run_record = run
         self.registry = registry
         self.settings = settings
@@ -116,11 +120,21 @@ class _Loop:
         train_encoded = [encoder(e) for e in train_examples]
         self.val_encoded = [encoder(e) for e in val_examples]
         if encoder.truncated:
-            self.events.emit("log", level="warning", message=f"{encoder.truncated} examples longer than {t.max_seq_length} tokens were truncated")
+            self.events.emit(
+                "log",
+                level="warning",
+                message=f"{encoder.truncated} examples longer than {t.max_seq_length} tokens were truncated",
+            )
         if encoder.fallbacks:
-            self.events.emit("log", level="warning", message=f"{encoder.fallbacks} conversations trained on every token (chat template not prefix-stable)")
+            self.events.emit(
+                "log",
+                level="warning",
+                message=f"{encoder.fallbacks} conversations trained on every token (chat template not prefix-stable)",
+            )
         if not any(e.target_tokens for e in train_encoded):
-            raise BackpropError("INPUT_DATASET_TOO_SMALL", path=dataset.report.path, reason="no trainable tokens after tokenization")
+            raise BackpropError(
+                "INPUT_DATASET_TOO_SMALL", path=dataset.report.path, reason="no trainable tokens after tokenization"
+            )
 
         self.plan = BatchPlan(train_encoded, self._batch_size(), t.max_seq_length, t.packing, t.seed, self.tokenizer.pad_token_id)
         self.max_steps = t.steps or max(1, math.ceil(t.epochs * self.plan.batches_per_epoch / t.gradient_accumulation))
@@ -166,10 +180,14 @@ class _Loop:
         try:
             from unsloth import FastLanguageModel  # type: ignore[import-not-found]
         except Exception as exc:  # not installed, or incompatible with this GPU/driver
-            self.events.emit("log", level="info", message=f"unsloth unavailable ({type(exc).__name__}); using transformers + peft")
+            self.events.emit(
+                "log", level="info", message=f"unsloth unavailable ({type(exc).__name__}); using transformers + peft"
+            )
             return None
         lora, t = self.settings.lora, self.t
-        model, _ = FastLanguageModel.from_pretrained(source.path, max_seq_length=t.max_seq_length, dtype=dtype, load_in_4bit=t.qlora)
+        model, _ = FastLanguageModel.from_pretrained(
+            source.path, max_seq_length=t.max_seq_length, dtype=dtype, load_in_4bit=t.qlora
+        )
         targets = lora.target_modules
         if targets == "all-linear":
             targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -288,9 +306,15 @@ class _Loop:
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
                 if self.oom_splits >= MAX_OOM_SPLITS:
-                    raise BackpropError("RUNTIME_OOM_RECOVERY_EXHAUSTED", batch_size=max(1, self.plan.batch_size >> self.oom_splits)) from None
+                    raise BackpropError(
+                        "RUNTIME_OOM_RECOVERY_EXHAUSTED", batch_size=max(1, self.plan.batch_size >> self.oom_splits)
+                    ) from None
                 self.oom_splits += 1
-                self.events.emit("log", level="warning", message=f"CUDA out of memory: batch halved, accumulation doubled (x{2**self.oom_splits})")
+                self.events.emit(
+                    "log",
+                    level="warning",
+                    message=f"CUDA out of memory: batch halved, accumulation doubled (x{2**self.oom_splits})",
+                )
 
     def _loss(self, batch) -> Any:
         """Summed cross-entropy over the tokens that carry loss; logits only where they are needed."""
@@ -315,7 +339,9 @@ class _Loop:
 
         if not self.val_encoded:
             return None
-        plan = BatchPlan(self.val_encoded, self.plan.batch_size, self.t.max_seq_length, self.t.packing, 0, self.tokenizer.pad_token_id)
+        plan = BatchPlan(
+            self.val_encoded, self.plan.batch_size, self.t.max_seq_length, self.t.packing, 0, self.tokenizer.pad_token_id
+        )
         self.model.eval()
         total = targets = 0.0
         with torch.no_grad():
@@ -359,9 +385,16 @@ class _Loop:
             self.model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
             atomic.publish_dir(staging, adapter)
-            self.events.emit("completed", durable=True, step=state.step, final_loss=state.loss, eval_loss=eval_loss, adapter=str(adapter))
+            self.events.emit(
+                "completed", durable=True, step=state.step, final_loss=state.loss, eval_loss=eval_loss, adapter=str(adapter)
+            )
         else:
-            self.events.emit("log", durable=True, level="warning", message=f"run {status} at step {state.step}; `backprop resume {run_id}` continues it")
+            self.events.emit(
+                "log",
+                durable=True,
+                level="warning",
+                message=f"run {status} at step {state.step}; `backprop resume {run_id}` continues it",
+            )
         self.registry.update(run_id, status=status, ended_at=time.time(), step=state.step, loss=state.loss,
                              final_loss=state.loss if status == "completed" else None, heartbeat=time.time())  # fmt: skip
         return TrainResult(run_id, status, state.step, state.loss, eval_loss, adapter, run_dir, self.losses)
@@ -388,16 +421,30 @@ def _split(batch, parts: int) -> list:
 
 def _qlora_config(device: str, dtype: Any):
     if device != "cuda":
-        raise BackpropError("INPUT_INVALID_ARGUMENT", reason="QLoRA (4-bit) needs an NVIDIA GPU", hint="Drop --qlora to train in full precision on CPU.")
+        raise BackpropError(
+            "INPUT_INVALID_ARGUMENT",
+            reason="QLoRA (4-bit) needs an NVIDIA GPU",
+            hint="Drop --qlora to train in full precision on CPU.",
+        )
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise BackpropError("DEP_MISSING", package="bitsandbytes", reason=exc, install="'backprop[gpu]'") from exc
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+    )
 
 
-def new_train_run(registry: Registry, settings: Settings, data: str, *, fmt: str | None = None, skip_invalid: bool = False, name: str | None = None) -> RunRecord:
+def new_train_run(
+    registry: Registry,
+    settings: Settings,
+    data: str,
+    *,
+    fmt: str | None = None,
+    skip_invalid: bool = False,
+    name: str | None = None,
+) -> RunRecord:
     """Register a training run: its spec holds every setting, so resume needs nothing else."""
     from training.models import apply_model_defaults
 
@@ -411,4 +458,3 @@ def new_train_run(registry: Registry, settings: Settings, data: str, *, fmt: str
         "params": {"model": settings.model, **settings.lora.model_dump(), **settings.training.model_dump()},
     }
     return registry.create("train", spec, model=settings.model, dataset=spec["data"], name=name)
-

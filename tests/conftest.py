@@ -1,0 +1,54 @@
+"""Shared fixtures: one tiny model per test session, an isolated Backprop home per test, no network."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DATA = ROOT / "assets" / "demo" / "capitals.jsonl"
+
+# Tests never leave this machine: the hub is "offline", and if anything still tries, it hits a closed loopback port.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("BACKPROPAGATE_CONFIG", None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The built-in demo model (a real ~3.7M-parameter Llama), built once for the whole session."""
+    from training.demo_model import VERSION, build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("models") / VERSION)
+
+
+@pytest.fixture
+def home(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """An empty Backprop home (registry, runs) with the session's demo model already in its cache."""
+    home = tmp_path / "home"
+    shutil.copytree(tiny_model_dir, home / "models" / tiny_model_dir.name)
+    monkeypatch.setenv("BACKPROPAGATE_HOME", str(home))
+    monkeypatch.chdir(tmp_path)  # no stray backprop.config.json from the checkout
+    return home
+
+
+def backprop(*args: str, timeout: float = 300, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `backprop` command in a subprocess."""
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"backprop {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def write_lines(path: Path, lines: list[str | bytes]) -> Path:
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    return path

@@ -1,0 +1,104 @@
+"""The `backprop` command as a user meets it: help, exit codes, coded errors, JSON output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import DEMO_DATA, backprop, write_lines
+
+from training.errors import CATALOGUE, BackpropError, redact
+
+
+def test_help_is_fast_and_never_imports_torch():
+    probe = "import sys; from training.cli import main; main(['--help']) if False else None; " \
+            "import training.cli, training.config, training.runs; print('torch' in sys.modules)"  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    for command in ([], ["train"], ["list"], ["show-run"], ["resume"], ["validate"], ["info"]):
+        out = backprop(*command, "--help", check=True)
+        assert "usage: backprop" in out.stdout
+
+
+def test_validate_reports_counts_and_exits_by_usability(home, tmp_path):
+    good = backprop("validate", str(DEMO_DATA), "--json")
+    report = json.loads(good.stdout)
+    assert good.returncode == 0
+    assert (report["format"], report["rows"], report["valid_rows"], report["invalid_rows"]) == ("openai", 40, 40, 0)
+    assert report["tokens"]["count"] == 40 and report["tokens"]["max"] < 64
+
+    partial = write_lines(tmp_path / "partial.jsonl", [DEMO_DATA.read_text().splitlines()[0], "{oops", '{"prompt": 3}'])
+    out = backprop("validate", str(partial))
+    assert out.returncode == 3
+    assert f"{partial}:2: invalid JSON" in out.stdout and f"{partial}:3:" in out.stdout
+
+    unusable = write_lines(tmp_path / "bad.jsonl", ["{oops"])
+    assert backprop("validate", str(unusable), "--no-tokens").returncode == 1
+
+    missing = backprop("validate", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 1
+    assert "[INPUT_DATASET_NOT_FOUND]" in missing.stderr and "hint:" in missing.stderr
+
+
+def test_bad_data_fails_training_with_file_and_line_before_loading_anything(home, tmp_path):
+    bad = write_lines(tmp_path / "bad.jsonl", ['{"messages": [{"role": "user", "content": "hi"}]}'])
+    out = backprop("train", "--model", "demo", "--data", str(bad))
+    assert out.returncode == 1
+    assert f"[INPUT_DATASET_NO_ASSISTANT_TURN] {bad}:1:" in out.stderr
+    runs = json.loads(backprop("list", "--json", check=True).stdout)
+    assert runs[0]["status"] == "failed" and runs[0]["error_code"] == "INPUT_DATASET_NO_ASSISTANT_TURN"
+
+
+def test_an_unreachable_hub_model_fails_fast_with_a_hint(home):
+    started = time.time()
+    out = backprop("train", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--data", str(DEMO_DATA), "--steps", "1")
+    assert time.time() - started < 60
+    assert out.returncode == 2
+    assert "[DEP_MODEL_LOAD_FAILED]" in out.stderr and "Offline, use a local folder" in out.stderr
+
+
+def test_unknown_run_and_bad_flags_exit_1(home):
+    out = backprop("show-run", "doesnotexist")
+    assert out.returncode == 1 and "[INPUT_RUN_NOT_FOUND]" in out.stderr
+    assert backprop("resume", "doesnotexist").returncode == 1
+    out = backprop("train", "--model", "demo", "--lora-r", "0")
+    assert out.returncode == 1 and "[CONFIG_INVALID]" in out.stderr
+
+
+@pytest.mark.slow
+def test_list_and_show_run_describe_a_finished_run(home):
+    done = json.loads(backprop("train", "--model", "demo", "--steps", "12", "--save-every", "5", "--name", "tiny", "--json",
+                               check=True).stdout.strip().splitlines()[-1])  # fmt: skip
+    listed = json.loads(backprop("list", "--json", "--status", "completed", check=True).stdout)
+    assert [r["id"] for r in listed] == [done["run_id"]]
+    assert backprop("list", "--json", "--status", "failed", check=True).stdout.strip() == "[]"
+    table = backprop("list", check=True).stdout
+    assert done["run_id"] in table and "tiny" in table and "12/12" in table
+
+    shown = json.loads(backprop("show-run", done["run_id"][:5], "--json", check=True).stdout)
+    assert len(shown["losses"]) == 12 and shown["params"]["r"] == 16 and shown["params"]["model"] == "demo"
+    assert [c["step"] for c in shown["checkpoints"]] == [10, 12]
+    text = backprop("show-run", done["run_id"], check=True).stdout
+    assert "loss" in text and "steps 1..12" in text and "checkpoint step 12" in text
+
+
+def test_info_lists_versions_presets_and_extras(home):
+    info = json.loads(backprop("info", "--json", check=True).stdout)
+    assert info["torch"].startswith("2.") and info["transformers"] and info["peft"]
+    assert info["cuda"] is None and info["gpus"] == []
+    assert {"unsloth", "bitsandbytes"} <= set(info["extras"])
+    presets = {p["hub_id"]: p for p in info["presets"]}
+    assert len(presets) == 9 and presets["Qwen/Qwen2.5-7B-Instruct"]["vram_gb"] > presets["Qwen/Qwen2.5-0.5B-Instruct"]["vram_gb"]
+
+
+def test_every_error_code_has_a_hint_and_an_exit_code():
+    for code in CATALOGUE:
+        error = BackpropError(code)
+        assert error.hint and error.exit_code in (1, 2, 3, 130), code
+
+
+def test_secrets_are_redacted():
+    text = redact("token=hf_abcdefghijklmnop password: hunter2 Authorization: Bearer xyz.abc")
+    assert "hf_abcdefghijklmnop" not in text and "hunter2" not in text and "xyz.abc" not in text

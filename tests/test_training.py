@@ -1,0 +1,165 @@
+"""Training for real on the tiny model: loss falls, adapters load, resume continues, a SIGKILL loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DEMO_DATA, backprop
+
+from training import Trainer, checkpoints
+from training.events import read_events
+from training.runs import Registry
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    events, _ = read_events(run_dir / "events.jsonl")
+    return {e["step"]: e["loss"] for e in events if e["event"] == "step"}
+
+
+def test_training_lowers_loss_and_writes_a_loadable_adapter(home):
+    result = Trainer("demo").train(DEMO_DATA, steps=40, validation_split=0.1, eval_every=20)
+    assert result.status == "completed" and result.steps == 40
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert result.eval_loss is not None
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(home / "models" / "demo-v1")
+    tuned = PeftModel.from_pretrained(base, result.adapter_path)
+    assert any("lora_A" in name for name, _ in tuned.named_parameters())
+
+    run = Registry(home).get(result.run_id)
+    assert run.status == "completed" and run.step == 40 and run.final_loss == pytest.approx(result.final_loss)
+    assert run.dataset_sha256 and len(run.dataset_sha256) == 64
+    events, _ = read_events(run.path / "events.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "completed" and "eval" in kinds and "checkpoint_saved" in kinds
+    step = next(e for e in events if e["event"] == "step")
+    assert {"step", "max_steps", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(step)
+
+
+def test_response_only_loss_trains_on_assistant_tokens_only(home):
+    from transformers import AutoTokenizer
+
+    from training.datasets import load_dataset
+    from training.packing import IGNORE, ChatEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(home / "models" / "demo-v1")
+    example = load_dataset(DEMO_DATA).examples[0]
+    encoded = ChatEncoder(tokenizer, 128, response_only=True)(example)
+    trained = tokenizer.decode([t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE])
+    assert trained == "The capital of France is Paris.<|im_end|>\n"
+    everything = ChatEncoder(tokenizer, 128, response_only=False)(example)
+    assert IGNORE not in everything.labels
+
+
+def test_packing_keeps_examples_apart():
+    """Two packed examples give the same loss as each alone: attention does not cross the boundary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.packing import Encoded, collate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()  # fmt: skip
+    a, b = Encoded(list(range(1, 9)), list(range(1, 9))), Encoded(list(range(20, 31)), list(range(20, 31)))
+
+    def logits(rows):
+        batch = collate(rows, 0, packing=True)
+        with torch.no_grad():
+            return model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+
+    packed = logits([[a, b]])[0]
+    alone_b = logits([[b]])[0]
+    assert torch.allclose(packed[len(a) :], alone_b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_step_count_and_the_loss_curve(home):
+    registry = Registry(home)
+    full = Trainer("demo").train(DEMO_DATA, steps=30, save_every=10, seed=3)
+
+    # The same run, stopped after step 20 by a time box, then resumed: it ends where the uninterrupted one did.
+    from training.config import load_settings, nest_options
+    from training.resume import resume_run
+    from training.trainer import Control, new_train_run, run_training
+
+    settings = load_settings(**nest_options({"model": "demo", "steps": 30, "save_every": 10, "seed": 3}))
+    run = new_train_run(registry, settings, str(DEMO_DATA))
+    stop_after_20 = Control()
+    partial = run_training(run, registry, control=stop_after_20,
+                           on_event=lambda e: e["event"] == "step" and e["step"] == 20 and stop_after_20.stop.set())  # fmt: skip
+    assert partial.status == "stopped" and partial.steps == 20
+    assert [c.step for c in registry.checkpoints(run.id)] == [10, 20]
+
+    resumed = resume_run(registry, run.id)
+    assert resumed.status == "completed" and resumed.steps == 30
+    losses = step_losses(run.path)
+    assert sorted(losses) == list(range(1, 31))
+    reference = step_losses(full.run_dir)
+    for step in (1, 20, 21, 30):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-3, abs=1e-4), step
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_leaves_registry_and_checkpoint_and_resume_finishes(home):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "train", "--model", "demo", "--steps", "400", "--save-every", "20", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy(),
+    )  # fmt: skip
+    registry = Registry(home)
+    deadline = time.time() + 180
+    run = None
+    while time.time() < deadline:
+        runs = registry.list()
+        if runs and registry.checkpoints(runs[0].id) and runs[0].step >= 30:
+            run = runs[0]
+            break
+        time.sleep(0.2)
+    assert run is not None, proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint in time"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    after = Registry(home).get(run.id)  # a fresh connection: the database is readable
+    assert after.status == "interrupted"
+    saved = registry.checkpoints(run.id)
+    assert saved and all(checkpoints.is_readable(Path(c.path)) for c in saved)
+
+    listed = json.loads(backprop("list", "--json", check=True).stdout)
+    assert [r["status"] for r in listed] == ["interrupted"]
+
+    done = backprop("resume", run.id[:6], "--json", check=True)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["steps"] == 400
+    assert sorted(step_losses(run.path)) == list(range(1, 401))
+
+
+@pytest.mark.slow
+def test_the_demo_model_learns_the_demo_dataset(home):
+    """The promise of the README: on 2 CPU cores, in under 2 minutes, loss halves and answers are learned."""
+    started = time.time()
+    out = backprop("train", "--model", "demo", "--json", check=True, timeout=600)
+    elapsed = time.time() - started
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    losses = step_losses(Path(summary["run_dir"]))
+    ordered = [losses[s] for s in sorted(losses)]
+    assert summary["status"] == "completed"
+    assert elapsed < 120, f"took {elapsed:.0f}s"
+    assert ordered[-1] <= 0.5 * ordered[0], (ordered[0], ordered[-1])
+
+    from training.generate import AdapterModel
+
+    model = AdapterModel(summary["adapter"], home)
+    rows = [json.loads(line)["messages"] for line in DEMO_DATA.read_text().splitlines()]
+    correct = sum(model.reply(m[:1], max_new_tokens=24) == m[1]["content"] for m in rows)
+    assert correct >= 0.8 * len(rows), f"{correct}/{len(rows)} answers reproduced"
