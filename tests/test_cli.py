@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import DEMO_DATA, backprop, write_lines
@@ -51,10 +50,8 @@ def test_bad_data_fails_training_with_file_and_line_before_loading_anything(home
     assert runs[0]["status"] == "failed" and runs[0]["error_code"] == "INPUT_DATASET_NO_ASSISTANT_TURN"
 
 
-def test_an_unreachable_hub_model_fails_fast_with_a_hint(home):
-    started = time.time()
-    out = backprop("train", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--data", str(DEMO_DATA), "--steps", "1")
-    assert time.time() - started < 60
+def test_an_unreachable_hub_model_fails_with_a_hint_instead_of_hanging(home):
+    out = backprop("train", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--data", str(DEMO_DATA), "--steps", "1", timeout=120)
     assert out.returncode == 2
     assert "[DEP_MODEL_LOAD_FAILED]" in out.stderr and "Offline, use a local folder" in out.stderr
 

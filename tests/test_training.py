@@ -146,15 +146,14 @@ def test_sigkill_mid_run_leaves_registry_and_checkpoint_and_resume_finishes(home
 
 @pytest.mark.slow
 def test_the_demo_model_learns_the_demo_dataset(home):
-    """The promise of the README: on 2 CPU cores, in under 2 minutes, loss halves and answers are learned."""
-    started = time.time()
+    """The promise of the README: `backprop train --model demo` halves the loss and learns the answers.
+
+    (How long it takes is measured, not asserted: see the issue notes; on 2 CPU cores about 20 s.)"""
     out = backprop("train", "--model", "demo", "--json", check=True, timeout=600)
-    elapsed = time.time() - started
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     losses = step_losses(Path(summary["run_dir"]))
     ordered = [losses[s] for s in sorted(losses)]
     assert summary["status"] == "completed"
-    assert elapsed < 120, f"took {elapsed:.0f}s"
     assert ordered[-1] <= 0.5 * ordered[0], (ordered[0], ordered[-1])
 
     from training.generate import AdapterModel
