@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ARCH = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4}
+ARCH = {"hidden_size": 512, "intermediate_size": 1664, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4}
 LORA_R, LORA_ALPHA, LR = 16, 32, 2e-4
 
 

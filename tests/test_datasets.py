@@ -236,3 +236,10 @@ def test_validating_a_large_file_keeps_memory_flat(tmp_path):
     assert (rows_small, rows_large) == (1_000, 180_000)
     assert large.stat().st_size > 140e6
     assert peak_large - peak_small < 30_000, f"peak grew by {(peak_large - peak_small) / 1024:.0f} MB"
+
+
+def test_a_hub_dataset_id_offline_is_a_clear_coded_error():
+    with pytest.raises(BackpropError) as caught:
+        load_dataset("someone/some-dataset")
+    assert caught.value.code == "DEP_DATASET_DOWNLOAD_FAILED" and caught.value.exit_code == 2
+    assert "someone/some-dataset" in caught.value.message

@@ -162,3 +162,22 @@ def test_the_demo_model_learns_the_demo_dataset(home):
     rows = [json.loads(line)["messages"] for line in DEMO_DATA.read_text().splitlines()]
     correct = sum(model.reply(m[:1], max_new_tokens=24) == m[1]["content"] for m in rows)
     assert correct >= 0.8 * len(rows), f"{correct}/{len(rows)} answers reproduced"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_exit_130(home):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "train", "--model", "demo", "--steps", "400", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )  # fmt: skip
+    registry = Registry(home)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (registry.list() and registry.list()[0].step >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    run = registry.get(summary["run_id"])
+    assert run.status == "stopped" and 3 <= run.step < 400
+    assert [c.step for c in registry.checkpoints(run.id)] == [run.step]
