@@ -21,6 +21,9 @@ DEMO_DATASET = Path(__file__).resolve().parent.parent / "assets" / "demo" / "cap
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter is not for users
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -283,12 +286,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     table = Table(box=None, header_style="bold")
     for column in ("id", "name", "status", "model", "dataset", "step", "loss", "created"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("id", "status", "step", "created"), overflow="ellipsis")
     for r in runs:
         loss = r.final_loss if r.final_loss is not None else r.loss
         table.add_row(r.id, r.name or "", _status_markup(r.status), r.model or "", Path(r.dataset or "").name,
                       f"{r.step}/{r.max_steps or '?'}", f"{loss:.4f}" if loss is not None else "-",
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)))  # fmt: skip
+                      time.strftime("%m-%d %H:%M", time.localtime(r.created_at)))  # fmt: skip
     Console().print(table)
     return 0
 
