@@ -10,25 +10,27 @@ step, so gradient accumulation and packing give the same result as one large bat
 
 from __future__ import annotations
 
-import logging
+import json
 import math
+import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training import checkpoints
+from training import atomic, checkpoints
 from training.checkpoints import TrainerState
 from training.config import Settings, load_settings
 from training.datasets import load_dataset, split
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
 from training.models import ModelSource, load_model, load_tokenizer, resolve_model
-from training.packing import BatchPlan, ChatEncoder
+from training.packing import Batch, BatchPlan, ChatEncoder, collate
 from training.runs import Registry, RunRecord
 
-log = logging.getLogger("backprop.trainer")
 MAX_OOM_SPLITS = 3
 
 
@@ -55,9 +57,6 @@ class Control:
 def run_training(
     run: RunRecord, registry: Registry, *, control: Control | None = None, on_event: EventSink | None = None
 ) -> TrainResult:
-    import json
-    import os
-
     control = control or Control()
     spec = json.loads((run.path / "spec.json").read_text())
     settings = load_settings(**spec["settings"])
@@ -213,8 +212,6 @@ class _Loop:
         rows = int(free * 0.7 // (per_token * t.max_seq_length))
         size = 1 << max(0, min(rows, 64).bit_length() - 1)
         self.events.emit("log", level="info", message=f"auto batch size {size} from {free / 2**30:.1f} GiB free VRAM")
-        from training import atomic
-
         self.spec["auto_batch_size"] = size
         atomic.write_json(self.run_record.path / "spec.json", self.spec)
         return size
@@ -346,8 +343,6 @@ class _Loop:
         total = targets = 0.0
         with torch.no_grad():
             for rows in plan.epoch(0):
-                from training.packing import collate
-
                 batch = collate(rows, self.tokenizer.pad_token_id, self.t.packing)
                 total += float(self._loss(batch))
                 targets += batch.target_tokens
@@ -363,23 +358,17 @@ class _Loop:
         self.registry.update(self.run_record.id, step=state.step, loss=state.loss, heartbeat=time.time())
         self.events.emit("checkpoint_saved", durable=True, path=str(path), step=state.step)
         for old in self.registry.checkpoints(self.run_record.id)[: -self.t.keep_checkpoints]:
-            import shutil
-
             shutil.rmtree(old.path, ignore_errors=True)
             self.registry.remove_checkpoint(self.run_record.id, old.step)
         return path
 
     def _finish(self, state: TrainerState, status: str) -> TrainResult:
-        from training import atomic
-
         run_id, run_dir = self.run_record.id, self.run_record.path
         eval_loss = self._evaluate(state.step) if status == "completed" else None
         if state.step > 0 and not any(c.step == state.step for c in self.registry.checkpoints(run_id)):
             self._checkpoint(state)
         adapter = None
         if status == "completed":
-            import tempfile
-
             adapter = run_dir / "adapter"
             staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run_dir))
             self.model.save_pretrained(staging)
@@ -404,7 +393,6 @@ def _split(batch, parts: int) -> list:
     """Split a micro-batch into `parts` smaller ones (rows first); used after a CUDA OOM."""
     if parts == 1 or batch.input_ids.shape[0] == 1:
         return [batch]
-    from training.packing import Batch
 
     n = batch.input_ids.shape[0]
     size = max(1, n // parts)
