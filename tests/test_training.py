@@ -181,3 +181,17 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_exit_130(home):
     run = registry.get(summary["run_id"])
     assert run.status == "stopped" and 3 <= run.step < 400
     assert [c.step for c in registry.checkpoints(run.id)] == [run.step]
+
+
+@pytest.mark.slow
+def test_a_time_box_ends_the_run_timeboxed_with_a_checkpoint_and_resume_finishes_it(home):
+    out = backprop("train", "--model", "demo", "--steps", "5000", "--max-run-minutes", "0.1", "--json")
+    assert out.returncode == 3, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    registry = Registry(home)
+    run = registry.get(summary["run_id"])
+    assert run.status == "timeboxed" and 0 < run.step < 5000
+    assert [c.step for c in registry.checkpoints(run.id)][-1] == run.step
+    done = backprop("resume", run.id, "--json", "--max-run-minutes", "0.1")
+    assert done.returncode == 3
+    assert registry.get(run.id).step > run.step  # it continued from the checkpoint

@@ -24,11 +24,9 @@ class AdapterModel:
             raise BackpropError("INPUT_MODEL_NOT_FOUND", model=str(adapter_dir))
         base_name = json.loads(config_path.read_text())["base_model_name_or_path"]
         source = resolve_model(base_name, home)
-        if (adapter_dir / "tokenizer_config.json").exists():  # saved with the adapter by the trainer
-            source_of_tokenizer = resolve_model(str(adapter_dir))
-        else:
-            source_of_tokenizer = source
-        self.tokenizer = load_tokenizer(source_of_tokenizer)
+        # The trainer saves the tokenizer beside the adapter; other adapters use the base model's.
+        has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
+        self.tokenizer = load_tokenizer(resolve_model(str(adapter_dir)) if has_tokenizer else source)
         self.model = PeftModel.from_pretrained(load_model(source), adapter_dir).eval()
 
     def reply(self, messages: list[dict[str, str]], max_new_tokens: int = 128, **sampling: Any) -> str:

@@ -390,7 +390,9 @@ class _Loop:
 
 
 def _split(batch, parts: int) -> list:
-    """Split a micro-batch into `parts` smaller ones (rows first); used after a CUDA OOM."""
+    """Split a micro-batch into `parts` smaller ones (rows first); used after a CUDA OOM.
+
+    Only the loss inputs matter here: the step's token counts were taken from the unsplit batch."""
     if parts == 1 or batch.input_ids.shape[0] == 1:
         return [batch]
 
