@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,10 @@ def home(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     home = tmp_path / "home"
     shutil.copytree(tiny_model_dir, home / "models" / tiny_model_dir.name)
     monkeypatch.setenv("BACKPROPAGATE_HOME", str(home))
+    # The governor's admission must not depend on what else this machine runs; tests of admission set
+    # their own readings through a simulated sensor file.
+    monkeypatch.setenv("BACKPROPAGATE_MIN_FREE_RAM_GB", "0.25")
+    monkeypatch.setenv("BACKPROPAGATE_MAX_CPU_PERCENT", "100")
     monkeypatch.chdir(tmp_path)  # no stray backprop.config.json from the checkout
     return home
 
@@ -47,6 +52,17 @@ def backprop(*args: str, timeout: float = 300, check: bool = False, env: dict | 
     if check and result.returncode != 0:
         raise AssertionError(f"backprop {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def wait_for(predicate, timeout: float = 180, what: str = "condition"):
+    """Poll until `predicate()` is truthy (returns its value); the timeout only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_lines(path: Path, lines: list[str | bytes]) -> Path:

@@ -12,15 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from training import jobs
 from training.config import load_settings, nest_options
+from training.errors import BackpropError
 from training.events import EventSink
 from training.runs import Registry
-from training.trainer import Control, TrainResult, new_train_run, run_training
+from training.trainer import TrainResult
 
 
 class Trainer:
     def __init__(self, model: str | None = None, **options: Any):
-        """`options` are the flat names of `backprop train --help` (lr, batch_size, lora_r, ...)."""
+        """`options` are the flat names of `backprop train --help` (lr, batch_size, lora_r, max_run_minutes, ...)."""
         self.options = {"model": model, **options}
         self.last_run: TrainResult | None = None
 
@@ -36,15 +38,37 @@ class Trainer:
         on_event: EventSink | None = None,
         **options: Any,
     ) -> TrainResult:
+        """Train in a governed worker process (like `backprop train`) and wait for it; `on_event` sees every event."""
         settings = load_settings(**nest_options({**self.options, "steps": steps, "epochs": epochs, **options}))
-        registry = Registry(settings.home)
-        run = new_train_run(registry, settings, str(data), fmt=format, skip_invalid=skip_invalid, name=name)
-        self.last_run = run_training(run, registry, control=Control(), on_event=on_event)
+        run = jobs.submit_train(settings, str(data), fmt=format, skip_invalid=skip_invalid, name=name)
+        self.last_run = _wait(Registry(settings.home), run.id, on_event)
         return self.last_run
 
-    def resume(self, run_id: str, on_event: EventSink | None = None) -> TrainResult:
-        from training.resume import resume_run
-
+    def resume(self, run_id: str, on_event: EventSink | None = None, **options: Any) -> TrainResult:
         settings = load_settings(**nest_options(self.options))
-        self.last_run = resume_run(Registry(settings.home), run_id, on_event=on_event)
+        registry = Registry(settings.home)
+        offset = jobs.events_offset(registry, run_id)
+        run = jobs.resume(registry, run_id, nest_options(options))
+        self.last_run = _wait(registry, run.id, on_event, offset)
         return self.last_run
+
+
+def _wait(registry: Registry, run_id: str, on_event: EventSink | None, offset: int = 0) -> TrainResult:
+    """Follow a job to its end; a failed job raises its coded error, like the CLI prints it."""
+    losses: dict[int, float] = {}
+    failure = None
+    for event in jobs.follow(registry, run_id, offset):
+        if event["event"] == "step":
+            losses[event["step"]] = event["loss"]
+        elif event["event"] == "failed":
+            failure = event
+        if on_event is not None:
+            on_event(event)
+    run = registry.get(run_id)
+    if run.status == "failed":
+        code = (failure or {}).get("code") or run.error_code or "RUNTIME_TRAINING_FAILED"
+        raise BackpropError(code, message=(failure or {}).get("message") or run.error_message, hint=(failure or {}).get("hint"))
+    adapter = run.path / "adapter"
+    return TrainResult(run.id, run.status, run.step, run.final_loss, run.eval_loss,
+                       adapter if run.status == "completed" and adapter.exists() else None, run.path,
+                       [losses[s] for s in sorted(losses)])  # fmt: skip

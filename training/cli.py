@@ -7,6 +7,7 @@ Heavy libraries (torch, transformers) are imported inside the commands that need
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -25,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter is not for users
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` belongs to the user's script (`backprop run train.py -- --lr 0.01`).
+    script_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.script_args = script_args
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0
@@ -96,16 +101,45 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--qlora", action="store_true", default=None, help="4-bit QLoRA (NVIDIA GPU)")
     train.add_argument("--unsloth", dest="use_unsloth", action=argparse.BooleanOptionalAction, default=None,
                        help="use unsloth on CUDA when installed (default on)")  # fmt: skip
-    train.add_argument(
-        "--max-run-minutes", type=float, default=0, help="time box: stop with a checkpoint after this long (0: none)"
-    )
-    train.add_argument("--json", action="store_true", help="print the result as JSON instead of a progress bar")
+    add_governor_flags(train)
+    add_job_flags(train)
     train.set_defaults(handler=cmd_train)
+
+    run = sub.add_parser(
+        "run", parents=[common], help="run ANY training script as a governed job",
+        description="Run a training script under the governor: time box, admission, pause while hot, graceful stop. "
+        "The script gets --run-id ID --max-minutes N [--checkpoint-every-seconds S] [--resume-from PATH] and speaks "
+        "JSON lines on stdout; see assets/examples/train_script.py. Arguments for the script itself go after `--`: "
+        "backprop run train.py --name demo -- --lr 0.01",
+    )  # fmt: skip
+    run.add_argument("script", help="the script (.py runs with this Python; anything else must be executable)")
+    run.add_argument("-n", "--name", help="a name for the run")
+    run.add_argument("--run-id", help="choose the run id (lowercase letters, digits, - and _)")
+    run.add_argument("-f", "--framework", choices=["pytorch", "tensorflow", "auto"], default="auto")
+    run.add_argument("-c", "--checkpoint-every-minutes", type=float, help="passed to the script as --checkpoint-every-seconds")
+    run.add_argument("-r", "--resume-from", help="a checkpoint for the script's first start")
+    add_governor_flags(run, short=True)
+    add_job_flags(run)
+    run.set_defaults(handler=cmd_run)
+
+    status = sub.add_parser(
+        "status", parents=[common], help="the machine (CPU, RAM, GPUs) or one run",
+        description="Without RUN_ID: CPU load, free RAM and every GPU. With RUN_ID: that run's state.",
+    )  # fmt: skip
+    status.add_argument("run_id", nargs="?")
+    status.add_argument("--gpu-probe", choices=["auto", "nvml", "nvidia-smi", "none"])
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    stop = sub.add_parser("stop", parents=[common], help="stop a run gracefully (checkpoint first), forced after a grace period")
+    stop.add_argument("run_id")
+    stop.add_argument("--grace", type=float, help="seconds before the job is killed (default: stopGraceSeconds, 30)")
+    stop.set_defaults(handler=cmd_stop)
 
     resume = sub.add_parser("resume", parents=[common], help="continue a run from its last checkpoint")
     resume.add_argument("run_id", help="run id or unambiguous prefix")
-    resume.add_argument("--max-run-minutes", type=float, default=0)
-    resume.add_argument("--json", action="store_true")
+    add_governor_flags(resume)
+    add_job_flags(resume)
     resume.set_defaults(handler=cmd_resume)
 
     runs = sub.add_parser("list", parents=[common], help="table of runs")
@@ -134,6 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+GOVERNOR_OPTIONS = ("max_run_minutes", "max_parallel", "min_free_ram_gb", "gpu_memory_limit", "gpu_probe", "gpu_min_vram",
+                    "gpu_max_temp")  # fmt: skip
+
+
+def add_governor_flags(parser: argparse.ArgumentParser, short: bool = False) -> None:
+    """The governor's flags; unset ones come from backprop.config.json, BACKPROPAGATE_* env vars or defaults."""
+    group = parser.add_argument_group("governor")
+    flags = (["-m"] if short else []) + ["--max-run-minutes"]
+    group.add_argument(*flags, type=float, help="time box: stop with a checkpoint after this long (default 10; 0: none)")
+    group.add_argument(*(["-p"] if short else []), "--max-parallel", type=int, help="jobs running at once (default 1)")
+    group.add_argument("--min-free-ram", dest="min_free_ram_gb", type=float, help="GB of free RAM to start (default 4)")
+    group.add_argument(*(["-g"] if short else []), "--gpu-memory-limit", help="cap the job's CUDA memory: '80%%' or GB")
+    group.add_argument("--gpu-probe", choices=["auto", "nvml", "nvidia-smi", "none"], help="how GPUs are read (default auto)")
+    group.add_argument("--gpu-min-vram", type=int, help="MB of free VRAM to start (default 2500)")
+    group.add_argument("--gpu-max-temp", type=float, help="pause above this GPU temperature in °C (default 85)")
+
+
+def add_job_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--detach", action="store_true", help="print the run id and return; the job goes on")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a progress bar")
+
+
 # ---------------------------------------------------------------------------- commands
 
 
@@ -145,15 +201,14 @@ def _registry():
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from training import jobs
     from training.config import load_settings, nest_options
-    from training.runs import Registry
-    from training.trainer import new_train_run
 
     options = {
         key: getattr(args, key)
         for key in ("model", "steps", "epochs", "lr", "batch_size", "gradient_accumulation", "max_seq_length",
                     "warmup_ratio", "lr_scheduler", "seed", "lora_r", "lora_alpha", "lora_dropout", "validation_split",
-                    "eval_every", "save_every", "packing", "response_only", "qlora", "use_unsloth")
+                    "eval_every", "save_every", "packing", "response_only", "qlora", "use_unsloth", *GOVERNOR_OPTIONS)
     }  # fmt: skip
     if args.target_modules:
         options["target_modules"] = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
@@ -165,59 +220,90 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "INPUT_INVALID_ARGUMENT", reason="--data is required", hint="Pass --data FILE, or use --model demo."
             )
         data = str(DEMO_DATASET)
-    registry = Registry(settings.home)
-    run = new_train_run(registry, settings, data, fmt=args.format, skip_invalid=args.skip_invalid, name=args.name)
-    return _run_in_foreground(run.id, args, lambda control, on_event: _train(run, registry, control, on_event))
+    run = jobs.submit_train(settings, data, fmt=args.format, skip_invalid=args.skip_invalid, name=args.name)
+    return _follow_in_foreground(run.id, args)
 
 
-def _train(run, registry, control, on_event):
-    from training.trainer import run_training
+def cmd_run(args: argparse.Namespace) -> int:
+    from training import jobs
+    from training.config import load_settings, nest_options
 
-    return run_training(run, registry, control=control, on_event=on_event)
+    settings = load_settings(**nest_options({key: getattr(args, key) for key in GOVERNOR_OPTIONS}))
+    run = jobs.submit_script(settings, args.script, args.script_args, name=args.name, run_id=args.run_id,
+                             framework=args.framework, checkpoint_every_minutes=args.checkpoint_every_minutes,
+                             resume_from=args.resume_from)  # fmt: skip
+    return _follow_in_foreground(run.id, args)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from training.resume import resume_run
+    from training import jobs
+    from training.config import nest_options
+
+    registry = _registry()
+    overrides = nest_options({key: getattr(args, key) for key in GOVERNOR_OPTIONS})
+    run = jobs.resume(registry, args.run_id, overrides)
+    return _follow_in_foreground(run.id, args)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from training import jobs
 
     registry = _registry()
     run = registry.get(args.run_id)
-    return _run_in_foreground(
-        run.id, args, lambda control, on_event: resume_run(registry, run.id, control=control, on_event=on_event)
-    )
+    print(f"stopping run {run.id} (checkpoint first; forced after {args.grace:g} s)..." if args.grace is not None
+          else f"stopping run {run.id} (checkpoint first)...", file=sys.stderr)  # fmt: skip
+    run = jobs.stop(registry, run.id, grace=args.grace)
+    print(f"run {run.id} {run.status} at step {run.step}")
+    return 0
 
 
-def _run_in_foreground(run_id: str, args: argparse.Namespace, start) -> int:
-    """Run a job in this process with a progress bar; the first Ctrl-C stops it gracefully (checkpoint first)."""
-    from training.trainer import Control
+def _follow_in_foreground(run_id: str, args: argparse.Namespace) -> int:
+    """Follow a job's events with a progress bar until it ends. Ctrl-C stops it gracefully (checkpoint first),
+    a second Ctrl-C kills it. With --detach, print the run id and return at once: the job goes on."""
+    from training import jobs
 
-    control = Control(deadline=time.monotonic() + args.max_run_minutes * 60 if args.max_run_minutes else None)
+    registry = _registry()
+    if getattr(args, "detach", False):
+        print(json.dumps({"run_id": run_id, "status": registry.get(run_id).status}) if args.json else run_id)
+        return 0
+    interrupts = 0
 
-    def request_stop(signum, frame):
-        if control.stop.is_set():
-            raise KeyboardInterrupt
-        control.stop.set()
-        print("\nStopping at the next step boundary (Ctrl-C again to abort)...", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    try:
-        if args.json:
-            result = start(control, None)
+    def on_interrupt(signum: int, frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("\nStopping at the next step boundary (Ctrl-C again to kill)...", file=sys.stderr)
+            with contextlib.suppress(BackpropError):
+                jobs.request_stop(registry, run_id)
         else:
-            with _TrainingProgress(run_id) as progress:
-                result = start(control, progress.on_event)
+            jobs.kill(registry, run_id)
+
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failure: dict[str, Any] | None = None
+    try:
+        with _TrainingProgress(run_id, quiet=args.json) as progress:
+            for event in jobs.follow(registry, run_id):
+                progress.on_event(event)
+                if event["event"] == "failed":
+                    failure = event
     finally:
-        signal.signal(signal.SIGINT, previous)
-    summary = {"run_id": result.run_id, "status": result.status, "steps": result.steps, "final_loss": result.final_loss,
-               "eval_loss": result.eval_loss, "adapter": str(result.adapter_path) if result.adapter_path else None,
-               "run_dir": str(result.run_dir)}  # fmt: skip
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    run = registry.get(run_id)
+    adapter = run.path / "adapter"
+    summary = {"run_id": run.id, "status": run.status, "steps": run.step, "final_loss": run.final_loss,
+               "eval_loss": run.eval_loss, "adapter": str(adapter) if run.status == "completed" and adapter.exists() else None,
+               "run_dir": str(run.path), "error_code": run.error_code}  # fmt: skip
     if args.json:
         print(json.dumps(summary))
     else:
         _print_summary(summary)
-    if result.status == "stopped":
-        return 130
-    return 0 if result.status == "completed" else 3
+    if run.status == "failed":
+        code = (failure or {}).get("code") or run.error_code or "RUNTIME_TRAINING_FAILED"
+        error = BackpropError(code, message=(failure or {}).get("message") or run.error_message, hint=(failure or {}).get("hint"))
+        _print_error(error, False)
+        return error.exit_code
+    return {"completed": 0, "stopped": 130}.get(run.status, 3)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -236,15 +322,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 class _TrainingProgress:
-    """A rich progress bar fed by training events: step, loss, tokens/s, ETA."""
+    """A rich progress bar fed by a job's events: step, loss, tokens/s, ETA, and what the governor does."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, quiet: bool = False):
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.run_id = run_id
+        self.quiet = quiet
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=Console(stderr=quiet, quiet=quiet),
         )  # fmt: skip
         self.task = self.progress.add_task(f"run {run_id}", total=None, loss="-", tps="-", start=False)
 
@@ -255,22 +344,101 @@ class _TrainingProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
+    def say(self, text: str) -> None:
+        self.progress.console.print(text)
+
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event["event"]
-        if kind == "started":
+        if kind == "queued":
+            self.say(f"[magenta]queued[/]: {event['reason']}")
+        elif kind == "started":
             self.progress.start_task(self.task)
-            self.progress.update(self.task, total=event["max_steps"], completed=event.get("resumed_from") or 0)
-            self.progress.console.print(f"training {event['model']} on {event['examples']} examples ({event['device']})")
+            self.progress.update(self.task, total=event.get("max_steps"), completed=event.get("resumed_from") or 0)
+            if "model" in event:
+                self.say(f"training {event['model']} on {event['examples']} examples ({event['device']})")
+            else:
+                self.say(f"started: {' '.join(event.get('command', []))}")
         elif kind == "step":
-            self.progress.update(
-                self.task, completed=event["step"], loss=f"{event['loss']:.4f}", tps=f"{event['tokens_per_s']:.0f}"
-            )
+            fields = {"completed": event["step"]}
+            if isinstance(event.get("loss"), int | float):
+                fields["loss"] = f"{event['loss']:.4f}"
+            if isinstance(event.get("tokens_per_s"), int | float):
+                fields["tps"] = f"{event['tokens_per_s']:.0f}"
+            if isinstance(event.get("max_steps"), int):
+                fields["total"] = event["max_steps"]
+            self.progress.update(self.task, **fields)
         elif kind == "eval":
-            self.progress.console.print(f"step {event['step']}: eval loss {event['eval_loss']:.4f}")
+            self.say(f"step {event['step']}: eval loss {event['eval_loss']:.4f}")
         elif kind == "checkpoint_saved":
-            self.progress.console.print(f"[dim]checkpoint at step {event['step']}[/]")
+            self.say(f"[dim]checkpoint at step {event.get('step')}[/]")
+        elif kind == "paused":
+            self.say(f"[magenta]paused[/]: {event.get('reason', '')}")
+        elif kind == "resumed":
+            self.say(f"[green]resumed[/]: {event.get('reason', '')}")
         elif kind == "log" and event.get("level") in ("warning", "error"):
-            self.progress.console.print(f"[yellow]{event['message']}[/]")
+            self.say(f"[yellow]{event['message']}[/]")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.run_id:
+        return _run_status(args)
+    from rich.console import Console
+
+    from training.config import load_settings
+    from training.telemetry import Telemetry
+
+    settings = load_settings(**({"gpu": {"probe": args.gpu_probe}} if args.gpu_probe else {}))
+    telemetry = Telemetry(settings.gpu.probe, settings.telemetry_file)
+    time.sleep(0.5)  # CPU load is measured over this interval
+    sample = telemetry.sample()
+    active = [r for r in _registry().list() if r.status in ("queued", "running", "paused")]
+    if args.json:
+        print(json.dumps({**sample.to_event(), "gpu_note": sample.gpu_note, "active_runs": [r.id for r in active]}))
+        return 0
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"CPU  {sample.cpu:5.1f}%")
+    console.print(f"RAM  {sample.ram_used / 1024:.1f} / {sample.ram_total / 1024:.1f} GB used, "
+                  f"{sample.ram_available / 1024:.1f} GB free")  # fmt: skip
+    for g in sample.gpus:
+        mem = f"{g.mem_used:.0f} / {g.mem_total:.0f} MB used, {g.mem_free:.0f} MB free" if g.mem_free is not None else "memory ?"
+        console.print(f"GPU {g.index} {g.name}: {mem}, util {_fmt(g.util, '%')}, {_fmt(g.temp, ' °C')}, "
+                      f"power {_fmt(g.power, ' W')} / {_fmt(g.power_limit, ' W')}")  # fmt: skip
+    if sample.gpu_note:
+        console.print(f"[dim]{sample.gpu_note}[/]")
+    for r in active:
+        console.print(f"{_status_markup(r.status)} {r.id} {r.name or ''} step {r.step}/{r.max_steps or '?'}"
+                      + (f"  ({r.reason})" if r.reason else ""))  # fmt: skip
+    return 0
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    return "?" if value is None else f"{value:.0f}{unit}"
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    registry = _registry()
+    run = registry.get(args.run_id)
+    checkpoints = [{"step": c.step, "path": c.path} for c in registry.checkpoints(run.id)]
+    logs = [str(run.path / name) for name in ("events.jsonl", "worker.log", "script.log") if (run.path / name).exists()]
+    if args.json:
+        print(json.dumps({**run.to_dict(), "checkpoints": checkpoints, "logs": logs}, default=str))
+        return 0
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    loss = f"{run.loss:.4f}" if run.loss is not None else "-"
+    console.print(f"[bold]run {run.id}[/] ({run.kind}) {run.name or ''}  {_status_markup(run.status)}"
+                  + (f": {run.reason}" if run.reason else ""))  # fmt: skip
+    console.print(f"step {run.step}/{run.max_steps or '?'}   loss {loss}   pid {run.pid or '-'}"
+                  + (f"   GPU {run.gpu_index}" if run.gpu_index is not None else "")
+                  + (f"   heartbeat {time.time() - run.heartbeat:.0f} s ago" if run.heartbeat else ""))  # fmt: skip
+    if run.error_code:
+        console.print(f"[red][{run.error_code}][/] {run.error_message}")
+    for c in checkpoints:
+        console.print(f"checkpoint step {c['step']}: {c['path']}")
+    for log in logs:
+        console.print(f"[dim]log: {log}[/]")
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -285,20 +453,20 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("No runs yet. Start one with: backprop train --model demo")
         return 0
     table = Table(box=None, header_style="bold")
-    for column in ("id", "name", "status", "model", "dataset", "step", "loss", "created"):
+    for column in ("id", "kind", "name", "status", "model", "dataset", "step", "loss", "created"):
         table.add_column(column, no_wrap=column in ("id", "status", "step", "created"), overflow="ellipsis")
     for r in runs:
         loss = r.final_loss if r.final_loss is not None else r.loss
-        table.add_row(r.id, r.name or "", _status_markup(r.status), r.model or "", Path(r.dataset or "").name,
+        table.add_row(r.id, r.kind, r.name or "", _status_markup(r.status), r.model or "", Path(r.dataset or "").name,
                       f"{r.step}/{r.max_steps or '?'}", f"{loss:.4f}" if loss is not None else "-",
                       time.strftime("%m-%d %H:%M", time.localtime(r.created_at)))  # fmt: skip
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # pipes get whole ids and names
     return 0
 
 
 def _status_markup(status: str) -> str:
-    colour = {"completed": "green", "running": "cyan", "failed": "red", "interrupted": "yellow",
-              "timeboxed": "yellow", "stopped": "yellow", "paused": "magenta"}.get(status, "white")  # fmt: skip
+    colour = {"completed": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "timeboxed": "yellow",
+              "stopped": "yellow", "paused": "magenta", "queued": "magenta"}.get(status, "white")  # fmt: skip
     return f"[{colour}]{status}[/]"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,15 @@ class UiSettings(BaseModel):
     max_upload_mb: int = 500
 
 
+class GpuSettings(BaseModel):
+    probe: str = Field("auto", pattern="^(auto|nvml|nvidia-smi|none)$", description="how GPUs are read")
+    min_free_vram_mb: int = Field(2500, ge=0, description="admission: free VRAM on the chosen GPU")
+    max_temp_c: float = Field(85, gt=0, description="above this a job pauses at its next step")
+    cool_down_c: float = Field(5, ge=0, description="resume once this much below max_temp_c ...")
+    cool_down_seconds: float = Field(30, ge=0, description="... for this long")
+    max_pause_minutes: float = Field(30, ge=0, description="a longer pause stops the job with a checkpoint; 0: no limit")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BACKPROPAGATE_", env_nested_delimiter="__", extra="ignore", validate_default=True
@@ -68,6 +78,16 @@ class Settings(BaseSettings):
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     ui: UiSettings = UiSettings()
+    # The governor (config file keys in camelCase also work: maxRunMinutes, gpu.maxTempC, ...).
+    max_run_minutes: float = Field(10, ge=0, description="time box of every job; 0: none")
+    max_parallel: int = Field(1, ge=1, description="jobs running at once")
+    min_free_ram_gb: float = Field(4, ge=0, description="admission: free system RAM")
+    max_cpu_percent: float = Field(95, gt=0, description="admission: system CPU load")
+    gpu_memory_limit: str | None = Field(None, pattern=r"^\d+(\.\d+)?\s*(%|gb|GB|g|G)?$", description="'80%' or GB")
+    gpu: GpuSettings = GpuSettings()
+    telemetry_interval_s: float = Field(1.0, ge=0, description="seconds between telemetry samples; 0: no watcher")
+    telemetry_file: Path | None = Field(None, description="simulated sensor readings (testing and demos)")
+    stop_grace_seconds: float = Field(30, ge=0, description="graceful stop, then forced after this long")
 
     @classmethod
     def settings_customise_sources(
@@ -98,7 +118,14 @@ class JsonFileSource(PydanticBaseSettingsSource):
             raise BackpropError("CONFIG_FILE_UNREADABLE", path=path, reason=exc) from exc
         if not isinstance(data, dict):
             raise BackpropError("CONFIG_FILE_UNREADABLE", path=path, reason="top level is not an object")
-        return data
+        return snake_keys(data)
+
+
+def snake_keys(value: Any) -> Any:
+    """{"maxRunMinutes": 5, "gpu": {"maxTempC": 80}} -> {"max_run_minutes": 5, "gpu": {"max_temp_c": 80}}."""
+    if not isinstance(value, dict):
+        return value
+    return {re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", k).lower(): snake_keys(v) for k, v in value.items()}
 
 
 def config_file_path() -> Path:
@@ -131,6 +158,22 @@ FLAT_OPTIONS: dict[str, str] = {
     "lora_dropout": "lora.dropout",
     "target_modules": "lora.target_modules",
     "lr": "training.learning_rate",
+    **{
+        name: name
+        for name in (
+            "max_run_minutes",
+            "max_parallel",
+            "min_free_ram_gb",
+            "max_cpu_percent",
+            "gpu_memory_limit",
+            "telemetry_interval_s",
+            "telemetry_file",
+            "stop_grace_seconds",
+        )
+    },
+    "gpu_probe": "gpu.probe",
+    "gpu_min_vram": "gpu.min_free_vram_mb",
+    "gpu_max_temp": "gpu.max_temp_c",
     **{name: f"training.{name}" for name in TrainingSettings.model_fields},
 }
 

@@ -77,6 +77,23 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "a local folder with config.json, or 'demo'.",
     ),
     "INPUT_INVALID_ARGUMENT": ErrorSpec("{reason}", "{hint}"),
+    "INPUT_MODEL_INVALID": ErrorSpec(
+        "{path}: {reason}",
+        "GGUF export needs a model folder saved with save_pretrained: config.json, *.safetensors and tokenizer.json.",
+    ),
+    "INPUT_UNSUPPORTED_ARCHITECTURE": ErrorSpec(
+        "GGUF export does not support {architecture}",
+        "Supported: LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (Llama 3.x, SmolLM2, Mistral, Qwen2.5). "
+        "Export the adapter or the merged model instead.",
+    ),
+    "INPUT_UNKNOWN_QUANTIZATION": ErrorSpec(
+        "Unknown quantization '{quantization}'",
+        "Choose one of: {choices}.",
+    ),
+    "INPUT_SCRIPT_NOT_FOUND": ErrorSpec(
+        "Training script not found: {path}",
+        "Give the path of a script that accepts --run-id and --max-minutes; see assets/examples/train_script.py.",
+    ),
     # Config.
     "CONFIG_INVALID": ErrorSpec(
         "Invalid setting: {reason}",
@@ -115,6 +132,23 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "The loss became {value} at step {step}",
         "Lower the learning rate (--lr) or raise warmup.",
     ),
+    "RUNTIME_GPU_TEMPERATURE_CRITICAL": ErrorSpec(
+        "{reason}",
+        "The job was paused while the GPU cooled and stopped with a checkpoint when it did not. Improve cooling or "
+        "raise gpu.maxPauseMinutes, then `backprop resume` the run.",
+    ),
+    "RUNTIME_GGUF_QUANTIZATION_FAILED": ErrorSpec(
+        "llama.cpp could not quantize the model to {quantization}: {reason}",
+        "Export f16 or q8_0 instead, or check the free disk space.",
+    ),
+    "RUNTIME_GGUF_VERIFICATION_FAILED": ErrorSpec(
+        "The GGUF file {path} failed verification: {reason}",
+        "Do not ship this file; the export's verification report shows the tokenizer and greedy-decoding differences.",
+    ),
+    "RUNTIME_SCRIPT_FAILED": ErrorSpec(
+        "The training script failed: {reason}",
+        "See the run's script.log (`backprop status RUN_ID` prints its path).",
+    ),
     "RUNTIME_INTERRUPTED": ErrorSpec(
         "Interrupted by the user",
         "`backprop resume {run_id}` continues from the last checkpoint.",
@@ -128,6 +162,10 @@ CATALOGUE: dict[str, ErrorSpec] = {
     "STATE_RUN_ACTIVE": ErrorSpec(
         "Run {run_id} is still {status} (pid {pid})",
         "Wait for it to finish, or stop it first.",
+    ),
+    "STATE_RUN_NOT_ACTIVE": ErrorSpec(
+        "Run {run_id} is not running (it is {status})",
+        "`backprop resume {run_id}` continues a stopped, time-boxed or interrupted run.",
     ),
     "STATE_CHECKPOINT_CORRUPT": ErrorSpec(
         "Checkpoint {path} is unreadable: {reason}",

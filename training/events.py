@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,26 +19,31 @@ EventSink = Callable[[Event], None]
 
 
 class EventWriter:
-    """Appends events to a file; `durable=True` events (checkpoints, endings) are fsynced."""
+    """Appends events to a file; `durable=True` events (checkpoints, endings) are fsynced.
+
+    Thread-safe: the training loop and the governor's watcher thread share one writer."""
 
     def __init__(self, path: Path, also: EventSink | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._file = path.open("a", encoding="utf-8")
         self._also = also
+        self._lock = threading.Lock()
 
     def emit(self, event: str, durable: bool = False, **fields: Any) -> Event:
         record = {"t": round(time.time(), 3), "event": event, **fields}
-        self._file.write(json.dumps(record, default=str) + "\n")
-        self._file.flush()
-        if durable:
-            os.fsync(self._file.fileno())
+        with self._lock:
+            self._file.write(json.dumps(record, default=str) + "\n")
+            self._file.flush()
+            if durable:
+                os.fsync(self._file.fileno())
         if self._also is not None:
             self._also(record)
         return record
 
     def close(self) -> None:
-        self._file.close()
+        with self._lock:
+            self._file.close()
 
 
 def read_events(path: Path, offset: int = 0) -> tuple[list[Event], int]:

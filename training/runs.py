@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 import uuid
@@ -27,7 +28,8 @@ from training.errors import BackpropError
 ACTIVE = ("queued", "running", "paused")
 RESUMABLE = ("interrupted", "timeboxed", "stopped", "failed")
 STATUSES = (*ACTIVE, "completed", *RESUMABLE)
-STALE_HEARTBEAT_S = 300
+RUN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+STALE_HEARTBEAT_S = 120  # workers beat every few seconds; this much silence means the worker is gone
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -52,7 +54,10 @@ CREATE TABLE IF NOT EXISTS runs (
     final_loss REAL,
     eval_loss REAL,
     error_code TEXT,
-    error_message TEXT
+    error_message TEXT,
+    reason TEXT,
+    queued_at REAL,
+    gpu_index INTEGER
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -89,6 +94,9 @@ class RunRecord:
     eval_loss: float | None
     error_code: str | None
     error_message: str | None
+    reason: str | None  # why it is queued or paused
+    queued_at: float | None
+    gpu_index: int | None
 
     @property
     def path(self) -> Path:
@@ -117,6 +125,11 @@ class Registry:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            # Registries written by older versions get the newer columns.
+            present = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            for column, sql_type in (("reason", "TEXT"), ("queued_at", "REAL"), ("gpu_index", "INTEGER")):
+                if column not in present:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {column} {sql_type}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -159,16 +172,28 @@ class Registry:
         dataset: str | None = None,
         name: str | None = None,
         parent_id: str | None = None,
+        run_id: str | None = None,
     ) -> RunRecord:
-        run_id = uuid.uuid4().hex[:12]
+        if run_id is not None and not RUN_ID_PATTERN.fullmatch(run_id):
+            raise BackpropError(
+                "INPUT_INVALID_ARGUMENT",
+                reason=f"invalid run id {run_id!r}",
+                hint="Use 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit.",
+            )
+        run_id = run_id or uuid.uuid4().hex[:12]
+        now = time.time()
         run_dir = self.home / "runs" / run_id
-        run_dir.mkdir(parents=True)
+        try:
+            run_dir.mkdir(parents=True)
+        except FileExistsError:
+            raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"run id {run_id!r} is taken",
+                                hint="Choose another --run-id, or resume that run.") from None  # fmt: skip
         atomic.write_json(run_dir / "spec.json", {"id": run_id, "kind": kind, **spec})
         with self._write() as db:
             db.execute(
-                "INSERT INTO runs (id, name, kind, status, created_at, model, dataset, params, run_dir, parent_id)"
-                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                (run_id, name, kind, time.time(), model, dataset, json.dumps(spec.get("params", {})), str(run_dir), parent_id),
+                "INSERT INTO runs (id, name, kind, status, created_at, queued_at, model, dataset, params, run_dir, parent_id)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, name, kind, now, now, model, dataset, json.dumps(spec.get("params", {})), str(run_dir), parent_id),
             )
         return self.get(run_id)
 
@@ -209,6 +234,34 @@ class Registry:
             records = [r for r in records if r.status == status]
         return records[:limit] if limit else records
 
+    def claim(self, run_id: str, max_parallel: int, dry_run: bool = False) -> str | None:
+        """Move a queued run to `running` if a slot is free and no run queued before it still waits.
+
+        One IMMEDIATE transaction, so two workers can never both take the last slot. Returns None when
+        claimed (or, with `dry_run`, claimable), else why not."""
+        with self._write() as db:
+            me = db.execute("SELECT queued_at FROM runs WHERE id = ?", (run_id,)).fetchone()
+            active = db.execute("SELECT id, pid, status, queued_at FROM runs WHERE status IN ('queued', 'running', 'paused')")
+            running, ahead = 0, 0
+            for row in active.fetchall():
+                if row["id"] == run_id or row["pid"] is None or not pid_alive(row["pid"]):
+                    continue
+                if row["status"] == "queued":
+                    ahead += (row["queued_at"] or 0) < (me["queued_at"] or 0)
+                else:
+                    running += 1
+            if running >= max_parallel:
+                return f"waiting for {running} running job{'s' * (running > 1)} (maxParallel {max_parallel})"
+            if ahead:
+                return f"waiting behind {ahead} earlier queued job{'s' * (ahead > 1)}"
+            if dry_run:
+                return None
+            db.execute(
+                "UPDATE runs SET status = 'running', reason = NULL, heartbeat = ?, pid = ? WHERE id = ?",
+                (time.time(), os.getpid(), run_id),
+            )
+            return None
+
     def delete(self, run_id: str) -> None:
         with self._write() as db:
             db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
@@ -241,14 +294,15 @@ class Registry:
 
     def _refresh(self, run: RunRecord) -> RunRecord:
         """Mark a run interrupted when its worker is gone (dead pid, or a heartbeat long silent)."""
-        if run.status not in ("running", "paused") or run.pid is None:
+        if run.status not in ACTIVE or run.pid is None:
             return run
         silent = run.heartbeat is not None and time.time() - run.heartbeat > STALE_HEARTBEAT_S
         if pid_alive(run.pid) and not silent:
             return run
         with self._write() as db:
             db.execute(
-                "UPDATE runs SET status = 'interrupted', ended_at = ? WHERE id = ? AND status IN ('running', 'paused')",
+                "UPDATE runs SET status = 'interrupted', ended_at = ?, reason = NULL"
+                " WHERE id = ? AND status IN ('queued', 'running', 'paused')",
                 (time.time(), run.id),
             )
         run.status = "interrupted"

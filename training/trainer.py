@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from training import atomic, checkpoints
 from training.checkpoints import TrainerState
 from training.config import Settings, load_settings
+from training.control import Control
 from training.datasets import load_dataset, split
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
@@ -46,26 +46,25 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
-@dataclass
-class Control:
-    """How the outside world steers a running loop: a stop request and a deadline."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    deadline: float | None = None  # time.monotonic() value; at it the run ends `timeboxed`
-
-
 def run_training(
-    run: RunRecord, registry: Registry, *, control: Control | None = None, on_event: EventSink | None = None
+    run: RunRecord,
+    registry: Registry,
+    *,
+    control: Control | None = None,
+    on_event: EventSink | None = None,
+    events: EventWriter | None = None,
 ) -> TrainResult:
+    """Train one registered run in this process (the worker calls this; so can a notebook)."""
     control = control or Control()
     spec = json.loads((run.path / "spec.json").read_text())
     settings = load_settings(**spec["settings"])
-    events = EventWriter(run.path / "events.jsonl", also=on_event)
+    own_writer = events is None
+    events = events or EventWriter(run.path / "events.jsonl", also=on_event)
     registry.update(run.id, status="running", pid=os.getpid(), heartbeat=time.time(), started_at=run.started_at or time.time())
     try:
         return _Loop(run, registry, settings, spec, events, control).run()
     except BackpropError as exc:
-        _fail(run, registry, events, exc.code, exc.message)
+        _fail(run, registry, events, exc.code, exc.message, exc.hint)
         raise
     except KeyboardInterrupt:
         registry.update(run.id, status="stopped", ended_at=time.time())
@@ -75,11 +74,13 @@ def run_training(
         _fail(run, registry, events, "RUNTIME_TRAINING_FAILED", str(exc))
         raise BackpropError("RUNTIME_TRAINING_FAILED", reason=exc) from exc
     finally:
-        events.close()
+        if own_writer:
+            events.close()
 
 
-def _fail(run: RunRecord, registry: Registry, events: EventWriter, code: str, message: str) -> None:
-    events.emit("failed", durable=True, code=code, message=message)
+def _fail(run: RunRecord, registry: Registry, events: EventWriter, code: str, message: str, hint: str | None = None) -> None:
+    hint = hint or BackpropError(code, message).hint
+    events.emit("failed", durable=True, code=code, message=message, hint=hint)
     registry.update(run.id, status="failed", ended_at=time.time(), error_code=code, error_message=message[:500])
 
 
@@ -251,10 +252,12 @@ class _Loop:
         status = "completed"
         last_registry_write = 0.0
         while state.step < self.max_steps:
+            if self.control.pause.is_set():
+                self._hold(state)
             if self.control.stop.is_set():
-                status = "stopped"
+                status = "failed" if self.control.stop_code else "stopped"
                 break
-            if self.control.deadline is not None and time.monotonic() >= self.control.deadline:
+            if self.control.timed_out():
                 status = "timeboxed"
                 break
             started = time.perf_counter()
@@ -285,6 +288,16 @@ class _Loop:
             if t.save_every and state.step % t.save_every == 0 and state.step < self.max_steps:
                 self._checkpoint(state)
         return self._finish(state, status)
+
+    def _hold(self, state: TrainerState) -> None:
+        """Paused by the governor (GPU too hot): wait at this step boundary until released."""
+        run_id, reason = self.run_record.id, self.control.pause_reason
+        self.events.emit("paused", durable=True, step=state.step, reason=reason)
+        self.registry.update(run_id, status="paused", reason=reason, heartbeat=time.time())
+        self.control.hold()
+        self.registry.update(run_id, status="running", reason=None, heartbeat=time.time())
+        if not self.control.stop.is_set() and not self.control.timed_out():
+            self.events.emit("resumed", durable=True, step=state.step, reason="GPU cooled down")
 
     def _accumulate(self, micro: list, targets: int) -> float:
         """Forward and backward over a step's micro-batches; on CUDA OOM split them and retry."""
@@ -384,8 +397,10 @@ class _Loop:
                 level="warning",
                 message=f"run {status} at step {state.step}; `backprop resume {run_id}` continues it",
             )
-        self.registry.update(run_id, status=status, ended_at=time.time(), step=state.step, loss=state.loss,
+        self.registry.update(run_id, status=status, ended_at=time.time(), step=state.step, loss=state.loss, reason=None,
                              final_loss=state.loss if status == "completed" else None, heartbeat=time.time())  # fmt: skip
+        if status == "failed" and self.control.stop_code:
+            _fail(self.run_record, self.registry, self.events, self.control.stop_code, self.control.stop_message)
         return TrainResult(run_id, status, state.step, state.loss, eval_loss, adapter, run_dir, self.losses)
 
 

@@ -1,0 +1,41 @@
+"""How the outside world steers a running job: stop, pause at the next step boundary, a deadline.
+
+The training loop (or the script supervisor) reads a `Control` between two steps; the governor's watcher
+thread, signal handlers and the time box write to it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Control:
+    stop: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.monotonic() value; at it the job ends `timeboxed`
+    pause: threading.Event = field(default_factory=threading.Event)  # set: hold at the next step boundary
+    pause_reason: str = ""
+    stop_code: str | None = None  # an error code when the governor (not the user) stopped the job
+    stop_message: str = ""
+
+    def request_stop(self, code: str | None = None, message: str = "") -> None:
+        if code and not self.stop.is_set():
+            self.stop_code, self.stop_message = code, message
+        self.stop.set()
+
+    def request_pause(self, reason: str) -> None:
+        self.pause_reason = reason
+        self.pause.set()
+
+    def release(self) -> None:
+        self.pause.clear()
+
+    def timed_out(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def hold(self) -> None:
+        """Block while paused; returns early on a stop request or at the deadline."""
+        while self.pause.is_set() and not self.stop.is_set() and not self.timed_out():
+            self.stop.wait(0.1)

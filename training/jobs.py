@@ -1,0 +1,193 @@
+"""Jobs: every run in its own supervised worker process.
+
+    run = jobs.submit_train(settings, "data.jsonl")      # registry row (queued) + run dir + worker process
+    for event in jobs.follow(registry, run.id):          # events.jsonl, from any offset, until the run ends
+        ...
+    jobs.stop(registry, run.id)                          # graceful (checkpoint first), forced after a grace period
+    jobs.resume(registry, run.id)                        # a new worker continues from the last checkpoint
+
+The worker (`python -m training.worker RUN_DIR`) runs in its own session, so Ctrl-C in a terminal, a closed
+browser tab or a restarted web app never kills it; whoever looks can re-attach by following its events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from training import atomic
+from training.config import Settings
+from training.errors import BackpropError
+from training.events import Event, read_events
+from training.runs import ACTIVE, RESUMABLE, Registry, RunRecord, pid_alive
+
+FOLLOW_POLL_S = 0.2
+_children: list[subprocess.Popen] = []  # workers this process started, reaped as they finish
+
+
+def submit_train(
+    settings: Settings, data: str, *, fmt: str | None = None, skip_invalid: bool = False, name: str | None = None
+) -> RunRecord:
+    """Register a training run and start its worker."""
+    from training.trainer import new_train_run
+
+    registry = Registry(settings.home)
+    return start(registry, new_train_run(registry, settings, data, fmt=fmt, skip_invalid=skip_invalid, name=name))
+
+
+def submit_script(
+    settings: Settings,
+    script: str,
+    args: list[str] | None = None,
+    *,
+    name: str | None = None,
+    run_id: str | None = None,
+    framework: str = "auto",
+    checkpoint_every_minutes: float | None = None,
+    resume_from: str | None = None,
+) -> RunRecord:
+    """Register a run of any training script (see training/script_run.py for its protocol) and start it."""
+    path = Path(script).expanduser().resolve()
+    if not path.is_file():
+        raise BackpropError("INPUT_SCRIPT_NOT_FOUND", path=script)
+    if framework == "auto":
+        source = path.read_text(errors="replace") if path.suffix == ".py" else ""
+        framework = "tensorflow" if "tensorflow" in source else "pytorch" if "torch" in source else "unknown"
+    spec = {
+        "script": str(path),
+        "args": list(args or []),
+        "cwd": os.getcwd(),
+        "framework": framework,
+        "checkpoint_every_minutes": checkpoint_every_minutes,
+        "resume_from": str(Path(resume_from).expanduser().resolve()) if resume_from else None,
+        "settings": settings.model_dump(mode="json", exclude={"home", "ui", "lora", "training", "model"}),
+        "params": {"script": str(path), "args": list(args or []), "framework": framework},
+    }
+    registry = Registry(settings.home)
+    return start(registry, registry.create("script", spec, name=name or path.name, run_id=run_id))
+
+
+def start(registry: Registry, run: RunRecord) -> RunRecord:
+    """Start the worker of a queued run, in a new session (its own process group)."""
+    _reap()
+    with (run.path / "worker.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "training.worker", str(run.path)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    _children.append(process)
+    registry.update(run.id, pid=process.pid, heartbeat=time.time())
+    return registry.get(run.id)
+
+
+def resume(registry: Registry, run_id: str, settings_overrides: dict[str, Any] | None = None) -> RunRecord:
+    """Queue a time-boxed, stopped, interrupted or failed run again; its worker continues from the last checkpoint."""
+    run = registry.get(run_id)
+    if run.status in ACTIVE:
+        raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)
+    if run.status not in RESUMABLE:
+        raise BackpropError("STATE_NOT_RESUMABLE", run_id=run.id, reason=f"it is {run.status}")
+    if settings_overrides:
+        spec = json.loads((run.path / "spec.json").read_text())
+        spec["settings"] = _merge(spec.get("settings", {}), settings_overrides)
+        atomic.write_json(run.path / "spec.json", spec)
+    registry.update(run.id, status="queued", queued_at=time.time(), reason=None, pid=None, ended_at=None,
+                    error_code=None, error_message=None)  # fmt: skip
+    return start(registry, registry.get(run.id))
+
+
+def request_stop(registry: Registry, run_id: str) -> RunRecord:
+    """Ask a job to stop at its next step boundary (it saves a checkpoint first); returns at once."""
+    run = registry.get(run_id)
+    if run.status not in ACTIVE:
+        raise BackpropError("STATE_RUN_NOT_ACTIVE", run_id=run.id, status=run.status)
+    if run.pid is not None:
+        _signal(run.pid, signal.SIGTERM)
+    return run
+
+
+def stop(registry: Registry, run_id: str, grace: float | None = None) -> RunRecord:
+    """Stop gracefully; after `grace` seconds (default: the stopGraceSeconds setting) kill the whole job."""
+    from training.config import load_settings
+
+    run = request_stop(registry, run_id)
+    grace = load_settings().stop_grace_seconds if grace is None else grace
+    # A script's supervisor forwards SIGINT and waits `stop_grace_seconds` itself; allow for that and the checkpoint.
+    deadline = time.monotonic() + grace + 10
+    while run.pid is not None and _alive(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if run.pid is not None and _alive(run.pid):
+        kill(registry, run.id)
+    return registry.get(run.id)
+
+
+def kill(registry: Registry, run_id: str) -> RunRecord:
+    """SIGKILL the job's whole process group (worker and any script it runs); it ends `stopped`."""
+    run = registry.get(run_id)
+    if run.pid is not None:
+        try:
+            os.killpg(run.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            _signal(run.pid, signal.SIGKILL)
+        while _alive(run.pid):
+            time.sleep(0.05)
+    if registry.get(run.id).status in ACTIVE or registry.get(run.id).status == "interrupted":
+        registry.update(run.id, status="stopped", reason=None, ended_at=time.time(),
+                        error_message="killed after the stop grace period")  # fmt: skip
+    return registry.get(run.id)
+
+
+def follow(registry: Registry, run_id: str, offset: int = 0, poll: float = FOLLOW_POLL_S) -> Iterator[Event]:
+    """Yield the run's events from byte `offset` on, live, until the run has ended and every event is read."""
+    run = registry.get(run_id)
+    path = run.path / "events.jsonl"
+    while True:
+        _reap()
+        events, offset = read_events(path, offset)
+        yield from events
+        if events:
+            continue
+        if registry.get(run.id).status not in ACTIVE:
+            events, offset = read_events(path, offset)  # the last words, written just before the status
+            yield from events
+            return
+        time.sleep(poll)
+
+
+def events_offset(registry: Registry, run_id: str) -> int:
+    """The current end of a run's events: follow from here to see only what comes next."""
+    path = registry.get(run_id).path / "events.jsonl"
+    return path.stat().st_size if path.exists() else 0
+
+
+def _alive(pid: int) -> bool:
+    _reap()
+    return pid_alive(pid)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap() -> None:
+    """Collect workers of this process that have exited, so none lingers as a zombie."""
+    for process in list(_children):
+        if process.poll() is not None:
+            _children.remove(process)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged

@@ -1,0 +1,116 @@
+"""`python -m training.worker RUN_DIR`: run one job in its own process, governed.
+
+Started by `training.jobs` in a new process group. In order: wait in the queue until the governor admits
+the job, start the watcher (telemetry, heartbeat, pause while hot), run the job (a training run or a user's
+script) under the time box, and leave its final status in the registry. SIGTERM or SIGINT asks for a
+graceful stop: the job stops at its next step boundary with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from training.config import Settings, load_settings
+from training.control import Control
+from training.errors import BackpropError
+from training.events import EventWriter
+from training.governor import Watcher, cuda_memory_fraction, wait_for_admission
+from training.runs import Registry, RunRecord
+from training.telemetry import Telemetry
+
+EXIT_BY_STATUS = {"completed": 0, "stopped": 130, "timeboxed": 3, "failed": 2}
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_dir = Path((argv or sys.argv[1:])[0]).resolve()
+    registry = Registry(run_dir.parent.parent)
+    spec = json.loads((run_dir / "spec.json").read_text())
+    run = registry.get(spec["id"])
+    settings = load_settings(**spec.get("settings", {}))
+    control = Control()
+    signal.signal(signal.SIGTERM, lambda *_: control.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: control.request_stop())
+    registry.update(run.id, pid=os.getpid(), heartbeat=time.time())
+
+    events = EventWriter(run_dir / "events.jsonl")
+    try:
+        return _govern(run, registry, spec, settings, control, events)
+    finally:
+        events.close()
+
+
+def _govern(run: RunRecord, registry: Registry, spec: dict, settings: Settings, control: Control, events: EventWriter) -> int:
+    telemetry = Telemetry(settings.gpu.probe, settings.telemetry_file)
+    if telemetry.note:
+        events.emit("log", level="info", message=telemetry.note)
+    admission = wait_for_admission(
+        registry, run.id, settings, telemetry, control, on_queued=lambda reason: events.emit("queued", reason=reason)
+    )
+    if admission is None:
+        registry.update(run.id, status="stopped", reason=None, ended_at=time.time())
+        events.emit("log", durable=True, level="warning", message="stopped while queued")
+        return EXIT_BY_STATUS["stopped"]
+    if admission.gpu is not None:
+        # Only the chosen GPU is visible to the job; set before anything imports torch.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(admission.gpu.index)
+        registry.update(run.id, gpu_index=admission.gpu.index)
+        fraction = cuda_memory_fraction(settings.gpu_memory_limit, admission.gpu.mem_total)
+        if fraction is not None:
+            os.environ["BACKPROP_GPU_MEMORY_FRACTION"] = f"{fraction:.4f}"
+    if settings.max_run_minutes:
+        control.deadline = time.monotonic() + settings.max_run_minutes * 60
+
+    watcher = Watcher(
+        telemetry, settings, control, events.emit,
+        heartbeat=lambda: registry.update(run.id, heartbeat=time.time()),
+        gpu_index=admission.gpu.index if admission.gpu else None,
+    )  # fmt: skip
+    watcher.start()
+    started = time.monotonic()
+    try:
+        status = _run_job(run, registry, spec, settings, control, events)
+    except BackpropError:
+        traceback.print_exc()  # the worker log keeps the traceback; the registry and events have the code
+        status = "failed"
+    finally:
+        watcher.stop()
+        seconds = time.monotonic() - started
+        if watcher.samples:
+            share = 100 * watcher.cpu_seconds / max(seconds, 1e-9)
+            message = f"telemetry: {watcher.samples} samples, {watcher.cpu_seconds * 1000:.0f} ms CPU in {seconds:.0f} s"
+            events.emit("log", level="info", message=f"{message} ({share:.2f}% of one core)", samples=watcher.samples,
+                        cpu_seconds=round(watcher.cpu_seconds, 4), wall_seconds=round(seconds, 2))  # fmt: skip
+    return EXIT_BY_STATUS.get(status, 2)
+
+
+def _run_job(run: RunRecord, registry: Registry, spec: dict, settings: Settings, control: Control, events: EventWriter) -> str:
+    if run.kind == "script":
+        from training.script_run import run_script
+
+        return run_script(registry.get(run.id), registry, spec, settings, control, events)
+    if run.kind == "train":
+        _cap_cuda_memory()
+        from training.trainer import run_training
+
+        return run_training(registry.get(run.id), registry, control=control, events=events).status
+    raise BackpropError("STATE_NOT_RESUMABLE", run_id=run.id, reason=f"unknown job kind '{run.kind}'")
+
+
+def _cap_cuda_memory() -> None:
+    fraction = os.environ.get("BACKPROP_GPU_MEMORY_FRACTION")
+    if not fraction:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(float(fraction), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
