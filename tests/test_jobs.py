@@ -112,8 +112,15 @@ def test_gpu_memory_limit_becomes_a_cuda_memory_fraction():
 def test_governor_settings_come_from_camel_case_config_keys_and_env(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "backprop.config.json").write_text(
-        json.dumps({"maxRunMinutes": 5, "maxParallel": 2, "gpuMemoryLimit": "80%", "minFreeRamGB": 2,
-                    "gpu": {"probe": "none", "minFreeVramMB": 1000, "maxTempC": 80}})  # fmt: skip
+        json.dumps(
+            {
+                "maxRunMinutes": 5,
+                "maxParallel": 2,
+                "gpuMemoryLimit": "80%",
+                "minFreeRamGB": 2,
+                "gpu": {"probe": "none", "minFreeVramMB": 1000, "maxTempC": 80},
+            }
+        )  # fmt: skip
     )
     monkeypatch.setenv("BACKPROPAGATE_GPU__MAX_TEMP_C", "75")
     settings = load_settings()
@@ -213,7 +220,9 @@ def write_script(path: Path, body: str) -> Path:
 
 
 def test_a_script_run_turns_its_output_into_events_and_checkpoints(home, tmp_path):
-    script = write_script(tmp_path / "speaker.py", """
+    script = write_script(
+        tmp_path / "speaker.py",
+        """
         import json, sys
         args = sys.argv[1:]
         assert args[:2] == ["--run-id", args[1]] and "--max-minutes" in args, args
@@ -225,7 +234,8 @@ def test_a_script_run_turns_its_output_into_events_and_checkpoints(home, tmp_pat
         print(json.dumps({"event": "checkpoint_saved", "path": "ckpt.pt", "step": 2}))
         print(json.dumps({"step": 2, "loss": 1.5}))
         print("extra args:", args[args.index("--max-minutes") + 2:])
-    """)
+    """,
+    )
     out = backprop("run", str(script), "--name", "speaker", "--json", "--", "--lr", "0.1", check=True)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     registry = Registry(home)
@@ -303,7 +313,9 @@ def test_stop_is_graceful_first(home):
 
 def test_stop_forces_a_job_that_ignores_it_after_the_grace_period(home, tmp_path, monkeypatch):
     monkeypatch.setenv("BACKPROPAGATE_STOP_GRACE_SECONDS", "0.5")
-    script = write_script(tmp_path / "stubborn.py", """
+    script = write_script(
+        tmp_path / "stubborn.py",
+        """
         import json, signal, time
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         step = 0
@@ -311,7 +323,8 @@ def test_stop_forces_a_job_that_ignores_it_after_the_grace_period(home, tmp_path
             step += 1
             print(json.dumps({"step": step, "loss": 1.0}), flush=True)
             time.sleep(0.05)
-    """)
+    """,
+    )
     registry = Registry(home)
     run_id = jobs.submit_script(load_settings(), str(script)).id
     wait_for(lambda: registry.get(run_id).step >= 3, what="the script to run")
@@ -334,4 +347,3 @@ def test_stopping_a_finished_run_is_a_coded_error(home, tmp_path):
     run_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
     stopped = backprop("stop", run_id)
     assert stopped.returncode == 2 and "STATE_RUN_NOT_ACTIVE" in stopped.stderr
-
