@@ -162,6 +162,44 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--json", action="store_true")
     validate.set_defaults(handler=cmd_validate)
 
+    export = sub.add_parser(
+        "export", parents=[common], help="export a run as a LoRA adapter, a merged model or GGUF",
+        description="SOURCE is a run id (or prefix), or a folder holding an adapter or a merged model.",
+    )  # fmt: skip
+    export.add_argument("source")
+    export.add_argument("--format", "-f", dest="export_format", choices=["lora", "merged", "gguf"], default="lora")
+    export.add_argument("--quantization", "-q", default="q4_k_m", help="gguf: f32, f16, q8_0, q4_k_m, q5_k_m, q6_k, q4_0")
+    export.add_argument("--output", "-o", type=Path, help="folder to write (default: RUN_DIR/exports/FORMAT)")
+    export.add_argument("--ollama", action="store_true", help="gguf: register the model with Ollama (OLLAMA_HOST)")
+    export.add_argument("--ollama-name", help="gguf: the Ollama model name (implies --ollama)")
+    export.add_argument("--system", help="gguf: a SYSTEM prompt for the Modelfile")
+    export.add_argument("--num-ctx", type=int, help="gguf: the Modelfile's context length")
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(handler=cmd_export)
+
+    push = sub.add_parser("push", parents=[common], help="upload a run's adapter (or merged model) to the Hugging Face Hub")
+    push.add_argument("source", help="run id, or an export folder")
+    push.add_argument("--repo", required=True, help="owner/name")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--merged", action="store_true", help="push the merged model instead of the adapter")
+    push.add_argument("--token-file", help="a file holding the token (default: the HF_TOKEN environment variable)")
+    push.add_argument("--json", action="store_true")
+    push.set_defaults(handler=cmd_push)
+
+    chat_commands = {"chat": "chat with a tuned model in the terminal", "generate": "one reply to one prompt, for scripts"}
+    for name, helptext in chat_commands.items():
+        chat = sub.add_parser(name, parents=[common], help=helptext,
+                              description="SOURCE: a run id, an adapter or merged model folder, or a .gguf file.")  # fmt: skip
+        chat.add_argument("source")
+        if name == "generate":
+            chat.add_argument("prompt")
+        chat.add_argument("--use", choices=["adapter", "merged", "gguf"], default="adapter",
+                          help="for a run id: its adapter (default) or its latest merged or GGUF export")  # fmt: skip
+        chat.add_argument("--system", help="a system prompt")
+        chat.add_argument("--max-new-tokens", type=int, default=256)
+        chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+        chat.set_defaults(handler=cmd_chat if name == "chat" else cmd_generate)
+
     info = sub.add_parser("info", parents=[common], help="versions, CUDA and GPUs, installed extras, model presets")
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=cmd_info)
@@ -561,6 +599,88 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         console.print("[green]ok[/]")
     return code
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import export
+
+    def show(event: dict[str, Any]) -> None:
+        if event["event"] == "export_progress" and not args.json:
+            print(f"{event['stage']}...", file=sys.stderr)
+
+    result = export(args.source, args.export_format, quantization=args.quantization, output=args.output,
+                    ollama_name=args.ollama_name, register_ollama=args.ollama, system=args.system, num_ctx=args.num_ctx,
+                    on_event=show)  # fmt: skip
+    if args.json:
+        print(json.dumps(result.to_dict(), default=str))
+        return 0
+    print(f"{result.format}{' ' + result.quantization if result.quantization else ''}: {result.file or result.path}"
+          f" ({result.size_bytes / 2**20:.1f} MiB)")  # fmt: skip
+    if result.verification is not None:
+        v = result.verification
+        detail = ", ".join(f"{k} {v[k]}" for k in ("tokenizer_match", "greedy_match", "max_logit_diff") if k in v)
+        print(f"verified: {'ok' if v.get('ok') else 'FAILED'} ({detail})")
+    if result.ollama:
+        print(f"ollama: registered as {result.ollama.get('name')} ({result.ollama.get('method')})")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from training.hub import push
+
+    result = push(args.source, args.repo, private=args.private, merged=args.merged, token_file=args.token_file)
+    print(json.dumps(result) if args.json else f"pushed {result['folder']} to {result['url']}")
+    return 0
+
+
+def _chat_model(args: argparse.Namespace):
+    """The model behind SOURCE: for a run id, its adapter or its newest export of the chosen kind."""
+    from training.generate import load_chat_model
+
+    source = args.source
+    if args.use != "adapter" and not Path(source).exists():
+        registry = _registry()
+        run = registry.get(source)
+        exports = [e for e in registry.exports(run.id) if e["format"] == args.use]
+        if not exports:
+            raise BackpropError("STATE_NO_ADAPTER", run_id=run.id, status=f"without a {args.use} export",
+                                hint=f"Create one first: backprop export {run.id} --format {args.use}")  # fmt: skip
+        source = exports[0]["file"] or exports[0]["path"]
+    return load_chat_model(source)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = _chat_model(args)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    for piece in model.stream(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = _chat_model(args)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chat with the tuned model. /reset clears the conversation, Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not prompt:
+            continue
+        if prompt == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": prompt})
+        reply = []
+        print("model> ", end="", flush=True)
+        for piece in model.stream(history, max_new_tokens=args.max_new_tokens, temperature=args.temperature):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -77,6 +77,14 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "a local folder with config.json, or 'demo'.",
     ),
     "INPUT_INVALID_ARGUMENT": ErrorSpec("{reason}", "{hint}"),
+    "INPUT_OUTPUT_NOT_WRITABLE": ErrorSpec(
+        "Cannot write to {path}: {reason}",
+        "Choose another --output folder, or check its permissions and free space.",
+    ),
+    "INPUT_HUB_REPO_NOT_FOUND": ErrorSpec(
+        "Hub repository {repo} was not found, or this token cannot see it",
+        "Check the name (owner/name) and that the token's account owns it or belongs to its organisation.",
+    ),
     "INPUT_MODEL_INVALID": ErrorSpec(
         "{path}: {reason}",
         "GGUF export needs a model folder saved with save_pretrained: config.json, *.safetensors and tokenizer.json.",
@@ -115,6 +123,15 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Check your connection, or download the file and pass its path.",
         retryable=True,
     ),
+    "DEP_HUB_AUTH_FAILED": ErrorSpec(
+        "Hugging Face Hub authentication failed: {reason}",
+        "Create a write token at https://huggingface.co/settings/tokens and set HF_TOKEN or pass --token-file FILE.",
+    ),
+    "DEP_HUB_UNREACHABLE": ErrorSpec(
+        "The Hugging Face Hub cannot be reached: {reason}",
+        "Check the internet connection (and HF_ENDPOINT, if set); the export is kept locally, push again later.",
+        retryable=True,
+    ),
     "DEP_MISSING": ErrorSpec(
         "{package} is not installed: {reason}",
         "Install it with: pip install {install}",
@@ -136,6 +153,14 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "{reason}",
         "The job was paused while the GPU cooled and stopped with a checkpoint when it did not. Improve cooling or "
         "raise gpu.maxPauseMinutes, then `backprop resume` the run.",
+    ),
+    "RUNTIME_EXPORT_FAILED": ErrorSpec(
+        "Export to {path} failed: {reason}",
+        "Earlier exports are untouched. Check the free disk space and try again.",
+    ),
+    "RUNTIME_MERGE_MISMATCH": ErrorSpec(
+        "The merged model's logits differ from the adapter model's by {difference} (tolerance {tolerance})",
+        "The merged weights are not saved. Export the LoRA adapter instead, and report this with the run's spec.json.",
     ),
     "RUNTIME_GGUF_QUANTIZATION_FAILED": ErrorSpec(
         "llama.cpp could not quantize the model to {quantization}: {reason}",
@@ -166,6 +191,10 @@ CATALOGUE: dict[str, ErrorSpec] = {
     "STATE_RUN_NOT_ACTIVE": ErrorSpec(
         "Run {run_id} is not running (it is {status})",
         "`backprop resume {run_id}` continues a stopped, time-boxed or interrupted run.",
+    ),
+    "STATE_NO_ADAPTER": ErrorSpec(
+        "Run {run_id} has no final adapter yet (it is {status})",
+        "Export a completed run; `backprop resume {run_id}` finishes a stopped or time-boxed one.",
     ),
     "STATE_CHECKPOINT_CORRUPT": ErrorSpec(
         "Checkpoint {path} is unreadable: {reason}",

@@ -67,6 +67,18 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created_at REAL NOT NULL,
     PRIMARY KEY (run_id, step)
 );
+CREATE TABLE IF NOT EXISTS exports (
+    id TEXT PRIMARY KEY,
+    run_id TEXT,
+    format TEXT NOT NULL,
+    quantization TEXT,
+    path TEXT NOT NULL,
+    file TEXT,
+    size_bytes INTEGER NOT NULL,
+    verification TEXT,
+    ollama TEXT,
+    created_at REAL NOT NULL
+);
 """
 
 
@@ -283,6 +295,28 @@ class Registry:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step", (run_id,)).fetchall()
         return [Checkpoint(**dict(r)) for r in rows]
+
+    # ------------------------------------------------------------ exports
+
+    def add_export(self, record: dict[str, Any]) -> None:
+        values = {**record, "verification": json.dumps(record.get("verification")), "ollama": json.dumps(record.get("ollama"))}
+        columns = ("id", "run_id", "format", "quantization", "path", "file", "size_bytes", "verification", "ollama", "created_at")
+        with self._write() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO exports ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                tuple(values[c] for c in columns),
+            )
+
+    def exports(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Recorded exports, newest first; an export whose folder was deleted since is left out."""
+        query, args = "SELECT * FROM exports", ()
+        if run_id is not None:
+            query, args = query + " WHERE run_id = ?", (run_id,)
+        with self._connect() as db:
+            rows = [dict(r) for r in db.execute(query + " ORDER BY created_at DESC", args).fetchall()]
+        for row in rows:
+            row["verification"], row["ollama"] = json.loads(row["verification"] or "null"), json.loads(row["ollama"] or "null")
+        return [r for r in rows if Path(r["path"]).exists()]
 
     # ------------------------------------------------------------ helpers
 

@@ -1,0 +1,343 @@
+"""Export a trained run (or an adapter / merged model folder) as a LoRA adapter, a merged model or a GGUF file.
+
+    result = export("3f2a", "gguf", quantization="q4_k_m", ollama_name="my-model")
+
+Every export is built in `<dest>.partial` and renamed into place only when complete and verified, so a failed
+export never destroys an earlier one. Each holds a model card (README.md); merged exports are checked against
+the adapter model (logits on a probe prompt), GGUF files against transformers with llama.cpp itself. Exports are
+recorded in the registry and, for a run, announced in its events.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from training import atomic
+from training.errors import BackpropError
+from training.events import EventSink, EventWriter
+from training.runs import Registry, RunRecord
+
+FORMATS = ("lora", "merged", "gguf")
+PROBE_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+MERGE_TOLERANCE = 1e-4  # max |logit difference| between the merged model and base + adapter (fp32)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class ExportResult:
+    id: str
+    run_id: str | None
+    format: str
+    quantization: str | None
+    path: str  # the folder; for GGUF the .gguf file is `file`
+    file: str | None
+    size_bytes: int
+    verification: dict[str, Any] | None
+    ollama: dict[str, Any] | None
+    created_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Source:
+    """What is being exported: an adapter (with its base model) or an already merged model folder."""
+
+    label: str
+    run: RunRecord | None
+    adapter_dir: Path | None
+    merged_dir: Path | None
+
+
+def export(
+    source: str | Path,
+    fmt: str,
+    *,
+    quantization: str = "q4_k_m",
+    output: Path | None = None,
+    ollama_name: str | None = None,
+    register_ollama: bool = False,
+    system: str | None = None,
+    num_ctx: int | None = None,
+    home: Path | None = None,
+    on_event: EventSink | None = None,
+) -> ExportResult:
+    from training.config import load_settings
+
+    if fmt not in FORMATS:
+        raise BackpropError(
+            "INPUT_INVALID_ARGUMENT", reason=f"unknown export format '{fmt}'", hint=f"Use one of: {', '.join(FORMATS)}."
+        )
+    home = home or load_settings().home
+    registry = Registry(home)
+    src = resolve_source(source, registry)
+    if fmt == "gguf":
+        from training.gguf import QUANTIZATIONS
+
+        if quantization not in QUANTIZATIONS:
+            raise BackpropError("INPUT_UNKNOWN_QUANTIZATION", quantization=quantization, choices=", ".join(QUANTIZATIONS))
+    if fmt == "lora" and src.adapter_dir is None:
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"{src.label} is a merged model: it has no LoRA adapter",
+                            hint="Export it as merged or gguf.")  # fmt: skip
+    dest = output or _default_destination(src, fmt, quantization)
+    events = EventWriter(src.run.path / "events.jsonl", also=on_event) if src.run else None
+
+    def emit(event: str, **fields: Any) -> None:
+        if events is not None:
+            events.emit(event, **fields)
+        elif on_event is not None:
+            on_event({"t": time.time(), "event": event, **fields})
+
+    qlabel = quantization if fmt == "gguf" else None
+    emit("export_started", format=fmt, quantization=qlabel, path=str(dest))
+    try:
+        result = _export(src, fmt, quantization, Path(dest), ollama_name, register_ollama, system, num_ctx, home, emit)
+        registry.add_export(result.to_dict())
+        emit("exported", **{k: v for k, v in result.to_dict().items() if k != "verification"}, verified=_verified(result))
+        return result
+    except BackpropError as exc:
+        emit("export_failed", format=fmt, quantization=qlabel, code=exc.code, message=exc.message, hint=exc.hint)
+        raise
+    except OSError as exc:
+        error = BackpropError("RUNTIME_EXPORT_FAILED", path=dest, reason=exc)
+        emit("export_failed", format=fmt, quantization=qlabel, code=error.code, message=error.message, hint=error.hint)
+        raise error from exc
+    finally:
+        if events is not None:
+            events.close()
+
+
+def resolve_source(source: str | Path, registry: Registry) -> _Source:
+    """A run id (or prefix), or a folder holding an adapter (adapter_config.json) or a model (config.json)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").exists():
+            return _Source(str(path), None, path.resolve(), None)
+        if (path / "config.json").exists():
+            return _Source(str(path), None, None, path.resolve())
+        raise BackpropError("INPUT_MODEL_NOT_FOUND", model=str(source))
+    run = registry.get(str(source))
+    adapter = run.path / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise BackpropError("STATE_NO_ADAPTER", run_id=run.id, status=run.status)
+    return _Source(f"run {run.id}", run, adapter, None)
+
+
+def _default_destination(src: _Source, fmt: str, quantization: str) -> Path:
+    name = fmt if fmt != "gguf" else f"gguf-{quantization}"
+    if src.run is not None:
+        return src.run.path / "exports" / name
+    base = src.adapter_dir or src.merged_dir
+    assert base is not None
+    return base.parent / f"{base.name}-{name}"
+
+
+def _export(src: _Source, fmt: str, quantization: str, dest: Path, ollama_name: str | None, register_ollama: bool,
+            system: str | None, num_ctx: int | None, home: Path, emit: Any) -> ExportResult:  # fmt: skip
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a leftover from an export that crashed
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise BackpropError("INPUT_OUTPUT_NOT_WRITABLE", path=dest.parent, reason=exc) from exc
+    verification: dict[str, Any] | None = None
+    ollama: dict[str, Any] | None = None
+    file: Path | None = None
+    try:
+        if fmt == "lora":
+            assert src.adapter_dir is not None
+            for item in src.adapter_dir.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, staging / item.name)
+        elif fmt == "merged":
+            emit("export_progress", stage="merge")
+            verification = merge(src, staging, home)
+        else:
+            file, verification, modelfile_text = _gguf(src, staging, quantization, system, num_ctx, home, emit)
+        write_model_card(staging, src, fmt, quantization if fmt == "gguf" else None, verification, file.name if file else None)
+        if verification is not None:
+            atomic.write_json(staging / "verification.json", verification)
+        atomic.publish_dir(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if file is not None:
+        file = dest / file.name
+        if ollama_name or register_ollama:
+            from training.ollama import register
+
+            emit("export_progress", stage="ollama")
+            ollama = register(file, modelfile_text, ollama_name or _ollama_name(src))
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    return ExportResult(
+        id=f"{int(time.time() * 1000):x}", run_id=src.run.id if src.run else None, format=fmt,
+        quantization=quantization if fmt == "gguf" else None, path=str(dest), file=str(file) if file else None,
+        size_bytes=size, verification=verification, ollama=ollama, created_at=time.time(),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- merged
+
+
+def merge(src: _Source, target: Path, home: Path) -> dict[str, Any]:
+    """Fold the LoRA weights into the base model and save it (safetensors, tokenizer, chat template, generation config).
+
+    The merged model must predict what base + adapter predicts: logits on a probe prompt within 1e-4."""
+    import torch
+    from peft import PeftModel
+
+    from training.models import load_model, load_tokenizer, resolve_model
+
+    if src.merged_dir is not None:  # already merged: copy it
+        for item in src.merged_dir.iterdir():
+            if item.is_file():
+                shutil.copy2(item, target / item.name)
+        return {"ok": True, "note": "source was already a merged model"}
+    assert src.adapter_dir is not None
+    base_name = json.loads((src.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = resolve_model(base_name, home)
+    has_tokenizer = (src.adapter_dir / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(resolve_model(str(src.adapter_dir)) if has_tokenizer else base)
+    model = PeftModel.from_pretrained(load_model(base, dtype=torch.float32, device="cpu"), src.adapter_dir).eval()
+    probe = tokenizer.apply_chat_template(PROBE_MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        expected = model(**probe).logits
+        merged = model.merge_and_unload().eval()
+        actual = merged(**probe).logits
+    difference = float((expected - actual).abs().max())
+    saved_dtype = getattr(merged.config, "dtype", None) or getattr(merged.config, "torch_dtype", None)
+    if saved_dtype in (torch.bfloat16, torch.float16, "bfloat16", "float16"):
+        merged = merged.to(getattr(torch, str(saved_dtype).replace("torch.", "")))  # keep the base model's size on disk
+    merged.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    merged.generation_config.eos_token_id = _end_of_turn_ids(tokenizer) or merged.generation_config.eos_token_id
+    merged.generation_config.save_pretrained(target)
+    report = {"ok": difference <= MERGE_TOLERANCE, "max_logit_diff": difference, "tolerance": MERGE_TOLERANCE,
+              "probe": PROBE_MESSAGES[0]["content"]}  # fmt: skip
+    if not report["ok"]:
+        raise BackpropError("RUNTIME_MERGE_MISMATCH", difference=f"{difference:.2e}", tolerance=MERGE_TOLERANCE)
+    return report
+
+
+def _end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """eos plus the chat template's end-of-turn token, so generation stops at the end of a reply."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+# ---------------------------------------------------------------------------- GGUF
+
+
+def _gguf(src: _Source, staging: Path, quantization: str, system: str | None, num_ctx: int | None, home: Path,
+          emit: Any) -> tuple[Path, dict[str, Any], str]:  # fmt: skip
+    """Merge (in a scratch folder), convert, verify with llama.cpp; write a Modelfile beside the file."""
+    from training import gguf
+    from training.ollama import modelfile
+
+    with tempfile.TemporaryDirectory(prefix=".merge-", dir=staging.parent) as scratch:
+        merged_dir = src.merged_dir or Path(scratch)
+        if src.merged_dir is None:
+            emit("export_progress", stage="merge")
+            merge(src, merged_dir, home)
+        file = staging / f"{_file_stem(src)}.{quantization}.gguf"
+        emit("export_progress", stage="convert" if quantization in gguf.DIRECT_QUANTIZATIONS else "quantize")
+        gguf.convert(merged_dir, file, quantization)
+        emit("export_progress", stage="verify")
+        verification = gguf.verify(file, merged_dir, quantization)
+        text = modelfile(Path(f"./{file.name}"), merged_dir, num_ctx=num_ctx, system=system)
+        atomic.write_text(staging / "Modelfile", text)
+        # The model card needs these, and the merged folder is gone after this block.
+        verification["base_model"] = _base_model_name(src)
+    return file, verification, text
+
+
+def _file_stem(src: _Source) -> str:
+    if src.run is not None:
+        return f"{(src.run.name or src.run.id).replace(' ', '-')}"
+    base = src.adapter_dir or src.merged_dir
+    assert base is not None
+    return base.name
+
+
+def _ollama_name(src: _Source) -> str:
+    return "backprop-" + _file_stem(src).lower()
+
+
+def _verified(result: ExportResult) -> bool | None:
+    return None if result.verification is None else bool(result.verification.get("ok"))
+
+
+# ---------------------------------------------------------------------------- model card
+
+
+def _base_model_name(src: _Source) -> str:
+    if src.run is not None and src.run.model:
+        return src.run.model
+    if src.adapter_dir is not None:
+        return json.loads((src.adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path", "?")
+    assert src.merged_dir is not None
+    return json.loads((src.merged_dir / "config.json").read_text()).get("_name_or_path") or src.merged_dir.name
+
+
+def write_model_card(folder: Path, src: _Source, fmt: str, quantization: str | None, verification: dict[str, Any] | None,
+                     gguf_file: str | None) -> None:  # fmt: skip
+    """README.md of an export: what it is, how it was trained, how well, and how to run it."""
+    run, base, name = src.run, _base_model_name(src), _file_stem(src)
+    rows = {"base model": f"`{base}`", "export format": fmt + (f" ({quantization})" if quantization else "")}
+    if run is not None:
+        rows["run"] = f"`{run.id}`" + (f" ({run.name})" if run.name else "")
+        rows["dataset"] = f"`{Path(run.dataset or '?').name}` (sha256 `{run.dataset_sha256 or '?'}`)"
+        rows.update({"steps": str(run.step), "final train loss": _fmt(run.final_loss), "eval loss": _fmt(run.eval_loss)})
+    if verification is not None:
+        rows["verification"] = ("passed" if verification.get("ok") else "FAILED") + " (see verification.json)"
+    lines = [f"# {name}", "", f"A LoRA fine-tune of `{base}` made with Backprop.", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows.items()]
+    if run is not None and run.params:
+        lines += ["", "## Hyperparameters", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(run.params.items()) if v is not None]
+    to_gguf = "For Ollama or llama.cpp: `backprop export <this folder> --format gguf --quantization q4_k_m`."
+    if gguf_file:
+        usage = f"""With [Ollama](https://ollama.com) (the Modelfile beside it has the chat template and stop tokens):
+
+```bash
+ollama create {_ollama_name(src)} -f Modelfile
+ollama run {_ollama_name(src)}
+```
+
+With llama.cpp:
+
+```bash
+llama-cli -m {gguf_file} -cnv
+```"""
+    elif fmt == "merged":
+        usage = f"""```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(".")
+tokenizer = AutoTokenizer.from_pretrained(".")
+```
+
+{to_gguf}"""
+    else:
+        usage = f"""```python
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained(".")
+```
+
+{to_gguf}"""
+    lines += ["", "## How to run it", "", usage, "", "Chat with it: `backprop chat <run id or this folder>`.", ""]
+    atomic.write_text(folder / "README.md", "\n".join(lines))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
