@@ -77,6 +77,10 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "a local folder with config.json, or 'demo'.",
     ),
     "INPUT_INVALID_ARGUMENT": ErrorSpec("{reason}", "{hint}"),
+    "INPUT_ADAPTER_MISMATCH": ErrorSpec(
+        "The LoRA adapters do not match: {reason}",
+        "Every run of a campaign must use the same base model, LoRA rank and target modules.",
+    ),
     "INPUT_OUTPUT_NOT_WRITABLE": ErrorSpec(
         "Cannot write to {path}: {reason}",
         "Choose another --output folder, or check its permissions and free space.",
