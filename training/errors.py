@@ -136,6 +136,11 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Check the internet connection (and HF_ENDPOINT, if set); the export is kept locally, push again later.",
         retryable=True,
     ),
+    "DEP_OLLAMA_REGISTRATION_FAILED": ErrorSpec(
+        "Could not register '{name}' with Ollama at {host}: {reason}",
+        "Start the Ollama server (`ollama serve` or the Ollama app) or set OLLAMA_HOST to a running one, then try again.",
+        retryable=True,
+    ),
     "DEP_MISSING": ErrorSpec(
         "{package} is not installed: {reason}",
         "Install it with: pip install {install}",
