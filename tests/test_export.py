@@ -205,3 +205,25 @@ def test_push_offline_fails_fast_with_a_clear_error(env, tmp_path):
     args = ("push", env[1], "--repo", "me/capitals", "--token-file", str(token_file))
     out = backprop(*args, env={"HF_HUB_OFFLINE": "0"}, timeout=60)
     assert out.returncode == 2 and "DEP_HUB_UNREACHABLE" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_export_with_ollama_registers_the_verified_gguf(env):
+    from test_ollama import FakeOllama
+
+    _, run_id = env
+    with FakeOllama() as ollama:
+        out = backprop("export", run_id, "--format", "gguf", "-q", "q8_0", "--ollama-name", "capitals", "--json",
+                       env={"OLLAMA_HOST": ollama.host}, check=True)  # fmt: skip
+    result = json.loads(out.stdout)
+    assert result["ollama"]["method"] == "api" and result["ollama"]["name"] == "capitals"
+    created = ollama.created[-1]
+    assert created["model"] == "capitals" and created["files"] == {"capitals.q8_0.gguf": result["ollama"]["digest"]}
+    assert "<|im_end|>" in created["parameters"]["stop"]
+    assert ollama.blobs[result["ollama"]["digest"]] == Path(result["file"]).read_bytes()
+
+
+def test_export_with_ollama_and_no_server_is_a_coded_error(env, tmp_path):
+    out = backprop("export", env[1], "--format", "gguf", "-q", "f16", "--ollama", "--output", str(tmp_path / "g"),
+                   env={"OLLAMA_HOST": "127.0.0.1:9", "PATH": str(tmp_path)})  # fmt: skip
+    assert out.returncode == 2 and "DEP_OLLAMA_REGISTRATION_FAILED" in out.stderr and "ollama serve" in out.stderr

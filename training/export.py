@@ -10,6 +10,7 @@ recorded in the registry and, for a run, announced in its events.jsonl.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -243,7 +244,7 @@ def _gguf(src: _Source, staging: Path, quantization: str, system: str | None, nu
           emit: Any) -> tuple[Path, dict[str, Any], str]:  # fmt: skip
     """Merge (in a scratch folder), convert, verify with llama.cpp; write a Modelfile beside the file."""
     from training import gguf
-    from training.ollama import modelfile
+    from training.ollama import modelfile_parts
 
     with tempfile.TemporaryDirectory(prefix=".merge-", dir=staging.parent) as scratch:
         merged_dir = src.merged_dir or Path(scratch)
@@ -255,7 +256,9 @@ def _gguf(src: _Source, staging: Path, quantization: str, system: str | None, nu
         gguf.convert(merged_dir, file, quantization)
         emit("export_progress", stage="verify")
         verification = gguf.verify(file, merged_dir, quantization)
-        text = modelfile(Path(f"./{file.name}"), merged_dir, num_ctx=num_ctx, system=system)
+        parts = modelfile_parts(file, merged_dir, num_ctx=num_ctx, system=system)
+        # FROM relative to the Modelfile, so the export folder can be moved or copied to another machine.
+        text = dataclasses.replace(parts, source=f"./{file.name}").text()
         atomic.write_text(staging / "Modelfile", text)
         # The model card needs these, and the merged folder is gone after this block.
         verification["base_model"] = _base_model_name(src)
