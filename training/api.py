@@ -53,6 +53,16 @@ class Trainer:
         return self.last_run
 
 
+    def export(self, format: str = "gguf", run_id: str | None = None, **options: Any):
+        """Export the last run (or `run_id`): `trainer.export("gguf", quantization="q4_k_m")`; see training.export."""
+        from training.export import export
+
+        source = run_id or (self.last_run.run_id if self.last_run else None)
+        if source is None:
+            raise BackpropError("INPUT_INVALID_ARGUMENT", reason="nothing to export yet", hint="Train first, or pass run_id=.")
+        return export(source, format, **options)
+
+
 def _wait(registry: Registry, run_id: str, on_event: EventSink | None, offset: int = 0) -> TrainResult:
     """Follow a job to its end; a failed job raises its coded error, like the CLI prints it."""
     losses: dict[int, float] = {}
