@@ -52,7 +52,6 @@ class Trainer:
         self.last_run = _wait(registry, run.id, on_event, offset)
         return self.last_run
 
-
     def export(self, format: str = "gguf", run_id: str | None = None, **options: Any):
         """Export the last run (or `run_id`): `trainer.export("gguf", quantization="q4_k_m")`; see training.export."""
         from training.export import export
