@@ -52,6 +52,29 @@ class Trainer:
         self.last_run = _wait(registry, run.id, on_event, offset)
         return self.last_run
 
+    def multi_run(
+        self,
+        dataset: str | Path | list[str | Path],
+        num_runs: int | None = None,
+        steps_per_run: int = 100,
+        samples_per_run: int | None = None,
+        merge_mode: str = "slao",
+        *,
+        on_event: EventSink | None = None,
+        **options: Any,
+    ) -> TrainResult:
+        """A continual-training campaign (like `backprop multi-run`); the result's adapter is the SLAO-merged one.
+
+        Campaign options: replay, lr_schedule, validation, early_stopping, name; the rest are training options."""
+        campaign_keys = ("replay", "lr_schedule", "validation", "early_stopping", "name", "fmt")
+        campaign = {k: options.pop(k) for k in campaign_keys if k in options}
+        settings = load_settings(**nest_options({**self.options, **options}))
+        datasets = [str(d) for d in dataset] if isinstance(dataset, list) else [str(dataset)]
+        run = jobs.submit_campaign(settings, datasets, num_runs=num_runs, steps_per_run=steps_per_run,
+                                   samples_per_run=samples_per_run, merge_mode=merge_mode, **campaign)  # fmt: skip
+        self.last_run = _wait(Registry(settings.home), run.id, on_event)
+        return self.last_run
+
     def export(self, format: str = "gguf", run_id: str | None = None, **options: Any):
         """Export the last run (or `run_id`): `trainer.export("gguf", quantization="q4_k_m")`; see training.export."""
         from training.export import export

@@ -105,6 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_flags(train)
     train.set_defaults(handler=cmd_train)
 
+    multi = sub.add_parser(
+        "multi-run", parents=[common], help="continual training: several runs, one LoRA adapter, SLAO merging",
+        description="One dataset cut into windows (--runs, --samples), or one dataset per run (several --data). "
+        "Between runs the adapter is merged with SLAO; after each run every task seen so far is evaluated.",
+    )  # fmt: skip
+    multi.add_argument("--model", "-m", help="as for train (default: config, else Qwen/Qwen2.5-0.5B-Instruct)")
+    multi.add_argument("--data", "-d", action="append", required=True, help="a dataset; repeat for one task per run")
+    multi.add_argument("--runs", type=int, help="runs over one dataset's windows")
+    multi.add_argument("--steps", type=int, default=100, help="steps per run (default 100)")
+    multi.add_argument("--samples", type=int, help="rows per run's window (default: the dataset split evenly)")
+    multi.add_argument("--merge-mode", choices=["slao", "sequential"], default="slao")
+    multi.add_argument("--replay", type=float, default=0.0, help="fraction of earlier tasks' rows replayed in each run")
+    multi.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="constant", help="across runs")
+    multi.add_argument("--lr", type=float, help="learning rate of the first run")
+    multi.add_argument("--validation", type=float, default=0.1, help="held-out fraction of every task (default 0.1)")
+    multi.add_argument("--early-stopping", action="store_true", help="end a run when its task's eval loss stops improving")
+    multi.add_argument("--seed", type=int)
+    multi.add_argument("--lora-r", type=int)
+    multi.add_argument("--format", choices=["sharegpt", "openai", "alpaca", "prompt_completion", "chatml", "text"])
+    multi.add_argument("--name")
+    multi.add_argument("--output", type=Path, help="also copy the merged adapter to this folder at the end")
+    add_governor_flags(multi)
+    add_job_flags(multi)
+    multi.set_defaults(handler=cmd_multi_run)
+
     run = sub.add_parser(
         "run", parents=[common], help="run ANY training script as a governed job",
         description="Run a training script under the governor: time box, admission, pause while hot, graceful stop. "
@@ -262,6 +287,68 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _follow_in_foreground(run.id, args)
 
 
+def cmd_multi_run(args: argparse.Namespace) -> int:
+    import shutil
+
+    from training import jobs
+    from training.config import load_settings, nest_options
+
+    options = {key: getattr(args, key) for key in ("model", "lr", "seed", "lora_r", *GOVERNOR_OPTIONS)}
+    settings = load_settings(**nest_options(options))
+    run = jobs.submit_campaign(settings, args.data, num_runs=args.runs, steps_per_run=args.steps,
+                               samples_per_run=args.samples, merge_mode=args.merge_mode, replay=args.replay,
+                               lr_schedule=args.lr_schedule, validation=args.validation, early_stopping=args.early_stopping,
+                               name=args.name, fmt=args.format)  # fmt: skip
+    code = _follow_in_foreground(run.id, args)
+    final = _registry().get(run.id)
+    if not args.detach and final.status == "completed":
+        if args.output:
+            shutil.copytree(final.path / "adapter", args.output, dirs_exist_ok=True)
+        if not args.json:
+            _print_campaign(final)
+    return code
+
+
+def _print_campaign(run) -> None:
+    from rich.console import Console
+
+    from training.multirun import forgetting_metrics
+
+    registry = _registry()
+    console = Console(highlight=False, soft_wrap=True)
+    matrix = registry.forgetting(run.id)
+    children = registry.children(run.id)
+    console.print(f"[bold]campaign {run.id}[/] {run.name or ''}  {_status_markup(run.status)}  "
+                  f"{run.params.get('merge_mode')}, {len(children)}/{run.params.get('runs')} runs")  # fmt: skip
+    for i, child in enumerate(children, 1):
+        loss = f"{child.final_loss:.4f}" if child.final_loss is not None else "-"
+        steps = f"{child.step}/{child.max_steps or '?'}"
+        console.print(f"  run {i}: {child.id} {_status_markup(child.status)} step {steps} loss {loss}")
+    events, _ = read_events_of(run)
+    merges = [e for e in events if e["event"] == "merge"]
+    if merges:
+        console.print("merges:  run  lambda   |A| before -> after   |B| before -> after")
+        for m in merges:
+            console.print(f"         {m['run']:3}  {m['lam']:.3f}   {m['a_norm_before']:8.3f} -> {m['a_norm_after']:8.3f}"
+                          f"   {m['b_norm_before']:8.3f} -> {m['b_norm_after']:8.3f}")  # fmt: skip
+    if matrix:
+        console.print("forgetting matrix (eval loss; row: after run i, column: task j)")
+        console.print("          " + "".join(f"task {j + 1:<4}" for j in range(len(matrix[0]))))
+        for i, row in enumerate(matrix, 1):
+            console.print(f"  run {i:<3} " + "".join(f"{v:9.4f}" if v is not None else "        -" for v in row))
+        metrics = forgetting_metrics(matrix)
+        console.print(f"BWT {metrics['bwt']:+.4f} (on loss: above 0 means forgetting)   "
+                      f"average loss {metrics['average_loss']:.4f}")  # fmt: skip
+    if (run.path / "adapter").exists():
+        console.print(f"merged adapter: {run.path / 'adapter'}")
+
+
+def read_events_of(run):
+    from training.events import read_events
+
+    return read_events(run.path / "events.jsonl")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from training import jobs
     from training.config import load_settings, nest_options
@@ -392,7 +479,10 @@ class _TrainingProgress:
         elif kind == "started":
             self.progress.start_task(self.task)
             self.progress.update(self.task, total=event.get("max_steps"), completed=event.get("resumed_from") or 0)
-            if "model" in event:
+            if event.get("campaign"):
+                self.say(f"campaign: {event['runs']} runs, {event['merge_mode']} merging"
+                         + (f", continuing after run {event['resumed_from']}" if event.get("resumed_from") else ""))  # fmt: skip
+            elif "model" in event:
                 self.say(f"training {event['model']} on {event['examples']} examples ({event['device']})")
             else:
                 self.say(f"started: {' '.join(event.get('command', []))}")
@@ -406,7 +496,13 @@ class _TrainingProgress:
                 fields["total"] = event["max_steps"]
             self.progress.update(self.task, **fields)
         elif kind == "eval":
-            self.say(f"step {event['step']}: eval loss {event['eval_loss']:.4f}")
+            where = f"run {event['run']} step {event['run_step']}" if "run" in event else f"step {event['step']}"
+            self.say(f"{where}: eval loss {event['eval_loss']:.4f}")
+        elif kind == "run_started":
+            self.say(f"[bold]run {event['run']}/{event['runs']}[/] ({event['task']})")
+        elif kind == "merge":
+            losses = " ".join(f"{v:.3f}" for v in event["eval_losses"])
+            self.say(f"merged run {event['run']} (lambda {event['lam']:.3f}); eval loss per task: {losses}")
         elif kind == "checkpoint_saved":
             self.say(f"[dim]checkpoint at step {event.get('step')}[/]")
         elif kind == "paused":
@@ -513,6 +609,9 @@ def cmd_show_run(args: argparse.Namespace) -> int:
 
     registry = _registry()
     run = registry.get(args.run_id)
+    if run.kind == "multirun" and not args.json:
+        _print_campaign(run)
+        return 0
     events, _ = read_events(run.path / "events.jsonl")
     steps: dict[int, float] = {}
     for e in events:
@@ -522,7 +621,14 @@ def cmd_show_run(args: argparse.Namespace) -> int:
     checkpoints = [{"step": c.step, "path": c.path} for c in registry.checkpoints(run.id)]
     losses = [steps[s] for s in sorted(steps)]
     if args.json:
-        print(json.dumps({**run.to_dict(), "losses": losses, "evals": evals, "checkpoints": checkpoints}, default=str))
+        details = {**run.to_dict(), "losses": losses, "evals": evals, "checkpoints": checkpoints}
+        if run.kind == "multirun":
+            from training.multirun import forgetting_metrics
+
+            matrix = registry.forgetting(run.id)
+            details.update(forgetting=matrix, **forgetting_metrics(matrix), children=[c.id for c in registry.children(run.id)],
+                           merges=[e for e in events if e["event"] == "merge"])  # fmt: skip
+        print(json.dumps(details, default=str))
         return 0
     from rich.console import Console
 

@@ -45,6 +45,7 @@ class TrainingSettings(BaseModel):
     response_only: bool = True
     validation_split: float = Field(0.0, ge=0, lt=1)
     eval_every: int = Field(0, ge=0, description="steps between evals; 0: only at the end")
+    early_stopping_patience: int = Field(0, ge=0, description="stop after this many evals without improvement; 0: off")
     save_every: int = Field(50, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     qlora: bool = False

@@ -42,6 +42,14 @@ def submit_train(
     return start(registry, new_train_run(registry, settings, data, fmt=fmt, skip_invalid=skip_invalid, name=name))
 
 
+def submit_campaign(settings: Settings, datasets: list[str], **options: Any) -> RunRecord:
+    """Register a multi-run campaign (see training/multirun.py for the options) and start its worker."""
+    from training.multirun import new_campaign
+
+    registry = Registry(settings.home)
+    return start(registry, new_campaign(registry, settings, datasets, **options))
+
+
 def submit_script(
     settings: Settings,
     script: str,

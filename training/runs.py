@@ -67,6 +67,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created_at REAL NOT NULL,
     PRIMARY KEY (run_id, step)
 );
+CREATE TABLE IF NOT EXISTS forgetting (
+    campaign_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    after_run INTEGER NOT NULL,
+    task INTEGER NOT NULL,
+    eval_loss REAL NOT NULL,
+    PRIMARY KEY (campaign_id, after_run, task)
+);
 CREATE TABLE IF NOT EXISTS exports (
     id TEXT PRIMARY KEY,
     run_id TEXT,
@@ -295,6 +302,35 @@ class Registry:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step", (run_id,)).fetchall()
         return [Checkpoint(**dict(r)) for r in rows]
+
+    # ------------------------------------------------------------ multi-run campaigns
+
+    def record_forgetting(self, campaign_id: str, after_run: int, eval_losses: list[float | None]) -> None:
+        """One row of a campaign's forgetting matrix: eval loss on each task seen so far, after run `after_run`."""
+        with self._write() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO forgetting (campaign_id, after_run, task, eval_loss) VALUES (?, ?, ?, ?)",
+                [(campaign_id, after_run, task, loss) for task, loss in enumerate(eval_losses, 1) if loss is not None],
+            )
+
+    def forgetting(self, campaign_id: str) -> list[list[float | None]]:
+        """The forgetting matrix: row i after run i+1, column j for task j+1 (None where not yet seen)."""
+        with self._connect() as db:
+            query = "SELECT after_run, task, eval_loss FROM forgetting WHERE campaign_id = ?"
+            rows = db.execute(query, (campaign_id,)).fetchall()
+        if not rows:
+            return []
+        size = max(max(r["after_run"], r["task"]) for r in rows)
+        runs = max(r["after_run"] for r in rows)
+        matrix: list[list[float | None]] = [[None] * size for _ in range(runs)]
+        for r in rows:
+            matrix[r["after_run"] - 1][r["task"] - 1] = r["eval_loss"]
+        return matrix
+
+    def children(self, parent_id: str) -> list[RunRecord]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM runs WHERE parent_id = ? ORDER BY created_at", (parent_id,)).fetchall()
+        return [self._refresh(self._record(r)) for r in rows]
 
     # ------------------------------------------------------------ exports
 

@@ -112,10 +112,17 @@ class _Loop:
                              skipped=[e.describe(dataset.report.path) for e in dataset.report.errors[:50]])  # fmt: skip
         self.registry.update(self.run_record.id, dataset_sha256=dataset.sha256)
         train_examples, val_examples = split(dataset.examples, t.validation_split, t.seed)
+        if self.spec.get("validation_data"):  # a held-out set given with the run (multi-run campaigns do this)
+            val_examples = load_dataset(self.spec["validation_data"], self.spec.get("format")).examples
 
         source = resolve_model(self.settings.model, self.settings.home)
         self.tokenizer = load_tokenizer(source)
         self.model = self._load_lora_model(source)
+        if self.spec.get("init_adapter"):  # start from given LoRA weights (a checkpoint, if any, still wins below)
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.model, load_file(self.spec["init_adapter"]))
         encoder = ChatEncoder(self.tokenizer, t.max_seq_length, t.response_only)
         train_encoded = [encoder(e) for e in train_examples]
         self.val_encoded = [encoder(e) for e in val_examples]
@@ -284,10 +291,21 @@ class _Loop:
                 self.registry.update(run_id, step=state.step, loss=loss, heartbeat=now)
                 last_registry_write = now
             if t.eval_every and state.step % t.eval_every == 0 and state.step < self.max_steps:
-                self._evaluate(state.step)
+                if self._no_longer_improving(self._evaluate(state.step)):
+                    self.events.emit("log", level="info", message=f"early stopping at step {state.step}: eval loss has not "
+                                     f"improved for {t.early_stopping_patience} evaluations")  # fmt: skip
+                    break
             if t.save_every and state.step % t.save_every == 0 and state.step < self.max_steps:
                 self._checkpoint(state)
         return self._finish(state, status)
+
+    def _no_longer_improving(self, eval_loss: float | None) -> bool:
+        patience = self.t.early_stopping_patience
+        if not patience or eval_loss is None:
+            return False
+        self.evals = [*getattr(self, "evals", []), eval_loss]
+        best_at = self.evals.index(min(self.evals))
+        return len(self.evals) - 1 - best_at >= patience
 
     def _hold(self, state: TrainerState) -> None:
         """Paused by the governor (GPU too hot): wait at this step boundary until released."""
@@ -327,40 +345,15 @@ class _Loop:
                 )
 
     def _loss(self, batch) -> Any:
-        """Summed cross-entropy over the tokens that carry loss; logits only where they are needed."""
-        import torch.nn.functional as F
-
-        device = self.device
-        base = self.model.get_base_model()
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
-        hidden = decoder(
-            input_ids=batch.input_ids.to(device),
-            position_ids=None if batch.position_ids is None else batch.position_ids.to(device),
-            attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(device),
-            use_cache=False,
-        ).last_hidden_state
-        labels = batch.labels.to(device)[:, 1:]
-        keep = labels != -100
-        logits = head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        return target_loss(self.model, batch, self.device)
 
     def _evaluate(self, step: int) -> float | None:
-        import torch
-
         if not self.val_encoded:
             return None
-        plan = BatchPlan(
-            self.val_encoded, self.plan.batch_size, self.t.max_seq_length, self.t.packing, 0, self.tokenizer.pad_token_id
-        )
         self.model.eval()
-        total = targets = 0.0
-        with torch.no_grad():
-            for rows in plan.epoch(0):
-                batch = collate(rows, self.tokenizer.pad_token_id, self.t.packing)
-                total += float(self._loss(batch))
-                targets += batch.target_tokens
+        eval_loss = mean_loss(self.model, self.val_encoded, self.plan.batch_size, self.t.max_seq_length, self.t.packing,
+                              self.tokenizer.pad_token_id, self.device)  # fmt: skip
         self.model.train()
-        eval_loss = total / max(1, targets)
         self.events.emit("eval", step=step, eval_loss=round(eval_loss, 5))
         self.registry.update(self.run_record.id, eval_loss=eval_loss)
         return eval_loss
@@ -402,6 +395,38 @@ class _Loop:
         if status == "failed" and self.control.stop_code:
             _fail(self.run_record, self.registry, self.events, self.control.stop_code, self.control.stop_message)
         return TrainResult(run_id, status, state.step, state.loss, eval_loss, adapter, run_dir, self.losses)
+
+
+def target_loss(model: Any, batch: Batch, device: str) -> Any:
+    """Summed cross-entropy over the tokens that carry loss; logits only where they are needed."""
+    import torch.nn.functional as F
+
+    base = model.get_base_model()
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    hidden = decoder(
+        input_ids=batch.input_ids.to(device),
+        position_ids=None if batch.position_ids is None else batch.position_ids.to(device),
+        attention_mask=None if batch.attention_mask is None else batch.attention_mask.to(device),
+        use_cache=False,
+    ).last_hidden_state
+    labels = batch.labels.to(device)[:, 1:]
+    keep = labels != -100
+    logits = head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+
+
+def mean_loss(model: Any, encoded: list, batch_size: int, max_len: int, packing: bool, pad_id: int, device: str) -> float:
+    """Loss per target token over a set of encoded examples, in a fixed order (no gradients)."""
+    import torch
+
+    plan = BatchPlan(encoded, batch_size, max_len, packing, 0, pad_id)
+    total = targets = 0.0
+    with torch.no_grad():
+        for rows in plan.epoch(0):
+            batch = collate(rows, pad_id, packing)
+            total += float(target_loss(model, batch, device))
+            targets += batch.target_tokens
+    return total / max(1, targets)
 
 
 def _split(batch, parts: int) -> list:
@@ -449,8 +474,12 @@ def new_train_run(
     fmt: str | None = None,
     skip_invalid: bool = False,
     name: str | None = None,
+    parent_id: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> RunRecord:
-    """Register a training run: its spec holds every setting, so resume needs nothing else."""
+    """Register a training run: its spec holds every setting, so resume needs nothing else.
+
+    `extra` adds spec keys: `validation_data` (a held-out file), `init_adapter` (LoRA weights to start from)."""
     from training.models import apply_model_defaults
 
     settings = apply_model_defaults(settings)
@@ -461,5 +490,6 @@ def new_train_run(
         "batch_size_given": "batch_size" in settings.training.model_fields_set,
         "settings": settings.model_dump(mode="json", exclude={"home", "ui"}),
         "params": {"model": settings.model, **settings.lora.model_dump(), **settings.training.model_dump()},
+        **(extra or {}),
     }
-    return registry.create("train", spec, model=settings.model, dataset=spec["data"], name=name)
+    return registry.create("train", spec, model=settings.model, dataset=spec["data"], name=name, parent_id=parent_id)
