@@ -227,3 +227,52 @@ def test_export_with_ollama_and_no_server_is_a_coded_error(env, tmp_path):
     out = backprop("export", env[1], "--format", "gguf", "-q", "f16", "--ollama", "--output", str(tmp_path / "g"),
                    env={"OLLAMA_HOST": "127.0.0.1:9", "PATH": str(tmp_path)})  # fmt: skip
     assert out.returncode == 2 and "DEP_OLLAMA_REGISTRATION_FAILED" in out.stderr and "ollama serve" in out.stderr
+
+
+class _NotFound(_Unauthorized):
+    """A stand-in hub that knows no repository."""
+
+    def _refuse(self) -> None:
+        body = json.dumps({"error": "Repository Not Found"}).encode()
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_HEAD = _refuse
+
+
+def test_push_to_a_repository_that_does_not_exist_says_so(env):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        hub = {"HF_TOKEN": "hf_" + "z" * 30, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HUB_OFFLINE": "0"}
+        out = backprop("push", env[1], "--repo", "someone-else/capitals", env=hub)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 1 and "INPUT_HUB_REPO_NOT_FOUND" in out.stderr and "someone-else/capitals" in out.stderr
+
+
+def test_the_library_exports_the_last_run(env, tmp_path):
+    from training import Trainer
+
+    result = Trainer().export("lora", run_id=env[1], output=tmp_path / "from-python")
+    assert (tmp_path / "from-python" / "adapter_model.safetensors").exists() and result.format == "lora"
+
+
+@pytest.mark.slow
+def test_chat_keeps_a_conversation_in_the_terminal(env):
+    import subprocess
+    import sys
+
+    chat = subprocess.run(
+        [sys.executable, "-m", "training.cli", "chat", env[1]],
+        input="What is the capital of France?\n/reset\nWhat is the capital of Japan?\n", capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    assert "The capital of France is Paris." in chat.stdout and "The capital of Japan is Tokyo." in chat.stdout
