@@ -225,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
         chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
         chat.set_defaults(handler=cmd_chat if name == "chat" else cmd_generate)
 
+    ui = sub.add_parser("ui", parents=[common], help="the web app: train, watch, export and chat in a browser",
+                        description="Serves the production build on one port and opens the browser.")  # fmt: skip
+    ui.add_argument("--port", type=int, help="default 7862 (ui.port)")
+    ui.add_argument("--host", help="default 127.0.0.1 (ui.host)")
+    ui.add_argument("--dev", action="store_true", help="hot reload, for developing the app")
+    ui.add_argument("--no-browser", action="store_true")
+    ui.set_defaults(handler=cmd_ui)
+
     info = sub.add_parser("info", parents=[common], help="versions, CUDA and GPUs, installed extras, model presets")
     info.add_argument("--json", action="store_true")
     info.set_defaults(handler=cmd_info)
@@ -787,6 +795,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from app.launch import serve  # the one place the engine's command line reaches into the web app
+
+    return serve(args.host, args.port, dev=args.dev, open_browser=not args.no_browser)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

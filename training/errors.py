@@ -77,6 +77,19 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "a local folder with config.json, or 'demo'.",
     ),
     "INPUT_INVALID_ARGUMENT": ErrorSpec("{reason}", "{hint}"),
+    # The web app.
+    "UI_OUTPUT_DIR_FORBIDDEN": ErrorSpec(
+        "The web app's output folder {path} is not allowed: {reason}",
+        "Set BACKPROPAGATE_UI__OUTPUT_DIR to a folder of its own, e.g. ~/.backpropagate/ui-outputs.",
+    ),
+    "UI_PATH_OUTSIDE_SANDBOX": ErrorSpec(
+        "'{path}' is outside the web app's folder {root}",
+        "Pick a file inside the app's folder, or upload it on the Dataset page.",
+    ),
+    "UI_UPLOAD_REJECTED": ErrorSpec(
+        "Upload '{name}' refused: {reason}",
+        "Datasets are .jsonl, .json, .csv, .parquet, .txt or .md files up to the size limit (ui.max_upload_mb).",
+    ),
     "INPUT_ADAPTER_MISMATCH": ErrorSpec(
         "The LoRA adapters do not match: {reason}",
         "Every run of a campaign must use the same base model, LoRA rank and target modules.",

@@ -33,13 +33,20 @@ _children: list[subprocess.Popen] = []  # workers this process started, reaped a
 
 
 def submit_train(
-    settings: Settings, data: str, *, fmt: str | None = None, skip_invalid: bool = False, name: str | None = None
+    settings: Settings,
+    data: str,
+    *,
+    fmt: str | None = None,
+    skip_invalid: bool = False,
+    name: str | None = None,
+    runs_root: Path | None = None,
 ) -> RunRecord:
-    """Register a training run and start its worker."""
+    """Register a training run and start its worker (its folder under `runs_root`, default HOME/runs)."""
     from training.trainer import new_train_run
 
     registry = Registry(settings.home)
-    return start(registry, new_train_run(registry, settings, data, fmt=fmt, skip_invalid=skip_invalid, name=name))
+    run = new_train_run(registry, settings, data, fmt=fmt, skip_invalid=skip_invalid, name=name, runs_root=runs_root)
+    return start(registry, run)
 
 
 def submit_campaign(settings: Settings, datasets: list[str], **options: Any) -> RunRecord:

@@ -136,7 +136,7 @@ def run_campaign(run: RunRecord, registry: Registry, control: Control, events: E
     from training.trainer import new_train_run, run_training
 
     spec = json.loads((run.path / "spec.json").read_text())
-    settings = load_settings(**spec["settings"])
+    settings = load_settings(**spec["settings"], home=spec.get("home"))
     state_dir = run.path / "state"
     state = _load_state(state_dir)
     tasks = plan_tasks(spec)

@@ -192,7 +192,9 @@ class Registry:
         name: str | None = None,
         parent_id: str | None = None,
         run_id: str | None = None,
+        runs_root: Path | None = None,
     ) -> RunRecord:
+        """A new queued run; its folder is `<runs_root or home/runs>/<id>` (the web app keeps its runs in its sandbox)."""
         if run_id is not None and not RUN_ID_PATTERN.fullmatch(run_id):
             raise BackpropError(
                 "INPUT_INVALID_ARGUMENT",
@@ -201,13 +203,13 @@ class Registry:
             )
         run_id = run_id or uuid.uuid4().hex[:12]
         now = time.time()
-        run_dir = self.home / "runs" / run_id
+        run_dir = Path(runs_root or self.home / "runs") / run_id
         try:
             run_dir.mkdir(parents=True)
         except FileExistsError:
             raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"run id {run_id!r} is taken",
                                 hint="Choose another --run-id, or resume that run.") from None  # fmt: skip
-        atomic.write_json(run_dir / "spec.json", {"id": run_id, "kind": kind, **spec})
+        atomic.write_json(run_dir / "spec.json", {"id": run_id, "kind": kind, "home": str(self.home), **spec})
         with self._write() as db:
             db.execute(
                 "INSERT INTO runs (id, name, kind, status, created_at, queued_at, model, dataset, params, run_dir, parent_id)"

@@ -57,7 +57,7 @@ def run_training(
     """Train one registered run in this process (the worker calls this; so can a notebook)."""
     control = control or Control()
     spec = json.loads((run.path / "spec.json").read_text())
-    settings = load_settings(**spec["settings"])
+    settings = load_settings(**spec["settings"], home=spec.get("home"))
     own_writer = events is None
     events = events or EventWriter(run.path / "events.jsonl", also=on_event)
     registry.update(run.id, status="running", pid=os.getpid(), heartbeat=time.time(), started_at=run.started_at or time.time())
@@ -476,6 +476,7 @@ def new_train_run(
     name: str | None = None,
     parent_id: str | None = None,
     extra: dict[str, Any] | None = None,
+    runs_root: Path | None = None,
 ) -> RunRecord:
     """Register a training run: its spec holds every setting, so resume needs nothing else.
 
@@ -492,4 +493,5 @@ def new_train_run(
         "params": {"model": settings.model, **settings.lora.model_dump(), **settings.training.model_dump()},
         **(extra or {}),
     }
-    return registry.create("train", spec, model=settings.model, dataset=spec["data"], name=name, parent_id=parent_id)
+    return registry.create("train", spec, model=settings.model, dataset=spec["data"], name=name, parent_id=parent_id,
+                           runs_root=runs_root)  # fmt: skip

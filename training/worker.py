@@ -29,10 +29,10 @@ EXIT_BY_STATUS = {"completed": 0, "stopped": 130, "timeboxed": 3, "failed": 2}
 
 def main(argv: list[str] | None = None) -> int:
     run_dir = Path((argv or sys.argv[1:])[0]).resolve()
-    registry = Registry(run_dir.parent.parent)
     spec = json.loads((run_dir / "spec.json").read_text())
+    registry = Registry(Path(spec.get("home") or run_dir.parent.parent))
     run = registry.get(spec["id"])
-    settings = load_settings(**spec.get("settings", {}))
+    settings = load_settings(**spec.get("settings", {}), home=spec.get("home"))
     control = Control()
     signal.signal(signal.SIGTERM, lambda *_: control.request_stop())
     signal.signal(signal.SIGINT, lambda *_: control.request_stop())

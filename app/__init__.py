@@ -1,0 +1,1 @@
+"""Backprop's web app (Reflex): thin pages over the engine in `training/`."""

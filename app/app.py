@@ -1,0 +1,15 @@
+"""Backprop's web app: the pages, their routes, and what loads when a page opens."""
+
+from __future__ import annotations
+
+import reflex as rx
+
+from app.pages.runs import run_detail_page, runs_page
+from app.pages.train import train_page
+from app.state.runs import RunDetailState, RunsState
+from app.state.train import TrainState
+
+app = rx.App(head_components=[rx.el.link(rel="icon", href="/favicon.svg", type="image/svg+xml")])
+app.add_page(run_detail_page, route="/runs/[run_id]", title="Run · Backprop", on_load=RunDetailState.load)
+app.add_page(train_page, route="/", title="Train · Backprop", on_load=TrainState.reattach)
+app.add_page(runs_page, route="/runs", title="Runs · Backprop", on_load=RunsState.load)

@@ -1,0 +1,1 @@
+"""Layout only: each page arranges components bound to its state."""

@@ -1,0 +1,72 @@
+"""Runs: every run in the registry with a status filter and search; a run's page with its curve and actions."""
+
+from __future__ import annotations
+
+import reflex as rx
+
+from app.components.charts import loss_chart, status_pill
+from app.components.layout import page
+from app.state.runs import RunDetailState, RunsState
+
+STATUSES = ["all", "queued", "running", "paused", "completed", "failed", "stopped", "timeboxed", "interrupted"]
+
+
+def runs_page() -> rx.Component:
+    columns = ["id", "name", "kind", "status", "model", "dataset", "step", "loss", "created"]
+    return page(
+        "Runs",
+        rx.hstack(
+            rx.select(STATUSES, value=RunsState.status_filter, on_change=RunsState.set_status_filter, id="status-filter"),
+            rx.input(placeholder="search", value=RunsState.search, on_change=RunsState.set_search, id="run-search"),
+            rx.button("Refresh", on_click=RunsState.load, variant="soft"),
+        ),
+        rx.cond(
+            RunsState.runs.length() > 0,
+            rx.table.root(
+                rx.table.header(rx.table.row(*[rx.table.column_header_cell(c) for c in columns])),
+                rx.table.body(
+                    rx.foreach(RunsState.runs, lambda r: rx.table.row(
+                        rx.table.cell(rx.link(r["id"], href="/runs/" + r["id"])),
+                        *[rx.table.cell(status_pill(r["status"]) if c == "status" else r[c]) for c in columns[1:]],
+                    )),
+                ),
+                width="100%", id="runs-table",
+            ),
+            rx.text("No runs yet. Start one on the Train page, or with `backprop train --model demo`.", color_scheme="gray"),
+        ),
+    )  # fmt: skip
+
+
+def run_detail_page() -> rx.Component:
+    info = RunDetailState.info
+    return page(
+        "Run",
+        rx.cond(
+            RunDetailState.found,
+            rx.vstack(
+                rx.hstack(rx.heading(info["id"], size="4"), rx.text(info["name"]), status_pill(info["status"]),
+                          rx.text(info["step"], " steps"), align="center"),
+                rx.text(info["model"], " · ", info["dataset"], color_scheme="gray", size="2"),
+                rx.cond(info["reason"] != "", rx.text(info["reason"], color_scheme="purple")),
+                rx.cond(info["error"] != "", rx.callout(info["error"], color_scheme="red")),
+                rx.hstack(
+                    rx.button("Stop", on_click=RunDetailState.stop, variant="soft", color_scheme="red"),
+                    rx.button("Resume", on_click=RunDetailState.resume, variant="soft"),
+                    rx.button("Refresh", on_click=RunDetailState.load, variant="soft"),
+                ),
+                rx.cond(RunDetailState.error != "", rx.text(RunDetailState.error, color_scheme="red")),
+                loss_chart(RunDetailState.loss),
+                rx.heading("Parameters", size="3"),
+                rx.grid(rx.foreach(RunDetailState.params, lambda p: rx.text(p[0], ": ", p[1], size="1")), columns="3",
+                        width="100%"),
+                rx.heading("Checkpoints", size="3"),
+                rx.foreach(RunDetailState.checkpoints, lambda c: rx.text(c, size="1", font_family="monospace")),
+                rx.heading("Exports", size="3"),
+                rx.foreach(RunDetailState.exports, lambda e: rx.text(e, size="1", font_family="monospace")),
+                rx.heading("Log", size="3"),
+                rx.foreach(RunDetailState.log, lambda line: rx.text(line, size="1", font_family="monospace")),
+                width="100%", align="start",
+            ),
+            rx.text(RunDetailState.error, color_scheme="red"),
+        ),
+    )  # fmt: skip

@@ -1,0 +1,95 @@
+"""Train: model, dataset and the main settings; Start and Stop; live status, progress, loss chart and event log."""
+
+from __future__ import annotations
+
+import reflex as rx
+
+from app.components.charts import loss_chart, status_pill
+from app.components.layout import page
+from app.state.train import TrainState
+
+
+def field(label: str, name: str, value: rx.Var, placeholder: str = "", width: str = "160px") -> rx.Component:
+    return rx.vstack(
+        rx.text(label, size="1", weight="medium"),
+        rx.input(value=value, placeholder=placeholder, on_change=lambda v: TrainState.set_field(name, v), id=f"field-{name}",
+                 width=width),
+        spacing="1",
+    )  # fmt: skip
+
+
+def form() -> rx.Component:
+    return rx.card(
+        rx.vstack(
+            rx.hstack(
+                field("Model", "model", TrainState.model, "demo, a preset, a hub id or a folder", width="280px"),
+                field("Dataset", "dataset", TrainState.dataset, "a .jsonl/.json/.csv/.parquet/.txt file", width="420px"),
+                wrap="wrap",
+            ),
+            rx.hstack(
+                field("Steps", "steps", TrainState.steps, "model default"),
+                field("Learning rate", "learning_rate", TrainState.learning_rate, "model default"),
+                field("Batch size", "batch_size", TrainState.batch_size, "model default"),
+                field("Time box (minutes)", "max_run_minutes", TrainState.max_run_minutes, "0: none"),
+                wrap="wrap",
+            ),
+            rx.accordion.root(
+                rx.accordion.item(
+                    header="Advanced",
+                    content=rx.hstack(
+                        field("LoRA rank", "lora_r", TrainState.lora_r),
+                        rx.checkbox("Packing", checked=TrainState.packing,
+                                    on_change=lambda v: TrainState.set_field("packing", v)),
+                        rx.checkbox("Loss on replies only", checked=TrainState.response_only,
+                                    on_change=lambda v: TrainState.set_field("response_only", v)),
+                        align="end", wrap="wrap",
+                    ),
+                ),
+                collapsible=True, type="single", variant="ghost", width="100%",
+            ),
+            rx.hstack(
+                rx.button("Start training", on_click=TrainState.start, disabled=TrainState.running, id="start"),
+                rx.button("Stop", on_click=TrainState.stop, disabled=~TrainState.running, color_scheme="red", variant="soft",
+                          id="stop"),
+            ),
+            rx.cond(TrainState.error != "",
+                    rx.callout(rx.vstack(rx.text(TrainState.error, weight="bold"), rx.text(TrainState.hint, size="1")),
+                               color_scheme="red", id="train-error")),
+            spacing="3", width="100%",
+        ),
+        width="100%",
+    )  # fmt: skip
+
+
+def progress() -> rx.Component:
+    return rx.cond(
+        TrainState.run_id != "",
+        rx.card(
+            rx.vstack(
+                rx.hstack(
+                    rx.text("Run ", rx.link(TrainState.run_id, href="/runs/" + TrainState.run_id), weight="medium"),
+                    status_pill(TrainState.status, id="status-pill"),
+                    rx.text(TrainState.step, " / ", TrainState.max_steps, " steps", id="step-count"),
+                    rx.text(TrainState.tokens_per_s, color_scheme="gray"),
+                    rx.text(TrainState.eta, color_scheme="gray"),
+                    align="center", wrap="wrap",
+                ),
+                rx.progress(value=TrainState.percent, width="100%"),
+                loss_chart(TrainState.loss),
+                rx.cond(TrainState.adapter != "", rx.text("Adapter saved: ", rx.code(TrainState.adapter), size="2")),
+                rx.scroll_area(
+                    rx.vstack(rx.foreach(TrainState.log, lambda line: rx.text(line, size="1", font_family="monospace")),
+                              spacing="0"),
+                    type="auto", scrollbars="vertical", style={"height": "160px"}, id="event-log",
+                ),
+                width="100%",
+            ),
+            width="100%",
+        ),
+        rx.text("Nothing is training. Pick a model and a dataset (the demo ones are filled in) and press Start training.",
+                color_scheme="gray"),
+    )  # fmt: skip
+
+
+def train_page() -> rx.Component:
+    return page("Train", form(), progress())

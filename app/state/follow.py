@@ -1,0 +1,84 @@
+"""Following a run's events from the web app: a run's progress as plain data for the charts and the event log."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.events import read_events
+
+MAX_POINTS = 400  # chart points kept per series; older points are thinned, not dropped
+LOG_LINES = 60
+
+
+@dataclass
+class Progress:
+    """What a page shows of one run, updated from its events.jsonl (any offset, as often as wanted)."""
+
+    path: Path
+    offset: int = 0
+    status: str = "queued"
+    step: int = 0
+    max_steps: int = 0
+    loss: list[dict] = field(default_factory=list)  # {"step", "loss"} and {"step", "eval_loss"} points
+    tokens_per_s: float = 0.0
+    started: float | None = None
+    log: list[str] = field(default_factory=list)
+    error: str = ""
+    hint: str = ""
+    adapter: str = ""
+
+    def read(self) -> bool:
+        """Take in the events written since the last call; True if anything changed."""
+        events, self.offset = read_events(self.path, self.offset)
+        for event in events:
+            self._apply(event)
+        return bool(events)
+
+    def _apply(self, e: dict[str, Any]) -> None:
+        kind = e["event"]
+        if kind == "started":
+            self.started = self.started or e["t"]
+            self.max_steps = e.get("max_steps") or self.max_steps
+            self.status = "running"
+            self._say(e, f"started on {e.get('device', '?')}: {e.get('examples', '?')} examples, {self.max_steps} steps")
+        elif kind == "step":
+            self.step, self.max_steps = e["step"], e.get("max_steps") or self.max_steps
+            self.tokens_per_s = e.get("tokens_per_s", 0.0)
+            self.loss = _thin([*self.loss, {"step": e["step"], "loss": e["loss"]}])
+        elif kind == "eval":
+            self.loss = _thin([*self.loss, {"step": e["step"], "eval_loss": e["eval_loss"]}])
+            self._say(e, f"step {e['step']}: eval loss {e['eval_loss']:.4f}")
+        elif kind in ("queued", "paused", "resumed"):
+            self.status = {"queued": "queued", "paused": "paused", "resumed": "running"}[kind]
+            self._say(e, f"{kind}: {e.get('reason', '')}")
+        elif kind == "checkpoint_saved":
+            self._say(e, f"checkpoint at step {e.get('step')}")
+        elif kind == "completed":
+            self.status, self.adapter = "completed", e.get("adapter") or ""
+            self._say(e, "completed")
+        elif kind == "failed":
+            self.status, self.error, self.hint = "failed", f"[{e.get('code')}] {e.get('message')}", e.get("hint") or ""
+            self._say(e, self.error)
+        elif kind == "log" and e.get("level") in ("warning", "error", "info") and "samples" not in e:
+            self._say(e, e["message"])
+
+    def _say(self, e: dict[str, Any], text: str) -> None:
+        self.log = [*self.log, f"{time.strftime('%H:%M:%S', time.localtime(e['t']))}  {text}"][-LOG_LINES:]
+
+    @property
+    def eta(self) -> str:
+        if not self.started or not self.step or not self.max_steps or self.status != "running":
+            return ""
+        left = (time.time() - self.started) / self.step * (self.max_steps - self.step)
+        return f"{int(left // 60)}:{int(left % 60):02d} left"
+
+
+def _thin(points: list[dict]) -> list[dict]:
+    """Keep at most MAX_POINTS: when over, drop every other point of the older half (the recent curve stays exact)."""
+    if len(points) <= MAX_POINTS:
+        return points
+    half = len(points) // 2
+    return points[:half:2] + points[half:]

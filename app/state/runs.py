@@ -1,0 +1,96 @@
+"""The Runs page and a run's detail page: every run in the registry, from the browser or the command line."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import reflex as rx
+
+from app.state.follow import Progress
+from training import jobs
+from training.config import load_settings
+from training.errors import BackpropError
+from training.runs import Registry
+
+
+def _registry() -> Registry:
+    return Registry(load_settings().home)
+
+
+class RunsState(rx.State):
+    runs: list[dict[str, str]] = []
+    status_filter: str = "all"
+    search: str = ""
+
+    @rx.event
+    def set_status_filter(self, value: str):
+        self.status_filter = value
+        return RunsState.load
+
+    @rx.event
+    def set_search(self, value: str):
+        self.search = value
+        return RunsState.load
+
+    @rx.event
+    def load(self):
+        rows = []
+        needle = self.search.strip().lower()
+        for r in _registry().list(status=None if self.status_filter == "all" else self.status_filter):
+            loss = r.final_loss if r.final_loss is not None else r.loss
+            row = {"id": r.id, "name": r.name or "", "kind": r.kind, "status": r.status, "model": r.model or "",
+                   "dataset": Path(r.dataset or "").name, "step": f"{r.step}/{r.max_steps or '?'}",
+                   "loss": f"{loss:.4f}" if loss is not None else "-",
+                   "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at))}  # fmt: skip
+            if not needle or any(needle in str(v).lower() for v in row.values()):
+                rows.append(row)
+        self.runs = rows
+
+
+class RunDetailState(rx.State):
+    found: bool = True
+    info: dict[str, str] = {}
+    params: list[list[str]] = []
+    loss: list[dict] = []
+    log: list[str] = []
+    checkpoints: list[str] = []
+    exports: list[str] = []
+    error: str = ""
+
+    @rx.event
+    def load(self):
+        self.error = ""
+        try:
+            registry = _registry()
+            run = registry.get(self.run_id)
+        except BackpropError as exc:
+            self.found, self.error = False, f"[{exc.code}] {exc.message}"
+            return
+        self.found = True
+        progress = Progress(run.path / "events.jsonl")
+        progress.read()
+        self.info = {"id": run.id, "name": run.name or "", "kind": run.kind, "status": run.status, "model": run.model or "",
+                     "dataset": run.dataset or "", "step": f"{run.step}/{run.max_steps or '?'}",
+                     "error": f"[{run.error_code}] {run.error_message}" if run.error_code else "",
+                     "reason": run.reason or "", "path": str(run.path)}  # fmt: skip
+        self.params = [[k, str(v)] for k, v in sorted(run.params.items()) if v is not None]
+        self.loss, self.log = progress.loss, progress.log
+        self.checkpoints = [f"step {c.step}: {c.path}" for c in registry.checkpoints(run.id)]
+        self.exports = [f"{e['format']} {e['quantization'] or ''} {e['file'] or e['path']}" for e in registry.exports(run.id)]
+
+    @rx.event
+    def stop(self):
+        try:
+            jobs.request_stop(_registry(), self.run_id)
+        except BackpropError as exc:
+            self.error = f"[{exc.code}] {exc.message}"
+        return RunDetailState.load
+
+    @rx.event
+    def resume(self):
+        try:
+            jobs.resume(_registry(), self.run_id)
+        except BackpropError as exc:
+            self.error = f"[{exc.code}] {exc.message}"
+        return RunDetailState.load

@@ -1,0 +1,152 @@
+"""The web app in a real browser: Playwright drives Debian's chromium against `backprop ui` (the production build).
+
+One server for the module, in its own Backprop home and sandbox; screenshots of every page land in tests/output/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, backprop, wait_for
+
+pytestmark = pytest.mark.e2e
+SHOTS = ROOT / "tests" / "output"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (scripts/test installs it)")
+    base = tmp_path_factory.mktemp("ui")
+    home = base / "home"
+    shutil.copytree(tiny_model_dir, home / "models" / tiny_model_dir.name)
+    port = free_port()
+    env = {**os.environ, "BACKPROPAGATE_HOME": str(home), "BACKPROPAGATE_UI__OUTPUT_DIR": str(base / "sandbox"),
+           "BACKPROPAGATE_MIN_FREE_RAM_GB": "0.25", "BACKPROPAGATE_MAX_CPU_PERCENT": "100"}  # fmt: skip
+    log = (base / "ui.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "training.cli", "ui", "--no-browser", "--port", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"backprop ui exited {process.returncode}:\n{(base / 'ui.log').read_text()[-3000:]}")
+        try:
+            return urllib.request.urlopen(url + "ping", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 600, "the web app to build and start")
+        yield {"url": url, "env": env, "home": home, "sandbox": base / "sandbox"}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    yield context.new_page()
+    context.close()
+
+
+def steps_shown(page) -> int:
+    text = page.inner_text("#step-count") if page.query_selector("#step-count") else "0"
+    return int(re.match(r"\s*(\d+)", text).group(1))
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_a_new_user_trains_the_demo_model_and_watches_it_live(server, page):
+    page.goto(server["url"])
+    page.wait_for_selector("#start:not([disabled])")
+    assert page.input_value("#field-model") == "demo" and page.input_value("#field-dataset").endswith("capitals.jsonl")
+    page.fill("#field-steps", "60")
+    page.click("#start")
+    wait_for(lambda: steps_shown(page) >= 5, 180, "loss points to arrive")
+    assert page.locator("#loss-chart path.recharts-line-curve").count() >= 1  # the curve is drawn
+    first_cpu = page.inner_text("#telemetry-rail")
+    assert "CPU" in first_cpu and "%" in first_cpu and "No NVIDIA GPU found" in first_cpu
+    wait_for(lambda: page.inner_text("#status-pill") == "completed", 300, "the run to complete")
+    assert steps_shown(page) == 60
+    assert "completed" in page.inner_text("#event-log") and "Adapter saved" in page.inner_text("body")
+    shot(page, "train")
+    # The run is real: in the registry, with its folder inside the sandbox.
+    runs = json.loads(backprop("list", "--json", env=server["env"], check=True).stdout)
+    assert runs[0]["status"] == "completed" and runs[0]["step"] == 60
+    assert Path(runs[0]["run_dir"]).is_relative_to(server["sandbox"])
+
+
+def test_a_reload_re_attaches_to_the_running_job_and_stop_stops_it(server, page):
+    page.goto(server["url"])
+    page.wait_for_selector("#start:not([disabled])")
+    page.fill("#field-steps", "3000")
+    page.click("#start")
+    wait_for(lambda: steps_shown(page) >= 3, 180, "training to start")
+    page.reload()
+    wait_for(lambda: page.query_selector("#step-count") is not None, 60, "the run to show again after the reload")
+    before = steps_shown(page)
+    wait_for(lambda: steps_shown(page) > before, 60, "new steps after the reload")
+    page.click("#stop")
+    wait_for(lambda: page.inner_text("#status-pill") == "stopped", 120, "the stop")
+
+
+def test_the_runs_page_lists_a_run_started_from_the_command_line(server, page):
+    out = backprop(
+        "train", "--model", "demo", "--steps", "3", "--name", "from-the-shell", "--json", env=server["env"], check=True
+    )
+    run_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
+    page.goto(server["url"] + "runs")
+    page.wait_for_selector("#runs-table")
+    assert run_id in page.inner_text("#runs-table") and "from-the-shell" in page.inner_text("#runs-table")
+    shot(page, "runs")
+    page.click(f"text={run_id}")
+    page.wait_for_url(f"**/runs/{run_id}")
+    wait_for(lambda: "from-the-shell" in page.inner_text("body"), 30, "the run page")
+    assert "completed" in page.inner_text("body") and "Parameters" in page.inner_text("body")
+    shot(page, "run-detail")
+
+
+def test_without_a_gpu_the_rail_still_moves(server, page):
+    page.goto(server["url"] + "runs")
+    page.wait_for_selector("#telemetry-rail")
+    time.sleep(0.1)
+    first = page.inner_html("#telemetry-rail")
+    wait_for(lambda: page.inner_html("#telemetry-rail") != first, 30, "a new telemetry point")
