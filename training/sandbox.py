@@ -43,7 +43,7 @@ def safe_name(name: str, default: str = "file") -> str:
     """A file name with no folders, no leading dots and only letters, digits, '.', '-' and '_'."""
     base = Path(name.replace("\\", "/")).name
     stem, dot, suffix = base.rpartition(".")
-    if not dot:
+    if not dot or not stem.strip("."):  # no extension, or a dot file like ".hidden"
         stem, suffix = base, ""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("._-")[:100]
     suffix = re.sub(r"[^A-Za-z0-9]+", "", suffix)[:10].lower()

@@ -63,6 +63,8 @@ def _govern(run: RunRecord, registry: Registry, spec: dict, settings: Settings, 
         fraction = cuda_memory_fraction(settings.gpu_memory_limit, admission.gpu.mem_total)
         if fraction is not None:
             os.environ["BACKPROP_GPU_MEMORY_FRACTION"] = f"{fraction:.4f}"
+    # Jobs running side by side share the cores instead of oversubscribing them (set before torch is imported).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // settings.max_parallel)))
     if settings.max_run_minutes:
         control.deadline = time.monotonic() + settings.max_run_minutes * 60
 
