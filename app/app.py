@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import reflex as rx
 
+from app.pages.dataset import dataset_page
 from app.pages.runs import run_detail_page, runs_page
 from app.pages.train import train_page
+from app.state.dataset import DatasetState
 from app.state.runs import RunDetailState, RunsState
 from app.state.train import TrainState
 
@@ -13,3 +15,4 @@ app = rx.App(head_components=[rx.el.link(rel="icon", href="/favicon.svg", type="
 app.add_page(run_detail_page, route="/runs/[run_id]", title="Run · Backprop", on_load=RunDetailState.load)
 app.add_page(train_page, route="/", title="Train · Backprop", on_load=TrainState.reattach)
 app.add_page(runs_page, route="/runs", title="Runs · Backprop", on_load=RunsState.load)
+app.add_page(dataset_page, route="/dataset", title="Dataset · Backprop", on_load=DatasetState.load)

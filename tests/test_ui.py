@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, backprop, wait_for
+from conftest import DEMO_DATA, ROOT, backprop, wait_for
 
 pytestmark = pytest.mark.e2e
 SHOTS = ROOT / "tests" / "output"
@@ -150,3 +150,49 @@ def test_without_a_gpu_the_rail_still_moves(server, page):
     time.sleep(0.1)
     first = page.inner_html("#telemetry-rail")
     wait_for(lambda: page.inner_html("#telemetry-rail") != first, 30, "a new telemetry point")
+
+
+def upload(page, server, path: Path) -> None:
+    page.goto(server["url"] + "dataset")
+    page.wait_for_selector("#upload-button")
+    page.set_input_files("#dataset-upload input[type=file]", str(path))
+    page.click("#upload-button")
+
+
+def test_an_uploaded_dataset_is_previewed_with_statistics_and_goes_to_training(server, page, tmp_path):
+    data = tmp_path / "my chats (1).jsonl"
+    data.write_text(DEMO_DATA.read_text())
+    upload(page, server, data)
+    wait_for(lambda: page.query_selector("#dataset-stats") is not None, 120, "the dataset statistics")
+    stats = page.inner_text("#dataset-stats")
+    assert "openai" in stats and "40" in stats
+    assert "What is the capital of France?" in page.inner_text("#dataset-preview")
+    stored = server["sandbox"] / "datasets" / "my_chats_1.jsonl"  # a safe name, inside the sandbox
+    assert stored.read_text() == data.read_text()
+    shot(page, "dataset")
+    page.click("#use-for-training")
+    page.wait_for_url(server["url"])
+    wait_for(lambda: page.input_value("#field-dataset") == str(stored), 30, "the Train page to take the dataset")
+
+
+def test_a_bad_upload_shows_every_bad_line(server, page, tmp_path):
+    good = DEMO_DATA.read_text().splitlines()[0]
+    data = tmp_path / "broken.jsonl"
+    data.write_text("\n".join([good, "{not json", good, '{"messages": [{"role": "user", "content": "no answer"}]}']) + "\n")
+    upload(page, server, data)
+    wait_for(lambda: page.query_selector("#dataset-bad-lines") is not None, 120, "the bad lines")
+    bad = page.inner_text("#dataset-bad-lines")
+    assert "line 2:" in bad and "invalid JSON" in bad and "line 4:" in bad
+    shot(page, "dataset-errors")
+
+
+def test_a_file_that_is_not_a_dataset_is_refused(server, page, tmp_path):
+    script = tmp_path / "evil.sh"
+    script.write_text("rm -rf /\n")
+    page.goto(server["url"] + "dataset")
+    page.wait_for_selector("#upload-button")
+    page.set_input_files("#dataset-upload input[type=file]", str(script))  # the browser refuses it before any upload
+    wait_for(lambda: page.query_selector("#dataset-error") is not None, 60, "the refusal")
+    refusal = page.inner_text("#dataset-error")
+    assert "UI_UPLOAD_REJECTED" in refusal and "type" in refusal
+    assert not list((server["sandbox"] / "datasets").glob("evil*"))

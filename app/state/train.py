@@ -26,6 +26,7 @@ class TrainState(rx.State):
     batch_size: str = ""
     max_run_minutes: str = "10"
     lora_r: str = "16"
+    validation_split: str = ""
     packing: bool = True
     response_only: bool = True
 
@@ -59,7 +60,8 @@ class TrainState(rx.State):
         self.error = self.hint = ""
         options = {"model": self.model.strip() or None, "steps": _int(self.steps), "lr": _float(self.learning_rate),
                    "batch_size": _int(self.batch_size), "max_run_minutes": _float(self.max_run_minutes),
-                   "lora_r": _int(self.lora_r), "packing": self.packing, "response_only": self.response_only}  # fmt: skip
+                   "lora_r": _int(self.lora_r), "packing": self.packing, "response_only": self.response_only,
+                   "validation_split": _float(self.validation_split)}  # fmt: skip
         try:
             settings = load_settings(**nest_options(options))
             run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root())

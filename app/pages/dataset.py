@@ -1,0 +1,95 @@
+"""Dataset: upload (drag and drop), format detection, chat-bubble preview, statistics, bad lines, split."""
+
+from __future__ import annotations
+
+import reflex as rx
+
+from app.components.layout import page
+from app.state.dataset import DatasetState
+
+ACCEPT = {"application/octet-stream": [".jsonl", ".json", ".csv", ".parquet", ".txt", ".md"]}
+
+
+def bubble(message: rx.Var) -> rx.Component:
+    mine = message["role"] == "user"
+    return rx.hstack(
+        rx.box(
+            rx.text(message["role"], size="1", weight="bold", color_scheme="gray"),
+            rx.text(message["content"], size="2", white_space="pre-wrap"),
+            background=rx.cond(mine, rx.color("accent", 3), rx.color("gray", 3)), padding="8px 12px", border_radius="12px",
+            max_width="80%",
+        ),
+        justify=rx.cond(mine, "end", "start"), width="100%",
+    )  # fmt: skip
+
+
+def conversation_card(conversation: rx.Var) -> rx.Component:
+    return rx.card(rx.vstack(rx.foreach(conversation, bubble), width="100%"), width="100%")
+
+
+def stat(label: str, key: str) -> rx.Component:
+    return rx.vstack(rx.text(label, size="1", color_scheme="gray"), rx.text(DatasetState.report[key], weight="bold"), spacing="0")
+
+
+def dataset_page() -> rx.Component:
+    return page(
+        "Dataset",
+        rx.card(
+            rx.vstack(
+                rx.upload(
+                    rx.vstack(rx.text("Drop a dataset here, or click to choose one"),
+                              rx.text(".jsonl .json .csv .parquet .txt .md", size="1", color_scheme="gray"), align="center"),
+                    id="dataset-upload", accept=ACCEPT, max_files=1, multiple=False, border="1px dashed",
+                    max_size=DatasetState.max_upload_bytes, on_drop_rejected=DatasetState.rejected,
+                    padding="24px", width="100%",
+                ),
+                rx.hstack(
+                    rx.foreach(rx.selected_files("dataset-upload"), lambda f: rx.text(f, size="2")),
+                    rx.button("Upload", on_click=DatasetState.handle_upload(rx.upload_files(upload_id="dataset-upload")),
+                              id="upload-button"),
+                    align="center",
+                ),
+                rx.cond(DatasetState.message != "", rx.text(DatasetState.message, color_scheme="green", size="2")),
+                rx.cond(DatasetState.error != "", rx.callout(DatasetState.error, color_scheme="red", id="dataset-error")),
+                rx.hstack(
+                    rx.text("Or pick one already here:", size="2"),
+                    rx.select(DatasetState.files, value=DatasetState.selected, on_change=DatasetState.select,
+                              placeholder="no datasets yet", id="dataset-select"),
+                    align="center",
+                ),
+                width="100%",
+            ),
+            width="100%",
+        ),
+        rx.cond(DatasetState.busy, rx.hstack(rx.spinner(), rx.text("Reading the dataset..."))),
+        rx.cond(
+            DatasetState.report.contains("rows"),
+            rx.vstack(
+                rx.hstack(stat("format", "format"), stat("rows", "rows"), stat("valid", "valid"), stat("invalid", "invalid"),
+                          stat("duplicates", "duplicates"), stat("turns", "turns"), stat("tokens (demo tokenizer)", "tokens"),
+                          spacing="6", wrap="wrap", id="dataset-stats"),
+                rx.text("Token lengths", size="2", weight="bold"),
+                rx.vstack(rx.foreach(DatasetState.histogram, lambda b: rx.hstack(
+                    rx.text(b["bucket"], size="1", width="60px"),
+                    rx.box(background=rx.color("accent", 8), height="10px", width=b["width"]),
+                    rx.text(b["rows"], size="1"), width="100%", align="center")), width="50%", spacing="1"),
+                rx.cond(DatasetState.errors.length() > 0, rx.vstack(
+                    rx.text("Bad lines", size="2", weight="bold", color_scheme="red"),
+                    rx.foreach(DatasetState.errors, lambda e: rx.text("line ", e["line"], ": ", e["reason"], size="1",
+                                                                     font_family="monospace")),
+                    id="dataset-bad-lines", spacing="1")),
+                rx.text("Preview", size="2", weight="bold"),
+                rx.vstack(rx.foreach(DatasetState.preview, conversation_card), width="100%", id="dataset-preview"),
+                rx.hstack(
+                    rx.text("Validation fraction", size="2"),
+                    rx.input(value=DatasetState.validation, on_change=DatasetState.set_validation, width="80px"),
+                    rx.text(DatasetState.split_text, size="2", color_scheme="gray"),
+                    rx.button("Use for training", on_click=DatasetState.use_for_training, id="use-for-training"),
+                    align="center", wrap="wrap",
+                ),
+                width="100%", align="start",
+            ),
+            rx.cond(~DatasetState.busy, rx.text("Upload a dataset or pick one to see its format, statistics and a preview.",
+                                                color_scheme="gray")),
+        ),
+    )  # fmt: skip

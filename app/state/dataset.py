@@ -1,0 +1,162 @@
+"""The Dataset page: upload into the sandbox, detect the format, preview, statistics, every bad line, a split."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import reflex as rx
+
+from app.sandbox import root
+from training.config import load_settings
+from training.datasets import FILE_TYPES, Example, scan, split
+from training.errors import BackpropError
+from training.sandbox import inside, safe_name
+
+PREVIEW_ROWS = 5
+CHUNK = 1 << 20
+
+
+def datasets_dir() -> Path:
+    folder = root() / "datasets"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def analyze(path: Path, model: str) -> dict:
+    """Format, counts, token lengths (with `model`'s tokenizer), duplicates, bad lines and a preview of a dataset."""
+    from training.models import load_tokenizer, resolve_model
+
+    examples: list[Example] = []
+    report = scan(path, tokenizer=load_tokenizer(resolve_model(model)), keep=examples)
+    digests = [hashlib.sha256(json.dumps(e.messages, sort_keys=True).encode()).hexdigest() for e in examples]
+    tokens = report.tokens.to_dict() if report.tokens else {"histogram": {}}
+    peak = max(tokens["histogram"].values(), default=1)
+    return {
+        "format": report.format or "unknown",
+        "rows": report.rows, "valid": report.valid_rows, "invalid": report.error_count,
+        "duplicates": len(digests) - len(set(digests)),
+        "turns": report.turns.to_dict(), "tokens": {k: v for k, v in tokens.items() if k != "histogram"},
+        "histogram": [{"bucket": k, "rows": str(v), "width": f"{max(2, round(100 * v / peak))}%"}
+                      for k, v in tokens["histogram"].items()],
+        "errors": [{"line": str(e.line), "reason": e.reason, "code": e.code} for e in report.errors],
+        "preview": [[{"role": m["role"], "content": m["content"][:600]} for m in e.messages] for e in examples[:PREVIEW_ROWS]],
+        "examples": len(examples),
+    }  # fmt: skip
+
+
+class DatasetState(rx.State):
+    files: list[str] = []
+    selected: str = ""
+    model: str = "demo"
+    report: dict[str, str] = {}
+    errors: list[dict[str, str]] = []
+    preview: list[list[dict[str, str]]] = []
+    histogram: list[dict[str, str]] = []
+    validation: str = "0.1"
+    split_text: str = ""
+    message: str = ""
+    error: str = ""
+    busy: bool = False
+    max_upload_bytes: int = load_settings().ui.max_upload_mb * 2**20
+
+    @rx.event
+    def load(self):
+        self.files = sorted(p.name for p in datasets_dir().iterdir() if p.suffix.lower() in FILE_TYPES)
+
+    @rx.event
+    async def handle_upload(self, files: list[rx.UploadFile]):
+        """Store each upload in the sandbox under a safe name, refusing other file types and oversize files."""
+        self.error = self.message = ""
+        limit = load_settings().ui.max_upload_mb * 2**20
+        for upload in files:
+            name = safe_name(upload.name or "dataset")
+            if Path(name).suffix.lower() not in FILE_TYPES:
+                self.error = str(BackpropError("UI_UPLOAD_REJECTED", name=upload.name, reason="not a dataset file type"))
+                continue
+            target = inside(datasets_dir(), name)
+            partial, size = target.with_name(f".{target.name}.partial"), 0
+            with partial.open("wb") as out:
+                while chunk := await upload.read(CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        break
+                    out.write(chunk)
+            if size > limit:
+                partial.unlink(missing_ok=True)
+                mb = load_settings().ui.max_upload_mb
+                self.error = str(BackpropError("UI_UPLOAD_REJECTED", name=upload.name, reason=f"larger than {mb} MB"))
+                continue
+            os.replace(partial, target)
+            self.message = f"Uploaded {name} ({size / 1024:.1f} KB)."
+            self.selected = name
+        self.load()
+        if self.selected:
+            return DatasetState.inspect
+
+    @rx.event
+    def rejected(self, rejections: list[dict]):
+        """The browser refused a file (type or size) before uploading it: say which and why, with the code."""
+        reasons = []
+        for r in rejections:
+            file = r.get("file")
+            name = file.get("path") or file.get("name") if isinstance(file, dict) else "the file"
+            why = ", ".join(str(e.get("message", "")) for e in r.get("errors", []) if isinstance(e, dict))
+            reasons.append(str(BackpropError("UI_UPLOAD_REJECTED", name=name, reason=why or "not accepted")))
+        self.error = " ".join(reasons)
+
+    @rx.event
+    def select(self, name: str):
+        self.selected = name
+        return DatasetState.inspect
+
+    @rx.event
+    def set_validation(self, value: str):
+        self.validation = value
+        self._describe_split()
+
+    @rx.event(background=True)
+    async def inspect(self):
+        async with self:
+            if not self.selected:
+                return
+            self.busy, self.error = True, ""
+            path, model = inside(datasets_dir(), self.selected), self.model
+        try:
+            report = await asyncio.to_thread(analyze, path, model)
+        except BackpropError as exc:
+            async with self:
+                self.busy, self.report, self.errors, self.preview, self.histogram = False, {}, [], [], []
+                self.error = f"[{exc.code}] {exc.message} — {exc.hint}"
+            return
+        async with self:
+            self.busy = False
+            self.errors, self.preview, self.histogram = report.pop("errors"), report.pop("preview"), report.pop("histogram")
+            turns, tokens = report.pop("turns"), report.pop("tokens")
+            self.report = {k: str(v) for k, v in report.items()} | {
+                "turns": f"{turns['min']}-{turns['max']} (mean {turns['mean']})" if turns["count"] else "-",
+                "tokens": f"{tokens['min']}-{tokens['max']} (mean {tokens['mean']}, total {tokens['total']})"
+                if tokens.get("count") else "-",
+            }  # fmt: skip
+            self._describe_split()
+
+    def _describe_split(self) -> None:
+        try:
+            fraction = float(self.validation)
+            n = int(self.report.get("examples", "0"))
+            train, val = split([None] * n, fraction, 42) if n >= 2 and 0 < fraction < 1 else ([None] * n, [])  # type: ignore[list-item]
+            self.split_text = f"{len(train)} rows to train on, {len(val)} held out for validation"
+        except (ValueError, BackpropError) as exc:
+            self.split_text = f"invalid split: {exc}"
+
+    @rx.event
+    async def use_for_training(self):
+        from app.state.train import TrainState
+
+        train = await self.get_state(TrainState)
+        train.dataset = str(inside(datasets_dir(), self.selected))
+        train.validation_split = self.validation
+        return rx.redirect("/")
