@@ -196,3 +196,25 @@ def test_a_file_that_is_not_a_dataset_is_refused(server, page, tmp_path):
     refusal = page.inner_text("#dataset-error")
     assert "UI_UPLOAD_REJECTED" in refusal and "type" in refusal
     assert not list((server["sandbox"] / "datasets").glob("evil*"))
+
+
+def test_the_trained_run_exports_to_gguf_verified_by_llama_cpp_and_answers_in_chat(server, page):
+    # Continues the new user's path: the run trained in the first test is the newest completed one.
+    page.goto(server["url"] + "export")
+    page.wait_for_selector("#export-start")
+    page.click("#export-quantization")
+    page.get_by_role("option", name="q8_0", exact=True).click()
+    page.click("#export-start")
+    wait_for(lambda: page.query_selector("#export-result") or page.query_selector("#export-error"), 300, "the export")
+    result = page.inner_text("#export-result")
+    assert ".q8_0.gguf" in result and "verification: passed" in result and "tokenizer_match True" in result
+    shot(page, "export")
+
+    page.goto(server["url"] + "chat")
+    page.wait_for_selector("#chat-input")
+    page.fill("#chat-input", "What is the capital of France?")
+    page.click("#chat-send")
+    wait_for(lambda: page.locator(".reply").count() >= 1 and page.locator(".reply").last.inner_text().strip(), 180, "a reply")
+    wait_for(lambda: page.get_attribute("#chat-send", "data-loading") is None, 180, "the reply to finish")
+    assert page.locator(".reply").last.inner_text().strip()
+    shot(page, "chat")

@@ -1,0 +1,67 @@
+"""Export: source run, format, quantization with size estimates, Ollama, hub; progress; result and verification."""
+
+from __future__ import annotations
+
+import reflex as rx
+
+from app.components.layout import page
+from app.state.export import ExportState
+
+QUANTIZATIONS = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "f32"]
+
+
+def labelled(label: str, control: rx.Component) -> rx.Component:
+    return rx.vstack(rx.text(label, size="1", weight="medium"), control, spacing="1")
+
+
+def export_page() -> rx.Component:
+    return page(
+        "Export",
+        rx.cond(
+            ExportState.runs.length() > 0,
+            rx.card(
+                rx.vstack(
+                    rx.hstack(
+                        labelled("Run", rx.select(ExportState.runs, value=ExportState.source,
+                                                  on_change=lambda v: ExportState.set_field("source", v), id="export-run")),
+                        labelled("Format", rx.select(["lora", "merged", "gguf"], value=ExportState.format,
+                                                     on_change=lambda v: ExportState.set_field("format", v), id="export-format")),
+                        rx.cond(ExportState.format == "gguf", labelled("Quantization", rx.select(
+                            QUANTIZATIONS, value=ExportState.quantization,
+                            on_change=lambda v: ExportState.set_field("quantization", v), id="export-quantization"))),
+                        wrap="wrap",
+                    ),
+                    rx.cond(ExportState.format == "gguf", rx.vstack(
+                        rx.text("Estimated GGUF sizes: ", rx.foreach(ExportState.estimates, lambda e: rx.text.span(e, " · ")),
+                                size="1", color_scheme="gray"),
+                        rx.hstack(
+                            labelled("Ollama model name (optional)", rx.input(
+                                value=ExportState.ollama_name, on_change=lambda v: ExportState.set_field("ollama_name", v))),
+                            rx.checkbox("Register with Ollama", checked=ExportState.register,
+                                        on_change=lambda v: ExportState.set_field("register", v)),
+                            align="end",
+                        ),
+                    )),
+                    rx.button("Export", on_click=ExportState.start, loading=ExportState.busy, id="export-start"),
+                    rx.hstack(
+                        labelled("Hugging Face repo (owner/name)", rx.input(
+                            value=ExportState.hub_repo, on_change=lambda v: ExportState.set_field("hub_repo", v))),
+                        rx.checkbox("Private", checked=ExportState.private,
+                                    on_change=lambda v: ExportState.set_field("private", v)),
+                        rx.button("Push to the hub", on_click=ExportState.push, variant="soft", disabled=ExportState.busy),
+                        align="end", wrap="wrap",
+                    ),
+                    rx.cond(ExportState.stage != "", rx.hstack(rx.spinner(), rx.text(ExportState.stage, id="export-stage"))),
+                    rx.cond(ExportState.error != "", rx.callout(ExportState.error, color_scheme="red", id="export-error")),
+                    rx.cond(ExportState.result.contains("path"), rx.card(rx.vstack(
+                        rx.text("Written: ", rx.code(ExportState.result["path"]), " ", ExportState.result["size"]),
+                        rx.text("llama.cpp verification: ", ExportState.result["verification"]),
+                        rx.cond(ExportState.result["ollama"] != "", rx.text("Ollama: ", ExportState.result["ollama"])),
+                    ), id="export-result")),
+                    width="100%",
+                ),
+                width="100%",
+            ),
+            rx.text("No completed run to export yet: train one on the Train page first.", color_scheme="gray"),
+        ),
+    )  # fmt: skip

@@ -1,0 +1,131 @@
+"""The Export page: a run (or folder) to a LoRA adapter, a merged model or a GGUF verified by llama.cpp; Ollama; hub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import reflex as rx
+
+from training.config import load_settings
+from training.errors import BackpropError
+from training.runs import Registry
+
+# Bits per weight of each GGUF quantization, for the size estimates (f16 tensors for norms are ignored).
+BITS = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69, "q4_k_m": 4.85, "q4_0": 4.55}
+
+
+def _parameters(run_dir: Path, home: Path) -> int:
+    """Parameters of a run's base model, from its safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    from training.models import resolve_model
+
+    base = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    total = 0
+    for file in Path(resolve_model(base, home).path).glob("*.safetensors"):
+        with safe_open(str(file), "np") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                count = 1
+                for n in shape:
+                    count *= n
+                total += count
+    return total
+
+
+class ExportState(rx.State):
+    runs: list[str] = []
+    source: str = ""
+    format: str = "gguf"
+    quantization: str = "q8_0"
+    estimates: list[str] = []
+    ollama_name: str = ""
+    register: bool = False
+    hub_repo: str = ""
+    private: bool = True
+    busy: bool = False
+    stage: str = ""
+    result: dict[str, str] = {}
+    error: str = ""
+
+    @rx.event
+    def load(self):
+        runs = [r for r in Registry(load_settings().home).list() if r.status == "completed" and (r.path / "adapter").exists()]
+        self.runs = [r.id for r in runs]
+        if not self.source and self.runs:
+            self.source = self.runs[0]
+        self._estimate()
+
+    @rx.event
+    def set_field(self, name: str, value: str | bool):
+        setattr(self, name, value)
+        if name == "source":
+            self._estimate()
+
+    def _estimate(self) -> None:
+        self.estimates = []
+        if not self.source:
+            return
+        try:
+            settings = load_settings()
+            params = _parameters(Registry(settings.home).get(self.source).path, settings.home)
+        except (BackpropError, OSError, KeyError, json.JSONDecodeError):
+            return
+        self.estimates = [f"{q}: about {params * bits / 8 / 2**20:.1f} MiB" for q, bits in BITS.items()]
+
+    @rx.event(background=True)
+    async def start(self):
+        from training.export import export
+
+        async with self:
+            if self.busy or not self.source:
+                return
+            self.busy, self.error, self.result, self.stage = True, "", {}, "starting"
+            source, fmt, quantization = self.source, self.format, self.quantization
+            name, register = self.ollama_name.strip() or None, self.register
+        stages: list[str] = []
+        job = asyncio.create_task(asyncio.to_thread(
+            export, source, fmt, quantization=quantization, ollama_name=name, register_ollama=register,
+            on_event=lambda e: stages.append(e.get("stage", "")) if e["event"] == "export_progress" else None,
+        ))  # fmt: skip
+        while not job.done():
+            await asyncio.sleep(0.3)
+            async with self:
+                self.stage = stages[-1] if stages else self.stage
+        try:
+            result = job.result()
+        except BackpropError as exc:
+            async with self:
+                self.busy, self.stage, self.error = False, "", f"[{exc.code}] {exc.message} — {exc.hint}"
+            return
+        v = result.verification or {}
+        async with self:
+            self.busy, self.stage = False, ""
+            self.result = {
+                "path": result.file or result.path,
+                "size": f"{result.size_bytes / 2**20:.1f} MiB",
+                "verification": ("passed" if v.get("ok") else "failed") + ": " + ", ".join(
+                    f"{k} {v[k]}" for k in ("tokenizer_match", "greedy_match", "max_logit_diff") if k in v
+                ) if v else "not applicable",
+                "ollama": f"registered as {result.ollama['name']}" if result.ollama else "",
+            }  # fmt: skip
+
+    @rx.event(background=True)
+    async def push(self):
+        from training.hub import push
+
+        async with self:
+            if self.busy or not self.source or not self.hub_repo.strip():
+                return
+            self.busy, self.error, self.stage = True, "", "uploading to the hub"
+            source, repo, private, merged = self.source, self.hub_repo.strip(), self.private, self.format == "merged"
+        try:
+            done = await asyncio.to_thread(push, source, repo, private=private, merged=merged)
+        except BackpropError as exc:
+            async with self:
+                self.busy, self.stage, self.error = False, "", f"[{exc.code}] {exc.message} — {exc.hint}"
+            return
+        async with self:
+            self.busy, self.stage, self.result = False, "", {"path": done["url"], "size": "", "verification": "", "ollama": ""}
