@@ -224,3 +224,18 @@ def test_the_trained_run_exports_to_gguf_verified_by_llama_cpp_and_answers_in_ch
     wait_for(lambda: page.is_enabled("#chat-send"), 180, "the reply to finish")
     assert "capital" in page.locator(".reply").last.inner_text()  # 60 steps on the demo data: it answers in kind
     shot(page, "chat")
+
+
+def test_a_multi_run_campaign_shows_its_runs_merges_and_forgetting_heatmap(server, page):
+    page.goto(server["url"] + "multi-run")
+    page.wait_for_selector("#mr-start")
+    page.fill("#mr-steps", "15")
+    page.click("#mr-start")
+    wait_for(lambda: page.query_selector("#mr-status") is not None, 60, "the campaign to start")
+    wait_for(lambda: page.inner_text("#mr-status") == "completed", 400, "the campaign to complete")
+    wait_for(lambda: page.query_selector("#mr-bwt") is not None, 30, "the BWT")
+    cells = [c.strip() for c in page.locator("#mr-heatmap > div").all_inner_texts()]
+    assert len(cells) == 9 and sum(bool(c) for c in cells) == 6  # lower triangle of a 3x3 matrix
+    assert page.locator("#mr-merges tbody tr").count() == 3 and "0.707" in page.inner_text("#mr-merges")
+    assert "BWT" in page.inner_text("#mr-bwt")
+    shot(page, "multi-run")

@@ -76,6 +76,7 @@ def new_campaign(
     early_stopping: bool = False,
     name: str | None = None,
     fmt: str | None = None,
+    runs_root: Path | None = None,
 ) -> RunRecord:
     """Check the campaign's inputs and register it (its worker plans the tasks again, from the same seed)."""
     from training.models import apply_model_defaults
@@ -107,7 +108,8 @@ def new_campaign(
                    "learning_rate": settings.training.learning_rate, "lora_r": settings.lora.r},
     }  # fmt: skip
     plan_tasks(spec)  # bad data fails now, in the caller's terminal, not later in the worker
-    return registry.create("multirun", spec, model=settings.model, dataset=", ".join(Path(p).name for p in paths), name=name)
+    datasets_label = ", ".join(Path(p).name for p in paths)
+    return registry.create("multirun", spec, model=settings.model, dataset=datasets_label, name=name, runs_root=runs_root)
 
 
 def plan_tasks(spec: dict[str, Any]) -> list[Task]:
@@ -222,7 +224,8 @@ def _child_run(registry: Registry, campaign: RunRecord, spec: dict, settings: Se
     child = new_train_run(registry, child_settings, str(data_dir / f"run-{i}.train.jsonl"),
                           name=f"{campaign.name or campaign.id} run {i}/{spec['num_runs']}", parent_id=campaign.id,
                           extra={"validation_data": str(data_dir / f"run-{i}.val.jsonl"),
-                                 "init_adapter": str(init) if i > 1 else None})  # fmt: skip
+                                 "init_adapter": str(init) if i > 1 else None},
+                          runs_root=campaign.path.parent)  # fmt: skip
     state.children[str(i)] = child.id
     return child
 

@@ -1,8 +1,8 @@
 """The web app's sandbox: every file it writes (uploads, runs, exports) stays under one output folder.
 
-    root = sandbox_root(settings.ui.output_dir)     # refused if it is a system or secrets folder
-    path = inside(root, "datasets", user_supplied)  # refused if it would leave the sandbox
-    name = safe_name("../../My data (v2).jsonl")    # 'My_data_v2.jsonl'
+root = sandbox_root(settings.ui.output_dir)     # refused if it is a system or secrets folder
+path = inside(root, "datasets", user_supplied)  # refused if it would leave the sandbox
+name = safe_name("../../My data (v2).jsonl")    # 'My_data_v2.jsonl'
 """
 
 from __future__ import annotations

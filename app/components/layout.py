@@ -7,7 +7,14 @@ import reflex as rx
 from app.components.charts import sparkline
 from app.state.telemetry import TelemetryState
 
-PAGES = [("Train", "/"), ("Dataset", "/dataset"), ("Export", "/export"), ("Chat", "/chat"), ("Runs", "/runs")]
+PAGES = [
+    ("Train", "/"),
+    ("Multi-Run", "/multi-run"),
+    ("Dataset", "/dataset"),
+    ("Export", "/export"),
+    ("Chat", "/chat"),
+    ("Runs", "/runs"),
+]
 
 
 def nav() -> rx.Component:

@@ -76,7 +76,14 @@ def progress() -> rx.Component:
                 ),
                 rx.progress(value=TrainState.percent, width="100%"),
                 loss_chart(TrainState.loss),
-                rx.cond(TrainState.adapter != "", rx.text("Adapter saved: ", rx.code(TrainState.adapter), size="2")),
+                rx.cond(TrainState.adapter != "", rx.vstack(
+                    rx.text("Adapter saved: ", rx.code(TrainState.adapter), size="2"),
+                    rx.hstack(
+                        rx.link(rx.button("Export", variant="soft"), href="/export"),
+                        rx.link(rx.button("Chat with it", variant="soft"), href="/chat"),
+                        rx.link(rx.button("Open the run", variant="soft"), href="/runs/" + TrainState.run_id),
+                    ),
+                )),
                 rx.scroll_area(
                     rx.vstack(rx.foreach(TrainState.log, lambda line: rx.text(line, size="1", font_family="monospace")),
                               spacing="0"),

@@ -1,0 +1,131 @@
+"""The Multi-Run page: a continual-training campaign with SLAO merging, its runs, merges and forgetting matrix, live."""
+
+from __future__ import annotations
+
+import asyncio
+
+import reflex as rx
+
+from app.sandbox import runs_root
+from app.state.train import DEMO_DATASET
+from training import jobs
+from training.config import load_settings, nest_options
+from training.errors import BackpropError
+from training.events import read_events
+from training.multirun import forgetting_metrics
+from training.runs import ACTIVE, Registry
+
+
+def heat(value: float | None, low: float, high: float) -> str:
+    """A cell colour from green (lowest loss) to red (highest)."""
+    if value is None:
+        return "transparent"
+    share = 0.0 if high <= low else (value - low) / (high - low)
+    return f"hsl({round(120 * (1 - share))}, 65%, 55%)"
+
+
+def campaign_view(registry: Registry, campaign_id: str) -> dict:
+    """Everything the page shows of a campaign, as plain strings."""
+    run = registry.get(campaign_id)
+    children = registry.children(run.id)
+    events, _ = read_events(run.path / "events.jsonl")
+    merges = [e for e in events if e["event"] == "merge"]
+    matrix = registry.forgetting(run.id)
+    values = [v for row in matrix for v in row if v is not None]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    metrics = forgetting_metrics(matrix)
+    return {
+        "status": run.status,
+        "step": f"{run.step}/{run.max_steps or '?'}",
+        "children": [{"run": str(i), "id": c.id, "status": c.status, "step": f"{c.step}/{c.max_steps or '?'}",
+                      "loss": f"{c.final_loss if c.final_loss is not None else (c.loss or 0):.4f}"}
+                     for i, c in enumerate(children, 1)],
+        "merges": [{"run": str(m["run"]), "lam": f"{m['lam']:.3f}", "a": f"{m['a_norm_before']:.2f} → {m['a_norm_after']:.2f}",
+                    "b": f"{m['b_norm_before']:.2f} → {m['b_norm_after']:.2f}"} for m in merges],
+        "cells": [{"text": f"{v:.3f}" if v is not None else "", "color": heat(v, low, high)} for row in matrix for v in row],
+        "columns": str(len(matrix[0])) if matrix else "1",
+        "bwt": f"{metrics['bwt']:+.4f}" if metrics["bwt"] is not None else "",
+        "average": f"{metrics['average_loss']:.4f}" if metrics["average_loss"] is not None else "",
+        "error": f"[{run.error_code}] {run.error_message}" if run.error_code else "",
+    }  # fmt: skip
+
+
+class MultiRunState(rx.State):
+    datasets: str = DEMO_DATASET
+    model: str = "demo"
+    runs: str = "3"
+    steps: str = "30"
+    samples: str = ""
+    merge_mode: str = "slao"
+    replay: str = "0"
+    lr_schedule: str = "constant"
+    validation: str = "0.25"
+
+    campaign_id: str = ""
+    status: str = ""
+    step: str = ""
+    children: list[dict[str, str]] = []
+    merges: list[dict[str, str]] = []
+    cells: list[dict[str, str]] = []
+    columns: str = "1"
+    bwt: str = ""
+    average: str = ""
+    error: str = ""
+    _following: str = ""
+
+    @rx.event
+    def set_field(self, name: str, value: str):
+        setattr(self, name, value)
+
+    @rx.event
+    def start(self):
+        self.error = ""
+        try:
+            settings = load_settings(**nest_options({"model": self.model.strip() or None}))
+            files = [line.strip() for line in self.datasets.splitlines() if line.strip()]
+            run = jobs.submit_campaign(
+                settings, files, num_runs=int(self.runs) if len(files) == 1 else None, steps_per_run=int(self.steps),
+                samples_per_run=int(self.samples) if self.samples.strip() else None, merge_mode=self.merge_mode,
+                replay=float(self.replay or 0), lr_schedule=self.lr_schedule, validation=float(self.validation),
+                runs_root=runs_root(),
+            )  # fmt: skip
+        except BackpropError as exc:
+            self.error = f"[{exc.code}] {exc.message} — {exc.hint}"
+            return
+        except ValueError as exc:
+            self.error = f"[INPUT_INVALID_ARGUMENT] {exc}"
+            return
+        self.campaign_id, self.children, self.merges, self.cells, self.bwt, self.average = run.id, [], [], [], "", ""
+        return MultiRunState.follow
+
+    @rx.event
+    def reattach(self):
+        if not self.campaign_id:
+            active = [r for r in Registry(load_settings().home).list(kind="multirun") if r.status in ACTIVE]
+            if not active:
+                return
+            self.campaign_id = active[0].id
+        return MultiRunState.follow
+
+    @rx.event(background=True)
+    async def follow(self):
+        async with self:
+            if not self.campaign_id or self._following == self.campaign_id:
+                return
+            campaign_id = self._following = self.campaign_id
+        registry = Registry(load_settings().home)
+        try:
+            while True:
+                view = await asyncio.to_thread(campaign_view, registry, campaign_id)
+                async with self:
+                    if self.campaign_id != campaign_id:
+                        return
+                    for key, value in view.items():
+                        setattr(self, key, value)
+                if view["status"] not in ACTIVE:
+                    return
+                await asyncio.sleep(1.0)
+        finally:
+            async with self:
+                if self._following == campaign_id:
+                    self._following = ""
