@@ -98,6 +98,7 @@ def test_a_new_user_trains_the_demo_model_and_watches_it_live(server, page):
     page.goto(server["url"])
     page.wait_for_selector("#start:not([disabled])")
     assert page.input_value("#field-model") == "demo" and page.input_value("#field-dataset").endswith("capitals.jsonl")
+    wait_for(lambda: page.inner_text("#dataset-format") == "openai", 30, "the detected format")
     page.fill("#field-steps", "60")
     page.click("#start")
     wait_for(lambda: steps_shown(page) >= 5, 180, "loss points to arrive")
@@ -141,7 +142,14 @@ def test_the_runs_page_lists_a_run_started_from_the_command_line(server, page):
     page.wait_for_url(f"**/runs/{run_id}")
     wait_for(lambda: "from-the-shell" in page.inner_text("body"), 30, "the run page")
     assert "completed" in page.inner_text("body") and "Parameters" in page.inner_text("body")
+    assert page.locator("#run-telemetry").count() == 1  # what the machine did while it trained
     shot(page, "run-detail")
+    run_dir = Path(json.loads(backprop("show-run", run_id, "--json", env=server["env"], check=True).stdout)["run_dir"])
+    page.click("#delete-run")
+    page.click("#confirm-delete")
+    page.wait_for_url("**/runs")
+    wait_for(lambda: run_id not in page.inner_text("body"), 30, "the run to leave the list")
+    assert not run_dir.exists()
 
 
 def test_without_a_gpu_the_rail_still_moves(server, page):

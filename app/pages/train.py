@@ -23,8 +23,19 @@ def form() -> rx.Component:
         rx.vstack(
             rx.hstack(
                 field("Model", "model", TrainState.model, "demo, a preset, a hub id or a folder", width="280px"),
+                rx.vstack(rx.text("Presets", size="1", weight="medium"),
+                          rx.select(TrainState.models, placeholder="pick a preset", on_change=TrainState.pick_model,
+                                    id="model-presets"), spacing="1"),
+                wrap="wrap", align="end",
+            ),
+            rx.hstack(
                 field("Dataset", "dataset", TrainState.dataset, "a .jsonl/.json/.csv/.parquet/.txt file", width="420px"),
-                wrap="wrap",
+                rx.vstack(rx.text("Uploaded datasets", size="1", weight="medium"),
+                          rx.select(TrainState.sandbox_datasets, placeholder="upload on the Dataset page",
+                                    on_change=TrainState.pick_dataset, id="dataset-picker"), spacing="1"),
+                rx.button("Check", on_click=TrainState.check_dataset, variant="soft"),
+                rx.text(TrainState.dataset_format, size="2", color_scheme="gray", id="dataset-format"),
+                wrap="wrap", align="end",
             ),
             rx.hstack(
                 field("Steps", "steps", TrainState.steps, "model default"),

@@ -29,6 +29,7 @@ class Progress:
     error: str = ""
     hint: str = ""
     adapter: str = ""
+    telemetry: list[dict] = field(default_factory=list)  # {"t", "cpu", "ram", "gpu_util", "gpu_temp"} per sample
 
     def read(self) -> bool:
         """Take in the events written since the last call; True if anything changed."""
@@ -62,6 +63,12 @@ class Progress:
         elif kind == "failed":
             self.status, self.error, self.hint = "failed", f"[{e.get('code')}] {e.get('message')}", e.get("hint") or ""
             self._say(e, self.error)
+        elif kind == "telemetry":
+            gpu = e["gpus"][0] if e.get("gpus") else {}
+            ram = 100 * e["ram_used"] / e["ram_total"] if e.get("ram_total") else None
+            point = {"t": round(e["t"] - (self.started or e["t"]), 1), "cpu": e.get("cpu"), "ram": round(ram, 1) if ram else None,
+                     "gpu_util": gpu.get("util"), "gpu_temp": gpu.get("temp")}  # fmt: skip
+            self.telemetry = _thin([*self.telemetry, point])
         elif kind == "log" and e.get("level") in ("warning", "error", "info") and "samples" not in e:
             self._say(e, e["message"])
 

@@ -56,6 +56,8 @@ class RunDetailState(rx.State):
     log: list[str] = []
     checkpoints: list[str] = []
     exports: list[str] = []
+    telemetry: list[dict] = []
+    has_gpu: bool = False
     error: str = ""
 
     @rx.event
@@ -75,7 +77,8 @@ class RunDetailState(rx.State):
                      "error": f"[{run.error_code}] {run.error_message}" if run.error_code else "",
                      "reason": run.reason or "", "path": str(run.path)}  # fmt: skip
         self.params = [[k, str(v)] for k, v in sorted(run.params.items()) if v is not None]
-        self.loss, self.log = progress.loss, progress.log
+        self.loss, self.log, self.telemetry = progress.loss, progress.log[-40:], progress.telemetry
+        self.has_gpu = any(p.get("gpu_util") is not None for p in progress.telemetry)
         self.checkpoints = [f"step {c.step}: {c.path}" for c in registry.checkpoints(run.id)]
         self.exports = [f"{e['format']} {e['quantization'] or ''} {e['file'] or e['path']}" for e in registry.exports(run.id)]
 
@@ -86,6 +89,26 @@ class RunDetailState(rx.State):
         except BackpropError as exc:
             self.error = f"[{exc.code}] {exc.message}"
         return RunDetailState.load
+
+    @rx.event
+    def delete(self):
+        """Forget a finished run and delete its folder (checkpoints, exports); an active run must be stopped first."""
+        import shutil
+
+        registry = _registry()
+        try:
+            run = registry.get(self.run_id)
+            if run.status in ("queued", "running", "paused"):
+                raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)
+        except BackpropError as exc:
+            self.error = f"[{exc.code}] {exc.message} — {exc.hint}"
+            return
+        for child in registry.children(run.id):
+            registry.delete(child.id)
+            shutil.rmtree(child.path, ignore_errors=True)
+        registry.delete(run.id)
+        shutil.rmtree(run.path, ignore_errors=True)
+        return rx.redirect("/runs")
 
     @rx.event
     def resume(self):

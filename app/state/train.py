@@ -15,6 +15,32 @@ from training.errors import BackpropError
 from training.runs import ACTIVE, Registry
 
 DEMO_DATASET = str(Path(__file__).resolve().parents[2] / "assets" / "demo" / "capitals.jsonl")
+
+
+def model_choices() -> list[str]:
+    """The demo model and every preset with its LoRA / QLoRA VRAM estimate, as the model picker shows them."""
+    from training.models import PRESETS
+
+    return ["demo  (built-in, CPU friendly)"] + [
+        f"{p.hub_id}  (~{p.vram_gb()} GB VRAM, {p.vram_gb(qlora=True)} GB with QLoRA)" for p in PRESETS.values()
+    ]
+
+
+def detect(path: str) -> str:
+    """The dataset's format from its first rows (cheap: the file is not read whole)."""
+    from itertools import islice
+
+    from training.datasets import detect_format, iter_rows, resolve_path
+    from training.errors import BackpropError
+
+    try:
+        rows = [r for _, r in islice(iter_rows(resolve_path(path)), 20) if isinstance(r, dict)]
+    except BackpropError as exc:
+        return f"[{exc.code}] {exc.message}"
+    formats = {f for f in (detect_format(r) for r in rows) if f}
+    return ", ".join(sorted(formats)) if formats else "unknown format"
+
+
 UPDATE_EVERY_S = 0.5  # at most two state updates a second
 
 
@@ -42,6 +68,9 @@ class TrainState(rx.State):
     hint: str = ""
     adapter: str = ""
     _following: str = ""
+    models: list[str] = model_choices()
+    sandbox_datasets: list[str] = []
+    dataset_format: str = ""
 
     @rx.var
     def running(self) -> bool:
@@ -54,6 +83,21 @@ class TrainState(rx.State):
     @rx.event
     def set_field(self, name: str, value: str | bool):
         setattr(self, name, value)
+
+    @rx.event
+    def pick_model(self, label: str):
+        self.model = label.split("  ")[0]
+
+    @rx.event
+    def pick_dataset(self, name: str):
+        from app.state.dataset import datasets_dir
+
+        self.dataset = str(datasets_dir() / name)
+        self.dataset_format = detect(self.dataset)
+
+    @rx.event
+    def check_dataset(self):
+        self.dataset_format = detect(self.dataset.strip()) if self.dataset.strip() else ""
 
     @rx.event
     def start(self):
@@ -83,6 +127,10 @@ class TrainState(rx.State):
     @rx.event
     def reattach(self):
         """On page load: follow this tab's run, or the newest training run still active (started anywhere)."""
+        from app.state.dataset import datasets_dir
+
+        self.sandbox_datasets = sorted(p.name for p in datasets_dir().iterdir() if not p.name.startswith("."))
+        self.check_dataset()
         if not self.run_id:
             active = [r for r in Registry(load_settings().home).list(kind="train") if r.status in ACTIVE]
             if not active:
