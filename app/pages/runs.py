@@ -17,7 +17,8 @@ def runs_page() -> rx.Component:
         "Runs",
         rx.hstack(
             rx.select(STATUSES, value=RunsState.status_filter, on_change=RunsState.set_status_filter, id="status-filter"),
-            rx.input(placeholder="search", value=RunsState.search, on_change=RunsState.set_search, id="run-search"),
+            rx.input(placeholder="search", value=RunsState.search, on_change=RunsState.set_search, id="run-search",
+                     debounce_timeout=50),
             rx.button("Refresh", on_click=RunsState.load, variant="soft"),
         ),
         rx.cond(

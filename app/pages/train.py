@@ -78,7 +78,8 @@ def progress() -> rx.Component:
         rx.card(
             rx.vstack(
                 rx.hstack(
-                    rx.text("Run ", rx.link(TrainState.run_id, href="/runs/" + TrainState.run_id), weight="medium"),
+                    rx.text("Run ", rx.link(TrainState.run_id, href="/runs/" + TrainState.run_id, id="train-run-id"),
+                            weight="medium"),
                     status_pill(TrainState.status, id="status-pill"),
                     rx.text(TrainState.step, " / ", TrainState.max_steps, " steps", id="step-count"),
                     rx.text(TrainState.tokens_per_s, color_scheme="gray"),
