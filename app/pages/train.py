@@ -49,6 +49,7 @@ def form() -> rx.Component:
                     header="Advanced",
                     content=rx.hstack(
                         field("LoRA rank", "lora_r", TrainState.lora_r),
+                        field("Validation split", "validation_split", TrainState.validation_split, "0: none"),
                         rx.checkbox("Packing", checked=TrainState.packing,
                                     on_change=lambda v: TrainState.set_field("packing", v)),
                         rx.checkbox("Loss on replies only", checked=TrainState.response_only,
