@@ -22,7 +22,7 @@ def test_help_is_fast_and_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
     for command in ([], ["train"], ["list"], ["show-run"], ["resume"], ["validate"], ["info"], ["run"], ["status"], ["stop"],
-                    ["export"], ["push"], ["chat"], ["generate"]):  # fmt: skip
+                    ["export"], ["push"], ["chat"], ["generate"], ["multi-run"], ["ui"]):  # fmt: skip
         out = backprop(*command, "--help", check=True)
         assert "usage: backprop" in out.stdout
 
