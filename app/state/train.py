@@ -41,7 +41,7 @@ def detect(path: str) -> str:
     return ", ".join(sorted(formats)) if formats else "unknown format"
 
 
-UPDATE_EVERY_S = 0.5  # at most two state updates a second
+UPDATE_EVERY_S = 1.0  # one state update a second: each one redraws the charts in the browser
 
 
 class TrainState(rx.State):
