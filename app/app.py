@@ -15,6 +15,7 @@ from app.state.dataset import DatasetState
 from app.state.export import ExportState
 from app.state.multirun import MultiRunState
 from app.state.runs import RunDetailState, RunsState
+from app.state.telemetry import sample_forever
 from app.state.train import TrainState
 
 app = rx.App(head_components=[rx.el.link(rel="icon", href="/favicon.svg", type="image/svg+xml")])
@@ -25,3 +26,4 @@ app.add_page(export_page, route="/export", title="Export · Backprop", on_load=E
 app.add_page(multi_run_page, route="/multi-run", title="Multi-Run · Backprop", on_load=MultiRunState.reattach)
 app.add_page(chat_page, route="/chat", title="Chat · Backprop", on_load=ChatState.load)
 app.add_page(dataset_page, route="/dataset", title="Dataset · Backprop", on_load=DatasetState.load)
+app.register_lifespan_task(sample_forever)

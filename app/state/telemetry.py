@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from functools import cache
 
 import reflex as rx
 
 from training.config import load_settings
-from training.telemetry import Telemetry
+from training.telemetry import GpuReading, Sample, Telemetry
 
 HISTORY = 180  # points kept: three minutes at one per second
 
@@ -19,8 +20,19 @@ def _probe() -> Telemetry:
     return Telemetry(settings.gpu.probe, settings.telemetry_file)
 
 
-def _point(series: list[dict], value: float | None) -> list[dict]:
-    return [*series, {"v": round(value, 1) if value is not None else None}][-HISTORY:]
+# One sampler per server, shared by every tab: a tab opened now still shows the last three minutes.
+_history: deque[Sample] = deque(maxlen=HISTORY)
+
+
+async def sample_forever() -> None:
+    """Lifespan task of the app: one telemetry sample a second into the shared history."""
+    while True:
+        _history.append(await asyncio.to_thread(_probe().sample))
+        await asyncio.sleep(1.0)
+
+
+def _series(values: list[float | None]) -> list[dict]:
+    return [{"v": round(v, 1) if v is not None else None} for v in values]
 
 
 class TelemetryState(rx.State):
@@ -40,14 +52,10 @@ class TelemetryState(rx.State):
             self._watching = True
         try:
             while True:
-                sample = await asyncio.to_thread(_probe().sample)
+                samples = list(_history)
                 async with self:
-                    self.cpu = _point(self.cpu, sample.cpu)
-                    self.ram = _point(self.ram, 100 * sample.ram_used / sample.ram_total)
-                    self.cpu_now = f"{sample.cpu:.0f}%"
-                    self.ram_now = f"{sample.ram_used / 1024:.1f} / {sample.ram_total / 1024:.0f} GB"
-                    self.gpu_note = "No NVIDIA GPU found: CPU and RAM only." if sample.gpu_note and not sample.gpus else ""
-                    self.gpus = [self._gpu(g, i) for i, g in enumerate(sample.gpus)]
+                    if samples:
+                        self._show(samples)
                     if self.router.session.client_token not in app_tokens():
                         return  # the tab is gone
                 await asyncio.sleep(1.0)
@@ -55,15 +63,26 @@ class TelemetryState(rx.State):
             async with self:
                 self._watching = False
 
-    def _gpu(self, g, i: int) -> dict:
-        old = self.gpus[i] if i < len(self.gpus) else {}
-        mem = 100 * g.mem_used / g.mem_total if g.mem_used is not None and g.mem_total else None
+    def _show(self, samples: list[Sample]) -> None:
+        last = samples[-1]
+        self.cpu = _series([s.cpu for s in samples])
+        self.ram = _series([100 * s.ram_used / s.ram_total for s in samples])
+        self.cpu_now = f"{last.cpu:.0f}%"
+        self.ram_now = f"{last.ram_used / 1024:.1f} / {last.ram_total / 1024:.0f} GB"
+        self.gpu_note = "No NVIDIA GPU found: CPU and RAM only." if last.gpu_note and not last.gpus else ""
+        self.gpus = [self._gpu(g, [s.gpus[i] if i < len(s.gpus) else None for s in samples]) for i, g in enumerate(last.gpus)]
+
+    @staticmethod
+    def _gpu(g: GpuReading, history: list[GpuReading | None]) -> dict:
+        def series(read) -> list[dict]:
+            return _series([read(h) if h is not None else None for h in history])
+
         return {
             "name": f"GPU {g.index} {g.name}",
-            "util": _point(old.get("util", []), g.util),
-            "mem": _point(old.get("mem", []), mem),
-            "temp": _point(old.get("temp", []), g.temp),
-            "power": _point(old.get("power", []), g.power),
+            "util": series(lambda h: h.util),
+            "mem": series(lambda h: 100 * h.mem_used / h.mem_total if h.mem_used is not None and h.mem_total else None),
+            "temp": series(lambda h: h.temp),
+            "power": series(lambda h: h.power),
             "now": " · ".join(
                 x for x in (
                     f"{g.util:.0f}%" if g.util is not None else "",
