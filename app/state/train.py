@@ -44,6 +44,13 @@ def detect(path: str) -> str:
 UPDATE_EVERY_S = 1.0  # one state update a second: each one redraws the charts in the browser
 
 
+def _cuda_available() -> bool:
+    """QLoRA and unsloth need an NVIDIA GPU; the page offers them only then (checked without importing torch)."""
+    import shutil
+
+    return shutil.which("nvidia-smi") is not None
+
+
 class TrainState(rx.State):
     model: str = "demo"
     dataset: str = DEMO_DATASET
@@ -53,8 +60,17 @@ class TrainState(rx.State):
     max_run_minutes: str = "10"
     lora_r: str = "16"
     validation_split: str = ""
+    epochs: str = ""
+    gradient_accumulation: str = ""
+    max_seq_length: str = ""
+    lora_alpha: str = ""
+    lora_dropout: str = ""
+    target_modules: str = "all-linear"
     packing: bool = True
     response_only: bool = True
+    qlora: bool = False
+    use_unsloth: bool = True
+    cuda: bool = _cuda_available()
 
     run_id: str = ""
     status: str = ""
@@ -105,7 +121,11 @@ class TrainState(rx.State):
         options = {"model": self.model.strip() or None, "steps": _int(self.steps), "lr": _float(self.learning_rate),
                    "batch_size": _int(self.batch_size), "max_run_minutes": _float(self.max_run_minutes),
                    "lora_r": _int(self.lora_r), "packing": self.packing, "response_only": self.response_only,
-                   "validation_split": _float(self.validation_split)}  # fmt: skip
+                   "validation_split": _float(self.validation_split), "epochs": _float(self.epochs),
+                   "gradient_accumulation": _int(self.gradient_accumulation), "max_seq_length": _int(self.max_seq_length),
+                   "lora_alpha": _int(self.lora_alpha), "lora_dropout": _float(self.lora_dropout),
+                   "target_modules": _targets(self.target_modules), "qlora": self.qlora if self.cuda else None,
+                   "use_unsloth": self.use_unsloth if self.cuda else None}  # fmt: skip
         try:
             settings = load_settings(**nest_options(options))
             run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root())
@@ -174,6 +194,13 @@ class TrainState(rx.State):
             async with self:
                 if self._following == run_id:
                     self._following = ""
+
+
+def _targets(text: str) -> list[str] | str | None:
+    text = text.strip()
+    if not text:
+        return None
+    return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _int(text: str) -> int | None:
