@@ -139,9 +139,10 @@ def test_the_runs_page_lists_a_run_started_from_the_command_line(server, page):
     shot(page, "runs")
     page.click(f"text={run_id}")
     page.wait_for_url(f"**/runs/{run_id}")
-    wait_for(lambda: "Parameters" in page.inner_text("body"), 30, "the run page")
-    assert "from-the-shell" in page.inner_text("body") and "completed" in page.inner_text("body")
-    assert page.locator("#run-telemetry").count() == 1  # what the machine did while it trained
+    # The run page's layout comes first, its data right after (on_load): wait for the data, not just the page.
+    wait_for(lambda: "Parameters" in (body := page.inner_text("body")) and "from-the-shell" in body, 30, "the run page")
+    wait_for(lambda: page.locator("#run-telemetry").count() == 1, 30, "the telemetry recorded while it trained")
+    assert "completed" in page.inner_text("body")
     shot(page, "run-detail")
     run_dir = Path(json.loads(backprop("show-run", run_id, "--json", env=server["env"], check=True).stdout)["run_dir"])
     page.click("#delete-run")
