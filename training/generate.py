@@ -38,7 +38,8 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end
 class ChatModel(ABC):
     """A model that answers chat messages, piece by piece or all at once."""
 
-    @abstractmethod
+    context_length: int | None = None  # tokens; a longer chat is refused, a long reply is cut to fit
+
     def stream(
         self,
         messages: list[Message],
@@ -48,6 +49,20 @@ class ChatModel(ABC):
         seed: int | None = None,
     ) -> Iterator[str]:
         """The reply as text pieces, as they are generated. Bad arguments raise at once, not at the first piece."""
+        _check_request(messages, max_new_tokens, temperature, top_p)
+        prompt = self.prompt_ids(messages)
+        budget = _token_budget(len(prompt), max_new_tokens, self.context_length)
+        return _skip_leading_whitespace(self._pieces(prompt, budget, temperature, top_p, seed))
+
+    @abstractmethod
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The token ids of the chat so far, rendered with the chat template and the assistant's generation prompt."""
+
+    @abstractmethod
+    def _pieces(
+        self, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+    ) -> Iterator[str]:
+        """Generate after `prompt`, yielding text pieces, until an end-of-turn token or `max_new_tokens`."""
 
     def reply(
         self,
@@ -98,19 +113,10 @@ class HFModel(ChatModel):
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template already holds any bos
 
-    def stream(
-        self,
-        messages: list[Message],
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
+    def _pieces(
+        self, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int | None
     ) -> Iterator[str]:
-        _check_request(messages, max_new_tokens, temperature, top_p)
-        prompt = self.prompt_ids(messages)
-        budget = _token_budget(len(prompt), max_new_tokens, self.context_length)
-        tokens = self._generate(prompt, budget, _Sampler(temperature, top_p, seed))
-        return _skip_leading_whitespace(_text_pieces(tokens, self._decode))
+        return _text_pieces(self._generate(prompt, max_new_tokens, _Sampler(temperature, top_p, seed)), self._decode)
 
     def _generate(self, prompt: list[int], max_new_tokens: int, sample: _Sampler) -> Iterator[int]:
         """Token ids one at a time, feeding each back through the KV cache, until an end-of-turn token."""
@@ -238,18 +244,10 @@ class GGUFModel(ChatModel):
         text = self._format(messages=messages).prompt
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)  # the template holds any bos
 
-    def stream(
-        self,
-        messages: list[Message],
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
+    def _pieces(
+        self, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int | None
     ) -> Iterator[str]:
-        _check_request(messages, max_new_tokens, temperature, top_p)
-        prompt = self.prompt_ids(messages)
-        budget = _token_budget(len(prompt), max_new_tokens, self.context_length)
-        return _skip_leading_whitespace(self._generate(prompt, budget, temperature, top_p, seed))
+        return self._generate(prompt, max_new_tokens, temperature, top_p, seed)
 
     def _generate(
         self, prompt: list[int], max_new_tokens: int, temperature: float, top_p: float, seed: int | None
