@@ -238,6 +238,13 @@ def test_the_trained_run_exports_to_gguf_verified_by_llama_cpp_and_answers_in_ch
     wait_for(lambda: page.locator(".reply").count() >= 1 and page.locator(".reply").last.inner_text().strip(), 180, "a reply")
     wait_for(lambda: page.is_enabled("#chat-send"), 180, "the reply to finish")
     assert "capital" in page.locator(".reply").last.inner_text()  # 60 steps on the demo data: it answers in kind
+    # Side by side: the same prompt to the base model, whose reply shows beside the tuned one.
+    page.get_by_text("Side by side with the base model").click()
+    page.fill("#chat-input", "What is the capital of Japan?")
+    page.click("#chat-send")
+    wait_for(lambda: page.locator(".base-reply").count() >= 1, 180, "the base model's reply")
+    wait_for(lambda: page.is_enabled("#chat-send"), 180, "both replies to finish")
+    assert page.locator(".reply").count() == 2
     shot(page, "chat")
 
 
