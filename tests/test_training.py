@@ -194,3 +194,15 @@ def test_a_time_box_ends_the_run_timeboxed_with_a_checkpoint_and_resume_finishes
     done = backprop("resume", run.id, "--json", "--max-run-minutes", "0.1")
     assert done.returncode == 3
     assert registry.get(run.id).step > run.step  # it continued from the checkpoint
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_a_run_whose_eval_loss_stops_improving(home):
+    # The held-out capitals cannot be inferred from the others: once the model memorises its training rows, eval
+    # loss rises, and with patience 1 the run ends at the first evaluation that is not a new best.
+    result = Trainer("demo").train(DEMO_DATA, steps=300, validation_split=0.25, eval_every=10, early_stopping_patience=1)
+    assert result.status == "completed" and result.steps < 300 and result.adapter_path is not None
+    events, _ = read_events(result.run_dir / "events.jsonl")
+    evals = [e["eval_loss"] for e in events if e["event"] == "eval"]
+    assert any(e.get("message", "").startswith(f"early stopping at step {result.steps}") for e in events)
+    assert evals[-2] >= min(evals[:-2])  # the evaluation that stopped it was no improvement

@@ -98,8 +98,7 @@ def _wait(registry: Registry, run_id: str, on_event: EventSink | None, offset: i
             on_event(event)
     run = registry.get(run_id)
     if run.status == "failed":
-        code = (failure or {}).get("code") or run.error_code or "RUNTIME_TRAINING_FAILED"
-        raise BackpropError(code, message=(failure or {}).get("message") or run.error_message, hint=(failure or {}).get("hint"))
+        raise jobs.failure(run, failure)
     adapter = run.path / "adapter"
     return TrainResult(run.id, run.status, run.step, run.final_loss, run.eval_loss,
                        adapter if run.status == "completed" and adapter.exists() else None, run.path,

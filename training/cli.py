@@ -332,7 +332,9 @@ def _print_campaign(run) -> None:
         loss = f"{child.final_loss:.4f}" if child.final_loss is not None else "-"
         steps = f"{child.step}/{child.max_steps or '?'}"
         console.print(f"  run {i}: {child.id} {_status_markup(child.status)} step {steps} loss {loss}")
-    events, _ = read_events_of(run)
+    from training.events import read_events
+
+    events, _ = read_events(run.path / "events.jsonl")
     merges = [e for e in events if e["event"] == "merge"]
     if merges:
         console.print("merges:  run  lambda   |A| before -> after   |B| before -> after")
@@ -349,12 +351,6 @@ def _print_campaign(run) -> None:
                       f"average loss {metrics['average_loss']:.4f}")  # fmt: skip
     if (run.path / "adapter").exists():
         console.print(f"merged adapter: {run.path / 'adapter'}")
-
-
-def read_events_of(run):
-    from training.events import read_events
-
-    return read_events(run.path / "events.jsonl")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -432,8 +428,7 @@ def _follow_in_foreground(run_id: str, args: argparse.Namespace) -> int:
     else:
         _print_summary(summary)
     if run.status == "failed":
-        code = (failure or {}).get("code") or run.error_code or "RUNTIME_TRAINING_FAILED"
-        error = BackpropError(code, message=(failure or {}).get("message") or run.error_message, hint=(failure or {}).get("hint"))
+        error = jobs.failure(run, failure)
         _print_error(error, False)
         return error.exit_code
     return {"completed": 0, "stopped": 130}.get(run.status, 3)

@@ -176,6 +176,13 @@ def follow(registry: Registry, run_id: str, offset: int = 0, poll: float = FOLLO
         time.sleep(poll)
 
 
+def failure(run: RunRecord, failed_event: Event | None = None) -> BackpropError:
+    """The coded error a failed run ended with: from its `failed` event when seen, else from the registry."""
+    event = failed_event or {}
+    code = event.get("code") or run.error_code or "RUNTIME_TRAINING_FAILED"
+    return BackpropError(code, message=event.get("message") or run.error_message, hint=event.get("hint"))
+
+
 def events_offset(registry: Registry, run_id: str) -> int:
     """The current end of a run's events: follow from here to see only what comes next."""
     path = registry.get(run_id).path / "events.jsonl"

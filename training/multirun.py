@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -338,8 +339,6 @@ def _save_tensors(path: Path, tensors: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     with open(tmp, "rb") as f:
-        import os
-
         os.fsync(f.fileno())
     tmp.replace(path)
 

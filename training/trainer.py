@@ -96,6 +96,7 @@ class _Loop:
         self.events = events
         self.control = control
         self.losses: list[float] = []
+        self.evals: list[float] = []  # eval losses so far, for early stopping
         self.oom_splits = 0
 
     # ------------------------------------------------------------------ setup
@@ -303,7 +304,7 @@ class _Loop:
         patience = self.t.early_stopping_patience
         if not patience or eval_loss is None:
             return False
-        self.evals = [*getattr(self, "evals", []), eval_loss]
+        self.evals.append(eval_loss)
         best_at = self.evals.index(min(self.evals))
         return len(self.evals) - 1 - best_at >= patience
 

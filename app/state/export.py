@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import reflex as rx
@@ -27,11 +28,7 @@ def _parameters(run_dir: Path, home: Path) -> int:
     for file in Path(resolve_model(base, home).path).glob("*.safetensors"):
         with safe_open(str(file), "np") as f:
             for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                count = 1
-                for n in shape:
-                    count *= n
-                total += count
+                total += math.prod(f.get_slice(key).get_shape())
     return total
 
 
