@@ -88,6 +88,12 @@ def steps_shown(page) -> int:
     return int(re.match(r"\s*(\d+)", text).group(1))
 
 
+def points_drawn(page, selector: str) -> int:
+    """Points of the first SVG polyline matching selector (the charts are polylines computed by the server)."""
+    line = page.locator(selector).first
+    return len((line.get_attribute("points") or "").split()) if line.count() else 0
+
+
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
@@ -101,7 +107,7 @@ def test_a_new_user_trains_the_demo_model_and_watches_it_live(server, page):
     page.fill("#field-steps", "60")
     page.click("#start")
     wait_for(lambda: steps_shown(page) >= 5, 180, "loss points to arrive")
-    assert page.locator("#loss-chart path.recharts-line-curve").count() >= 1  # the curve is drawn
+    wait_for(lambda: points_drawn(page, "#loss-chart polyline") >= 5, 60, "the loss curve")  # one point per step
     first_cpu = page.inner_text("#telemetry-rail")
     assert "CPU" in first_cpu and "%" in first_cpu and "No NVIDIA GPU found" in first_cpu
     wait_for(lambda: page.inner_text("#status-pill") == "completed", 300, "the run to complete")
@@ -156,15 +162,10 @@ def test_without_a_gpu_the_rail_still_moves(server, page):
     page.goto(server["url"] + "runs")
     page.wait_for_selector("#telemetry-rail")
     # A tab opened now shows the recent past at once (one sampler per server), then keeps moving.
-    curve = page.locator("#telemetry-rail path.recharts-line-curve").first
-
-    def points() -> int:
-        d = curve.get_attribute("d") or "" if curve.count() else ""
-        return d.count("L") + d.count("C")
-
-    wait_for(lambda: points() >= 5, 30, "several points of history")
-    first = page.inner_html("#telemetry-rail")
-    wait_for(lambda: page.inner_html("#telemetry-rail") != first, 30, "a new telemetry point")
+    wait_for(lambda: points_drawn(page, "#telemetry-rail .sparkline polyline") >= 5, 30, "several points of history")
+    first = page.locator("#telemetry-rail .sparkline polyline").first.get_attribute("points")
+    wait_for(lambda: page.locator("#telemetry-rail .sparkline polyline").first.get_attribute("points") != first, 30,
+             "a new telemetry point")  # fmt: skip
 
 
 def upload(page, server, path: Path) -> None:

@@ -1,35 +1,65 @@
-"""Charts: the live loss chart and the telemetry sparklines (recharts, animation off for live data)."""
+"""Charts: line charts and sparklines drawn from server-computed geometry (app/state/plot.py), and the status pill."""
 
 from __future__ import annotations
 
 import reflex as rx
 
+from app.state.plot import BOX
 
-def loss_chart(data: rx.Var, height: int = 280) -> rx.Component:
-    return rx.recharts.line_chart(
-        rx.recharts.cartesian_grid(stroke_dasharray="3 3", stroke_opacity=0.3),
-        rx.recharts.x_axis(data_key="step", type_="number", domain=["dataMin", "dataMax"]),
-        rx.recharts.y_axis(domain=["auto", "auto"], width=48),
-        rx.recharts.graphing_tooltip(),
-        rx.recharts.legend(),
-        rx.recharts.line(data_key="loss", name="train loss", stroke=rx.color("accent", 9), dot=False,
-                         is_animation_active=False, connect_nulls=True),
-        rx.recharts.line(data_key="eval_loss", name="eval loss", stroke=rx.color("orange", 9), dot=True,
-                         is_animation_active=False, connect_nulls=True),
-        data=data, height=height, width="100%", id="loss-chart",
+# Presentation of the lines: strokes keep their width in screen pixels however the box is stretched.
+LINE = {"fill": "none", "strokeWidth": "2px", "vectorEffect": "non-scaling-stroke", "strokeLinejoin": "round"}
+DOTS = {"fill": "none", "strokeWidth": "7px", "strokeLinecap": "round", "vectorEffect": "non-scaling-stroke"}
+GRID = {"stroke": rx.color("gray", 5), "strokeWidth": "1px", "vectorEffect": "non-scaling-stroke"}
+
+
+def _box(*children: rx.Component) -> rx.Component:
+    return rx.el.svg(*children, view_box=f"0 0 {BOX} {BOX}", preserve_aspect_ratio="none", width="100%", height="100%",
+                     style={"display": "block", "overflow": "visible"})  # fmt: skip
+
+
+def line_chart(plot: rx.Var, height: str = "260px", id: str | None = None, empty: str = "No points yet.") -> rx.Component:
+    """Axes with labels, a legend with each line's latest value, and the lines (optionally with dots)."""
+    return rx.box(
+        rx.hstack(
+            rx.foreach(plot.series, lambda s: rx.hstack(
+                rx.box(width="12px", height="3px", background=s.color),
+                rx.text(s.name, " ", s.last, size="1"),
+                align="center", spacing="1",
+            )),
+            spacing="4", padding_left="56px", class_name="chart-legend",
+        ),
+        rx.box(
+            rx.foreach(plot.y_ticks, lambda t: rx.text(t.label, size="1", color_scheme="gray", position="absolute",
+                                                       top=t.at, right="calc(100% + 6px)", transform="translateY(-50%)")),
+            rx.foreach(plot.x_ticks, lambda t: rx.text(t.label, size="1", color_scheme="gray", position="absolute",
+                                                       left=t.at, top="calc(100% + 4px)", transform="translateX(-50%)")),
+            _box(
+                *[rx.el.svg.line(x1="0", x2=str(BOX), y1=str(y), y2=str(y), style=GRID) for y in range(0, BOX + 1, BOX // 4)],
+                rx.foreach(plot.series, lambda s: rx.el.svg.polyline(points=s.points, style={**LINE, "stroke": s.color})),
+                rx.foreach(plot.series, lambda s: rx.el.svg.path(d=s.dots, style={**DOTS, "stroke": s.color})),
+            ),
+            rx.cond(plot.empty, rx.center(rx.text(empty, size="2", color_scheme="gray"), position="absolute", inset="0")),
+            position="relative", height=height, margin="8px 12px 28px 56px",
+        ),
+        id=id, width="100%",
     )  # fmt: skip
 
 
-def sparkline(label: str | rx.Var, now: str | rx.Var, data: rx.Var, color: str = "accent") -> rx.Component:
+def sparkline(label: str | rx.Var, now: str | rx.Var, points: rx.Var, color: str = "accent") -> rx.Component:
     return rx.box(
         rx.hstack(rx.text(label, size="1", weight="medium"), rx.spacer(), rx.text(now, size="1", color_scheme="gray"),
                   width="100%"),
-        rx.recharts.line_chart(
-            rx.recharts.y_axis(hide=True, domain=[0, "auto"]),
-            rx.recharts.line(data_key="v", dot=False, stroke=rx.color(color, 9), stroke_width=1.5, is_animation_active=False),
-            data=data, height=32, width="100%", margin={"top": 2, "right": 2, "bottom": 2, "left": 2},
-        ),
+        rx.box(_box(rx.el.svg.polyline(points=points, style={**LINE, "strokeWidth": "1.5px", "stroke": rx.color(color, 9)})),
+               height="28px", border_bottom=f"1px solid {rx.color('gray', 4)}", class_name="sparkline"),
         width="100%",
+    )  # fmt: skip
+
+
+def progress_bar(percent: rx.Var) -> rx.Component:
+    """A plain bar: Radix's progress component kept the browser busy (10% of a core) while a run trained."""
+    return rx.box(
+        rx.box(width=percent.to_string() + "%", height="100%", background=rx.color("accent", 9), border_radius="3px"),
+        width="100%", height="6px", background=rx.color("gray", 4), border_radius="3px", id="progress-bar",
     )  # fmt: skip
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import reflex as rx
 
-from app.components.charts import status_pill
+from app.components.charts import line_chart, status_pill
 from app.components.layout import page
 from app.state.multirun import MultiRunState
 
@@ -56,6 +56,7 @@ def multi_run_page() -> rx.Component:
                 rx.hstack(rx.text("Campaign ", rx.link(MultiRunState.campaign_id, href="/runs/" + MultiRunState.campaign_id)),
                           status_pill(MultiRunState.status, id="mr-status"), rx.text(MultiRunState.step, " steps"),
                           align="center"),
+                line_chart(MultiRunState.loss, height="200px", id="mr-loss", empty="The loss appears with the first steps."),
                 table(MultiRunState.children, ["run", "id", "status", "step", "loss"], "mr-runs"),
                 rx.text("Merge timeline", weight="bold", size="2"),
                 table(MultiRunState.merges, ["run", "lam", "a", "b"], "mr-merges"),

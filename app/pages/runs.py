@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import reflex as rx
 
-from app.components.charts import loss_chart, status_pill
+from app.components.charts import line_chart, status_pill
 from app.components.layout import page
 from app.state.runs import RunDetailState, RunsState
 
@@ -71,22 +71,10 @@ def run_detail_page() -> rx.Component:
                     ),
                 ),
                 rx.cond(RunDetailState.error != "", rx.text(RunDetailState.error, color_scheme="red")),
-                loss_chart(RunDetailState.loss),
-                rx.cond(RunDetailState.telemetry.length() > 0, rx.vstack(
+                line_chart(RunDetailState.loss, id="run-loss", empty="No training steps recorded."),
+                rx.cond(~RunDetailState.telemetry.empty, rx.vstack(
                     rx.heading("Telemetry during the run", size="3"),
-                    rx.recharts.line_chart(
-                        rx.recharts.x_axis(data_key="t", unit="s"), rx.recharts.y_axis(width=40), rx.recharts.legend(),
-                        rx.recharts.graphing_tooltip(),
-                        rx.recharts.line(data_key="cpu", name="CPU %", dot=False, is_animation_active=False,
-                                         stroke=rx.color("accent", 9)),
-                        rx.recharts.line(data_key="ram", name="RAM %", dot=False, is_animation_active=False,
-                                         stroke=rx.color("green", 9)),
-                        rx.recharts.line(data_key="gpu_util", name="GPU util %", dot=False, is_animation_active=False,
-                                         stroke=rx.color("orange", 9)),
-                        rx.recharts.line(data_key="gpu_temp", name="GPU °C", dot=False, is_animation_active=False,
-                                         stroke=rx.color("red", 9)),
-                        data=RunDetailState.telemetry, height=200, width="100%", id="run-telemetry",
-                    ),
+                    line_chart(RunDetailState.telemetry, height="180px", id="run-telemetry"),
                     width="100%",
                 )),
                 rx.heading("Parameters", size="3"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import reflex as rx
 
-from app.components.charts import loss_chart, status_pill
+from app.components.charts import line_chart, progress_bar, status_pill
 from app.components.layout import page
 from app.state.train import TrainState
 
@@ -100,8 +100,8 @@ def progress() -> rx.Component:
                     rx.text(TrainState.eta, color_scheme="gray"),
                     align="center", wrap="wrap",
                 ),
-                rx.progress(value=TrainState.percent, width="100%"),
-                loss_chart(TrainState.loss),
+                progress_bar(TrainState.percent),
+                line_chart(TrainState.loss, id="loss-chart", empty="The loss curve appears with the first steps."),
                 rx.cond(TrainState.adapter != "", rx.vstack(
                     rx.text("Adapter saved: ", rx.code(TrainState.adapter), size="2"),
                     rx.hstack(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.state.plot import Line, Plot, plot
 from training.events import read_events
 
 MAX_POINTS = 400  # chart points kept per series; older points are thinned, not dropped
@@ -30,6 +31,7 @@ class Progress:
     hint: str = ""
     adapter: str = ""
     telemetry: list[dict] = field(default_factory=list)  # {"t", "cpu", "ram", "gpu_util", "gpu_temp"} per sample
+    merges: list[dict] = field(default_factory=list)  # a campaign's `merge` events
 
     def read(self) -> bool:
         """Take in the events written since the last call; True if anything changed."""
@@ -55,6 +57,11 @@ class Progress:
         elif kind in ("queued", "paused", "resumed"):
             self.status = {"queued": "queued", "paused": "paused", "resumed": "running"}[kind]
             self._say(e, f"{kind}: {e.get('reason', '')}")
+        elif kind == "merge":
+            self.merges = [*self.merges, e]
+            self._say(e, f"run {e['run']} merged (lambda {e['lam']:.3f})")
+        elif kind == "run_started":
+            self._say(e, f"run {e.get('run', '?')} started")
         elif kind == "checkpoint_saved":
             self._say(e, f"checkpoint at step {e.get('step')}")
         elif kind == "completed":
@@ -75,12 +82,36 @@ class Progress:
     def _say(self, e: dict[str, Any], text: str) -> None:
         self.log = [*self.log, f"{time.strftime('%H:%M:%S', time.localtime(e['t']))}  {text}"][-LOG_LINES:]
 
+    def loss_plot(self) -> Plot:
+        """Train and eval loss against steps, the x axis spanning the whole run so the curve grows across it."""
+        return loss_plot(self.loss, self.max_steps)
+
+    def telemetry_plot(self) -> Plot:
+        return telemetry_plot(self.telemetry)
+
     @property
     def eta(self) -> str:
         if not self.started or not self.step or not self.max_steps or self.status != "running":
             return ""
         left = (time.time() - self.started) / self.step * (self.max_steps - self.step)
         return f"{int(left // 60)}:{int(left % 60):02d} left"
+
+
+def loss_plot(points: list[dict], max_steps: int = 0) -> Plot:
+    train = [(p["step"], p["loss"]) for p in points if "loss" in p]
+    evals = [(p["step"], p["eval_loss"]) for p in points if "eval_loss" in p]
+    last = max((p["step"] for p in points), default=0)
+    lines = [Line("train loss", "accent", train)] + ([Line("eval loss", "orange", evals, dots=True)] if evals else [])
+    return plot(lines, x_range=(0, max(max_steps, last, 1)))
+
+
+def telemetry_plot(samples: list[dict]) -> Plot:
+    """CPU, RAM and GPU utilisation (%) and GPU temperature (°C) against seconds since the run started; 0-100."""
+    names = [("cpu", "CPU %", "accent"), ("ram", "RAM %", "green"), ("gpu_util", "GPU util %", "orange"),
+             ("gpu_temp", "GPU °C", "red")]  # fmt: skip
+    lines = [Line(label, color, [(s["t"], s.get(key)) for s in samples]) for key, label, color in names
+             if any(s.get(key) is not None for s in samples)]  # fmt: skip
+    return plot(lines, y_range=(0, 100))
 
 
 def _thin(points: list[dict]) -> list[dict]:

@@ -7,11 +7,12 @@ import asyncio
 import reflex as rx
 
 from app.sandbox import runs_root
+from app.state.follow import Progress
+from app.state.plot import Plot
 from app.state.train import DEMO_DATASET
 from training import jobs
 from training.config import load_settings, nest_options
 from training.errors import BackpropError
-from training.events import read_events
 from training.multirun import forgetting_metrics
 from training.runs import ACTIVE, Registry
 
@@ -24,12 +25,12 @@ def heat(value: float | None, low: float, high: float) -> str:
     return f"hsl({round(120 * (1 - share))}, 65%, 55%)"
 
 
-def campaign_view(registry: Registry, campaign_id: str) -> dict:
-    """Everything the page shows of a campaign, as plain strings."""
+def campaign_view(registry: Registry, campaign_id: str, progress: Progress) -> dict:
+    """Everything the page shows of a campaign, as plain strings (and the loss plot), its events read up to now."""
     run = registry.get(campaign_id)
     children = registry.children(run.id)
-    events, _ = read_events(run.path / "events.jsonl")
-    merges = [e for e in events if e["event"] == "merge"]
+    progress.read()
+    merges = progress.merges
     matrix = registry.forgetting(run.id)
     values = [v for row in matrix for v in row if v is not None]
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
@@ -37,6 +38,7 @@ def campaign_view(registry: Registry, campaign_id: str) -> dict:
     return {
         "status": run.status,
         "step": f"{run.step}/{run.max_steps or '?'}",
+        "loss": progress.loss_plot(),
         "children": [{"run": str(i), "id": c.id, "status": c.status, "step": f"{c.step}/{c.max_steps or '?'}",
                       "loss": f"{c.final_loss if c.final_loss is not None else (c.loss or 0):.4f}"}
                      for i, c in enumerate(children, 1)],
@@ -64,6 +66,7 @@ class MultiRunState(rx.State):
     campaign_id: str = ""
     status: str = ""
     step: str = ""
+    loss: Plot = Plot()
     children: list[dict[str, str]] = []
     merges: list[dict[str, str]] = []
     cells: list[dict[str, str]] = []
@@ -96,6 +99,7 @@ class MultiRunState(rx.State):
             self.error = f"[INPUT_INVALID_ARGUMENT] {exc}"
             return
         self.campaign_id, self.children, self.merges, self.cells, self.bwt, self.average = run.id, [], [], [], "", ""
+        self.loss = Plot()
         return MultiRunState.follow
 
     @rx.event
@@ -114,9 +118,10 @@ class MultiRunState(rx.State):
                 return
             campaign_id = self._following = self.campaign_id
         registry = Registry(load_settings().home)
+        progress = Progress(registry.get(campaign_id).path / "events.jsonl")
         try:
             while True:
-                view = await asyncio.to_thread(campaign_view, registry, campaign_id)
+                view = await asyncio.to_thread(campaign_view, registry, campaign_id, progress)
                 async with self:
                     if self.campaign_id != campaign_id:
                         return

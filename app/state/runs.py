@@ -8,6 +8,7 @@ from pathlib import Path
 import reflex as rx
 
 from app.state.follow import Progress
+from app.state.plot import Plot
 from training import jobs
 from training.config import load_settings
 from training.errors import BackpropError
@@ -52,12 +53,11 @@ class RunDetailState(rx.State):
     found: bool = True
     info: dict[str, str] = {}
     params: list[list[str]] = []
-    loss: list[dict] = []
+    loss: Plot = Plot()
     log: list[str] = []
     checkpoints: list[str] = []
     exports: list[str] = []
-    telemetry: list[dict] = []
-    has_gpu: bool = False
+    telemetry: Plot = Plot()
     error: str = ""
 
     @rx.event
@@ -77,8 +77,7 @@ class RunDetailState(rx.State):
                      "error": f"[{run.error_code}] {run.error_message}" if run.error_code else "",
                      "reason": run.reason or "", "path": str(run.path)}  # fmt: skip
         self.params = [[k, str(v)] for k, v in sorted(run.params.items()) if v is not None]
-        self.loss, self.log, self.telemetry = progress.loss, progress.log[-40:], progress.telemetry
-        self.has_gpu = any(p.get("gpu_util") is not None for p in progress.telemetry)
+        self.loss, self.log, self.telemetry = progress.loss_plot(), progress.log[-40:], progress.telemetry_plot()
         self.checkpoints = [f"step {c.step}: {c.path}" for c in registry.checkpoints(run.id)]
         self.exports = [f"{e['format']} {e['quantization'] or ''} {e['file'] or e['path']}" for e in registry.exports(run.id)]
 

@@ -8,6 +8,7 @@ from functools import cache
 
 import reflex as rx
 
+from app.state.plot import sparkline
 from training.config import load_settings
 from training.telemetry import GpuReading, Sample, Telemetry
 
@@ -31,16 +32,12 @@ async def sample_forever() -> None:
         await asyncio.sleep(1.0)
 
 
-def _series(values: list[float | None]) -> list[dict]:
-    return [{"v": round(v, 1) if v is not None else None} for v in values]
-
-
 class TelemetryState(rx.State):
-    cpu: list[dict] = []
-    ram: list[dict] = []
+    cpu: str = ""  # sparkline points (app/state/plot.py)
+    ram: str = ""
     cpu_now: str = "-"
     ram_now: str = "-"
-    gpus: list[dict] = []  # per GPU: name, util/mem/temp/power series and their latest values as text
+    gpus: list[dict[str, str]] = []  # per GPU: name, util/mem/temp/power sparklines and the latest values as text
     gpu_note: str = ""
     _watching: bool = False
 
@@ -65,24 +62,24 @@ class TelemetryState(rx.State):
 
     def _show(self, samples: list[Sample]) -> None:
         last = samples[-1]
-        self.cpu = _series([s.cpu for s in samples])
-        self.ram = _series([100 * s.ram_used / s.ram_total for s in samples])
+        self.cpu = sparkline([s.cpu for s in samples], top=100, length=HISTORY)
+        self.ram = sparkline([100 * s.ram_used / s.ram_total for s in samples], top=100, length=HISTORY)
         self.cpu_now = f"{last.cpu:.0f}%"
         self.ram_now = f"{last.ram_used / 1024:.1f} / {last.ram_total / 1024:.0f} GB"
         self.gpu_note = "No NVIDIA GPU found: CPU and RAM only." if last.gpu_note and not last.gpus else ""
         self.gpus = [self._gpu(g, [s.gpus[i] if i < len(s.gpus) else None for s in samples]) for i, g in enumerate(last.gpus)]
 
     @staticmethod
-    def _gpu(g: GpuReading, history: list[GpuReading | None]) -> dict:
-        def series(read) -> list[dict]:
-            return _series([read(h) if h is not None else None for h in history])
+    def _gpu(g: GpuReading, history: list[GpuReading | None]) -> dict[str, str]:
+        def series(read, top: float | None = 100) -> str:
+            return sparkline([read(h) if h is not None else None for h in history], top=top, length=HISTORY)
 
         return {
             "name": f"GPU {g.index} {g.name}",
             "util": series(lambda h: h.util),
             "mem": series(lambda h: 100 * h.mem_used / h.mem_total if h.mem_used is not None and h.mem_total else None),
             "temp": series(lambda h: h.temp),
-            "power": series(lambda h: h.power),
+            "power": series(lambda h: h.power, top=g.power_limit or None),
             "now": " · ".join(
                 x for x in (
                     f"{g.util:.0f}%" if g.util is not None else "",

@@ -9,6 +9,7 @@ import reflex as rx
 
 from app.sandbox import runs_root
 from app.state.follow import Progress
+from app.state.plot import Plot
 from training import jobs
 from training.config import load_settings, nest_options
 from training.errors import BackpropError
@@ -78,7 +79,7 @@ class TrainState(rx.State):
     max_steps: int = 0
     tokens_per_s: str = ""
     eta: str = ""
-    loss: list[dict] = []
+    loss: Plot = Plot()
     log: list[str] = []
     error: str = ""
     hint: str = ""
@@ -160,7 +161,7 @@ class TrainState(rx.State):
 
     def _attach(self, run_id: str) -> None:
         self.run_id, self.status, self.step, self.max_steps = run_id, "queued", 0, 0
-        self.loss, self.log, self.adapter, self.tokens_per_s, self.eta = [], [], "", "", ""
+        self.loss, self.log, self.adapter, self.tokens_per_s, self.eta = Plot(), [], "", "", ""
 
     @rx.event(background=True)
     async def follow(self):
@@ -181,12 +182,7 @@ class TrainState(rx.State):
                     if self.run_id != run_id:
                         return  # the tab moved on to another run
                     if changed or ended:
-                        self.status, self.step, self.max_steps = progress.status, progress.step, progress.max_steps
-                        self.loss, self.log, self.adapter = progress.loss, progress.log, progress.adapter
-                        self.tokens_per_s = f"{progress.tokens_per_s:.0f} tok/s" if progress.tokens_per_s else ""
-                        self.eta = progress.eta
-                        if progress.error:
-                            self.error, self.hint = progress.error, progress.hint
+                        self._show(progress)
                 if ended:
                     return
                 await asyncio.sleep(UPDATE_EVERY_S)
@@ -194,6 +190,17 @@ class TrainState(rx.State):
             async with self:
                 if self._following == run_id:
                     self._following = ""
+
+    def _show(self, progress: Progress) -> None:
+        # Only what changed is assigned: every assigned var is sent to the browser and redrawn there.
+        shown = {"status": progress.status, "step": progress.step, "max_steps": progress.max_steps,
+                 "loss": progress.loss_plot(), "log": progress.log, "adapter": progress.adapter, "eta": progress.eta,
+                 "tokens_per_s": f"{progress.tokens_per_s:.0f} tok/s" if progress.tokens_per_s else ""}  # fmt: skip
+        if progress.error:
+            shown |= {"error": progress.error, "hint": progress.hint}
+        for name, value in shown.items():
+            if getattr(self, name) != value:
+                setattr(self, name, value)
 
 
 def _targets(text: str) -> list[str] | str | None:
