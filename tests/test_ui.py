@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEMO_DATA, ROOT, backprop, wait_for
+from fake_ollama import FakeOllama
 
 pytestmark = pytest.mark.e2e
 SHOTS = ROOT / "tests" / "output"
@@ -30,6 +31,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Server:
+    """`backprop ui` in a subprocess (its own process group), in its own Backprop home and sandbox."""
+
+    def __init__(self, base: Path, env: dict):
+        self.base, self.env, self.port = base, env, free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = (self.base / "ui.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "training.cli", "ui", "--no-browser", "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.base, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        wait_for(self.up, 600, "the web app to build and start")
+
+    def up(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"backprop ui exited {self.process.returncode}:\n{(self.base / 'ui.log').read_text()[-3000:]}")
+        try:
+            return urllib.request.urlopen(self.url + "ping", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
     if not Path(CHROMIUM).exists():
@@ -37,32 +72,22 @@ def server(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("ui")
     home = base / "home"
     shutil.copytree(tiny_model_dir, home / "models" / tiny_model_dir.name)
-    port = free_port()
-    env = {**os.environ, "BACKPROPAGATE_HOME": str(home), "BACKPROPAGATE_UI__OUTPUT_DIR": str(base / "sandbox"),
-           "BACKPROPAGATE_MIN_FREE_RAM_GB": "0.25", "BACKPROPAGATE_MAX_CPU_PERCENT": "100"}  # fmt: skip
-    log = (base / "ui.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "training.cli", "ui", "--no-browser", "--port", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=base, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"backprop ui exited {process.returncode}:\n{(base / 'ui.log').read_text()[-3000:]}")
+    with FakeOllama() as ollama:  # the Export page registers models with this stand-in, on loopback
+        env = {
+            **os.environ,
+            "BACKPROPAGATE_HOME": str(home),
+            "BACKPROPAGATE_UI__OUTPUT_DIR": str(base / "sandbox"),
+            "BACKPROPAGATE_MIN_FREE_RAM_GB": "0.25",
+            "BACKPROPAGATE_MAX_CPU_PERCENT": "100",
+            "OLLAMA_HOST": ollama.host,
+        }
+        env.pop("HF_TOKEN", None)  # fmt: skip
+        ui = Server(base, env)
+        ui.start()
         try:
-            return urllib.request.urlopen(url + "ping", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(up, 600, "the web app to build and start")
-        yield {"url": url, "env": env, "home": home, "sandbox": base / "sandbox"}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+            yield {"url": ui.url, "env": env, "home": home, "sandbox": base / "sandbox", "ui": ui, "ollama": ollama}
+        finally:
+            ui.stop()
 
 
 @pytest.fixture(scope="module")
@@ -120,18 +145,56 @@ def test_a_new_user_trains_the_demo_model_and_watches_it_live(server, page):
     assert Path(runs[0]["run_dir"]).is_relative_to(server["sandbox"])
 
 
-def test_a_reload_re_attaches_to_the_running_job_and_stop_stops_it(server, page):
+def run_page_steps(page) -> int:
+    text = page.inner_text("#run-step") if page.query_selector("#run-step") else "0"
+    return int(re.match(r"\s*(\d+)", text).group(1))
+
+
+def test_reloads_restarts_and_other_tabs_all_follow_the_running_job(server, page, browser):
     page.goto(server["url"])
     page.wait_for_selector("#start:not([disabled])")
     page.fill("#field-steps", "3000")
     page.click("#start")
     wait_for(lambda: steps_shown(page) >= 3, 180, "training to start")
+    run_id = page.inner_text("#train-run-id")
     page.reload()
     wait_for(lambda: page.query_selector("#step-count") is not None, 60, "the run to show again after the reload")
     before = steps_shown(page)
     wait_for(lambda: steps_shown(page) > before, 60, "new steps after the reload")
-    page.click("#stop")
-    wait_for(lambda: page.inner_text("#status-pill") == "stopped", 120, "the stop")
+
+    # Another tab (its own session) watches the same job live on the run's page.
+    other = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    other.goto(server["url"] + f"runs/{run_id}")
+    wait_for(lambda: run_page_steps(other) > 0, 60, "the run page to show the job")
+    before = run_page_steps(other)
+    wait_for(lambda: run_page_steps(other) > before, 60, "the run page to follow new steps")
+    assert points_drawn(other, "#run-loss polyline") > 0
+
+    # Restarting `backprop ui` leaves the job training in its own worker; the page re-attaches to it.
+    server["ui"].stop()
+    status = json.loads(backprop("status", run_id, "--json", env=server["env"], check=True).stdout)
+    assert status["status"] == "running"
+    server["ui"].start()
+    page.reload()
+    wait_for(lambda: page.query_selector("#step-count") is not None, 60, "the run to show after the restart")
+    before = steps_shown(page)
+    wait_for(lambda: steps_shown(page) > before, 60, "new steps after the restart")
+
+    # Stop from the run page: every tab sees it. Resume continues from the checkpoint the stop saved.
+    other.reload()
+    other.wait_for_selector("#run-stop:not([disabled])")
+    other.click("#run-stop")
+    wait_for(lambda: page.inner_text("#status-pill") == "stopped", 120, "the stop, in the Train tab")
+    wait_for(lambda: other.inner_text("#run-status") == "stopped", 30, "the stop, in the run tab")
+    stopped_at = run_page_steps(other)
+    other.click("#run-resume")
+    wait_for(lambda: other.inner_text("#run-status") == "running" and run_page_steps(other) > stopped_at, 180,
+             "the resumed job to train on")  # fmt: skip
+    assert run_page_steps(other) > stopped_at
+    shot(other, "run-detail-live")
+    other.click("#run-stop")
+    wait_for(lambda: other.inner_text("#run-status") == "stopped", 120, "the second stop")
+    other.context.close()
 
 
 def test_the_runs_page_lists_a_run_started_from_the_command_line(server, page):
@@ -148,8 +211,13 @@ def test_the_runs_page_lists_a_run_started_from_the_command_line(server, page):
     # The run page's layout comes first, its data right after (on_load): wait for the data, not just the page.
     wait_for(lambda: "Parameters" in (body := page.inner_text("body")) and "from-the-shell" in body, 30, "the run page")
     wait_for(lambda: page.locator("#run-telemetry").count() == 1, 30, "the telemetry recorded while it trained")
-    assert "completed" in page.inner_text("body")
+    assert "completed" in page.inner_text("body") and page.is_disabled("#run-stop")
     shot(page, "run-detail")
+    page.click("#run-export")  # the run's Export button opens the Export page with this run picked
+    page.wait_for_url(f"**/export?run={run_id}")
+    wait_for(lambda: page.inner_text("#export-run") == run_id, 30, "the run to be picked")
+    page.go_back()
+    page.wait_for_selector("#delete-run")
     run_dir = Path(json.loads(backprop("show-run", run_id, "--json", env=server["env"], check=True).stdout)["run_dir"])
     page.click("#delete-run")
     page.click("#confirm-delete")
@@ -224,16 +292,26 @@ def test_the_trained_run_exports_to_gguf_verified_by_llama_cpp_and_answers_in_ch
     page.get_by_role("option", name=run_id, exact=True).click()
     page.click("#export-quantization")
     page.get_by_role("option", name="q8_0", exact=True).click()
+    page.fill("#export-ollama-name", "capitals-demo")
+    page.click("#export-register")
     page.click("#export-start")
     wait_for(lambda: page.query_selector("#export-result") or page.query_selector("#export-error"), 300, "the export")
     result = page.inner_text("#export-result")
     assert ".q8_0.gguf" in result and "verification: passed" in result and "tokenizer_match True" in result
+    # Registered with Ollama (the loopback stand-in checks the upload's digest and the create request).
+    assert "registered as capitals-demo" in result
+    assert server["ollama"].created[-1]["model"] == "capitals-demo" and len(server["ollama"].blobs) == 1
     shot(page, "export")
+    # The hub needs a token: none is set, so the push is refused next to the button, with its code, before any upload.
+    page.fill("#export-hub-repo", "me/capitals")
+    page.click("#export-push")
+    wait_for(lambda: page.query_selector("#export-error") is not None, 60, "the hub refusal")
+    assert "DEP_HUB_AUTH_FAILED" in page.inner_text("#export-error")
 
     page.goto(server["url"] + "chat")
     page.wait_for_selector("#chat-input")
     page.click("#chat-source")
-    page.get_by_role("option", name=run_id, exact=True).click()
+    page.get_by_role("option", name=f"{run_id} · adapter", exact=True).click()
     page.fill("#chat-input", "What is the capital of France?")
     page.click("#chat-send")
     wait_for(lambda: page.locator(".reply").count() >= 1 and page.locator(".reply").last.inner_text().strip(), 180, "a reply")
@@ -247,6 +325,17 @@ def test_the_trained_run_exports_to_gguf_verified_by_llama_cpp_and_answers_in_ch
     wait_for(lambda: page.is_enabled("#chat-send"), 180, "both replies to finish")
     assert page.locator(".reply").count() == 2
     shot(page, "chat")
+    # The GGUF just exported answers too, through llama.cpp.
+    page.click("#chat-source")
+    page.get_by_role("option", name=f"{run_id} · gguf q8_0", exact=True).click()
+    page.get_by_text("Side by side with the base model").click()
+    page.click("text=Clear")
+    page.fill("#chat-input", "What is the capital of France?")
+    page.click("#chat-send")
+    wait_for(lambda: page.locator(".reply").count() == 1 and page.locator(".reply").last.inner_text().strip(), 180,
+             "a reply from the GGUF")  # fmt: skip
+    wait_for(lambda: page.is_enabled("#chat-send"), 180, "the GGUF reply to finish")
+    assert "capital" in page.locator(".reply").last.inner_text()
 
 
 def test_a_multi_run_campaign_shows_its_runs_merges_and_forgetting_heatmap(server, page):
@@ -262,3 +351,32 @@ def test_a_multi_run_campaign_shows_its_runs_merges_and_forgetting_heatmap(serve
     assert page.locator("#mr-merges tbody tr").count() == 3 and "0.707" in page.inner_text("#mr-merges")
     assert "BWT" in page.inner_text("#mr-bwt")
     shot(page, "multi-run")
+
+
+def test_an_engine_error_shows_next_to_start_with_its_code_and_hint(server, page):
+    page.goto(server["url"])
+    page.wait_for_selector("#start:not([disabled])")
+    page.fill("#field-dataset", "/nowhere/data.jsonl")
+    page.click("#start")
+    wait_for(lambda: page.query_selector("#train-error") is not None, 30, "the error")
+    error = page.inner_text("#train-error")
+    assert "INPUT_DATASET_NOT_FOUND" in error and "/nowhere/data.jsonl" in error
+    assert len(error.splitlines()) >= 2  # the hint, under the message
+
+
+def test_dark_mode_at_1024_pixels(server, browser):
+    context = browser.new_context(viewport={"width": 1024, "height": 800})
+    page = context.new_page()
+    try:
+        page.goto(server["url"])
+        page.wait_for_selector("#start:not([disabled])")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1024  # nothing to scroll sideways
+        page.click("#color-mode")
+        wait_for(lambda: "dark" in (page.get_attribute("html", "class") or ""), 10, "the dark theme")
+        shot(page, "train-dark-1024")
+        page.goto(server["url"] + "runs")
+        page.wait_for_selector("#telemetry-rail")
+        assert "dark" in (page.get_attribute("html", "class") or "")  # the choice holds across pages
+        shot(page, "runs-dark-1024")
+    finally:
+        context.close()

@@ -116,9 +116,12 @@ def export(
 
 
 def resolve_source(source: str | Path, registry: Registry) -> _Source:
-    """A run id (or prefix), or a folder holding an adapter (adapter_config.json) or a model (config.json)."""
+    """A run id (or prefix), or a folder holding an adapter (adapter_config.json) or a model (config.json), or a run's
+    folder (its adapter/ is exported)."""
     path = Path(source).expanduser()
     if path.is_dir():
+        if (path / "adapter" / "adapter_config.json").exists():
+            path = path / "adapter"
         if (path / "adapter_config.json").exists():
             return _Source(str(path), None, path.resolve(), None)
         if (path / "config.json").exists():

@@ -22,7 +22,7 @@ def nav() -> rx.Component:
         rx.hstack(rx.image(src="/logo.svg", width="28px", height="28px"), rx.heading("Backprop", size="5"), align="center"),
         *[rx.link(title, href=href, size="3", weight="medium") for title, href in PAGES],
         rx.spacer(),
-        rx.color_mode.button(size="1", variant="ghost"),
+        rx.color_mode.button(size="1", variant="ghost", id="color-mode"),
         width="170px", min_width="170px", height="100vh", padding="16px", spacing="3", position="sticky", top="0",
         border_right=f"1px solid {rx.color('gray', 5)}",
     )  # fmt: skip

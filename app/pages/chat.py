@@ -1,4 +1,4 @@
-"""Chat: pick a run or one of its GGUF exports; streaming replies; side by side with the base model if asked."""
+"""Chat: pick a run's adapter, merged or GGUF export (or type a folder); streaming replies; beside the base model if asked."""
 
 from __future__ import annotations
 
@@ -29,29 +29,30 @@ def message(m: rx.Var) -> rx.Component:
 def chat_page() -> rx.Component:
     return page(
         "Chat",
-        rx.cond(
-            ChatState.sources.length() > 0,
-            rx.vstack(
-                rx.hstack(
-                    rx.select(ChatState.sources, value=ChatState.source, on_change=lambda v: ChatState.set_field("source", v),
-                              id="chat-source"),
-                    rx.checkbox("Side by side with the base model", checked=ChatState.compare,
-                                on_change=lambda v: ChatState.set_field("compare", v)),
-                    rx.button("Clear", on_click=ChatState.clear, variant="soft"),
-                    align="center", wrap="wrap",
-                ),
-                rx.vstack(rx.foreach(ChatState.messages, message), width="100%", id="chat-messages"),
-                rx.form(
-                    rx.hstack(
-                        rx.input(value=ChatState.prompt, on_change=lambda v: ChatState.set_field("prompt", v),
-                                 placeholder="Ask something...", width="100%", id="chat-input"),
-                        rx.button("Send", type="submit", loading=ChatState.busy, id="chat-send"),
-                        width="100%",
-                    ),
-                    on_submit=lambda _: ChatState.send, reset_on_submit=False, width="100%",
-                ),
-                width="100%",
+        rx.cond(ChatState.sources.length() == 0, rx.text(
+            "No tuned model yet: train one on the Train page, then chat with it here (or type a model folder or .gguf file).",
+            color_scheme="gray")),
+        rx.vstack(
+            rx.hstack(
+                rx.select(ChatState.sources, value=ChatState.source, on_change=lambda v: ChatState.set_field("source", v),
+                          id="chat-source"),
+                rx.input(value=ChatState.folder, on_change=lambda v: ChatState.set_field("folder", v),
+                         placeholder="or a folder or .gguf file", width="220px", id="chat-folder"),
+                rx.checkbox("Side by side with the base model", checked=ChatState.compare,
+                            on_change=lambda v: ChatState.set_field("compare", v)),
+                rx.button("Clear", on_click=ChatState.clear, variant="soft"),
+                align="center", wrap="wrap",
             ),
-            rx.text("No tuned model yet: train one on the Train page, then chat with it here.", color_scheme="gray"),
+            rx.vstack(rx.foreach(ChatState.messages, message), width="100%", id="chat-messages"),
+            rx.form(
+                rx.hstack(
+                    rx.input(value=ChatState.prompt, on_change=lambda v: ChatState.set_field("prompt", v),
+                             placeholder="Ask something...", width="100%", id="chat-input"),
+                    rx.button("Send", type="submit", loading=ChatState.busy, id="chat-send"),
+                    width="100%",
+                ),
+                on_submit=lambda _: ChatState.send, reset_on_submit=False, width="100%",
+            ),
+            width="100%",
         ),
     )  # fmt: skip

@@ -24,6 +24,9 @@ def export_page() -> rx.Component:
                     rx.hstack(
                         labelled("Run", rx.select(ExportState.runs, value=ExportState.source,
                                                   on_change=lambda v: ExportState.set_field("source", v), id="export-run")),
+                        labelled("or a folder (adapter, model or run folder)", rx.input(
+                            value=ExportState.folder, on_change=lambda v: ExportState.set_field("folder", v),
+                            placeholder="/path/to/adapter", width="260px", id="export-folder")),
                         labelled("Format", rx.select(["lora", "merged", "gguf"], value=ExportState.format,
                                                      on_change=lambda v: ExportState.set_field("format", v), id="export-format")),
                         rx.cond(ExportState.format == "gguf", labelled("Quantization", rx.select(
@@ -36,19 +39,25 @@ def export_page() -> rx.Component:
                                 size="1", color_scheme="gray"),
                         rx.hstack(
                             labelled("Ollama model name (optional)", rx.input(
-                                value=ExportState.ollama_name, on_change=lambda v: ExportState.set_field("ollama_name", v))),
+                                value=ExportState.ollama_name, on_change=lambda v: ExportState.set_field("ollama_name", v),
+                                id="export-ollama-name")),
                             rx.checkbox("Register with Ollama", checked=ExportState.register,
-                                        on_change=lambda v: ExportState.set_field("register", v)),
+                                        on_change=lambda v: ExportState.set_field("register", v), id="export-register"),
                             align="end",
                         ),
                     )),
                     rx.button("Export", on_click=ExportState.start, loading=ExportState.busy, id="export-start"),
+                    rx.divider(),
+                    rx.text("Share on the Hugging Face Hub: the adapter (or the merged model, if Format is merged). Needs a "
+                            "write token in HF_TOKEN where `backprop ui` runs.", size="1", color_scheme="gray"),
                     rx.hstack(
                         labelled("Hugging Face repo (owner/name)", rx.input(
-                            value=ExportState.hub_repo, on_change=lambda v: ExportState.set_field("hub_repo", v))),
+                            value=ExportState.hub_repo, on_change=lambda v: ExportState.set_field("hub_repo", v),
+                            id="export-hub-repo")),
                         rx.checkbox("Private", checked=ExportState.private,
                                     on_change=lambda v: ExportState.set_field("private", v)),
-                        rx.button("Push to the hub", on_click=ExportState.push, variant="soft", disabled=ExportState.busy),
+                        rx.button("Push to the hub", on_click=ExportState.push, variant="soft", disabled=ExportState.busy,
+                                  id="export-push"),
                         align="end", wrap="wrap",
                     ),
                     rx.cond(ExportState.stage != "", rx.hstack(rx.spinner(), rx.text(ExportState.stage, id="export-stage"))),

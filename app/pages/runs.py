@@ -40,22 +40,25 @@ def runs_page() -> rx.Component:
 
 def run_detail_page() -> rx.Component:
     info = RunDetailState.info
+    active = (info["status"] == "queued") | (info["status"] == "running") | (info["status"] == "paused")
     return page(
         "Run",
         rx.cond(
             RunDetailState.found,
             rx.vstack(
-                rx.hstack(rx.heading(info["id"], size="4"), rx.text(info["name"]), status_pill(info["status"]),
-                          rx.text(info["step"], " steps"), align="center"),
+                rx.hstack(rx.heading(info["id"], size="4"), rx.text(info["name"]), status_pill(info["status"], id="run-status"),
+                          rx.text(info["step"], " steps", id="run-step"), align="center"),
                 rx.text(info["model"], " · ", info["dataset"], color_scheme="gray", size="2"),
                 rx.cond(info["reason"] != "", rx.text(info["reason"], color_scheme="purple")),
                 rx.cond(info["error"] != "", rx.callout(info["error"], color_scheme="red")),
                 rx.hstack(
-                    rx.button("Stop", on_click=RunDetailState.stop, variant="soft", color_scheme="red"),
-                    rx.button("Resume", on_click=RunDetailState.resume, variant="soft"),
+                    rx.button("Stop", on_click=RunDetailState.stop, variant="soft", color_scheme="red", disabled=~active,
+                              id="run-stop"),
+                    rx.button("Resume", on_click=RunDetailState.resume, variant="soft", id="run-resume",
+                              disabled=active | (info["status"] == "completed")),
                     rx.button("Refresh", on_click=RunDetailState.load, variant="soft"),
-                    rx.link(rx.button("Export", variant="soft"), href="/export"),
-                    rx.link(rx.button("Chat", variant="soft"), href="/chat"),
+                    rx.link(rx.button("Export", variant="soft"), href="/export?run=" + info["id"], id="run-export"),
+                    rx.link(rx.button("Chat", variant="soft"), href="/chat?source=" + info["id"], id="run-chat"),
                     rx.alert_dialog.root(
                         rx.alert_dialog.trigger(rx.button("Delete", color_scheme="red", variant="outline", id="delete-run")),
                         rx.alert_dialog.content(

@@ -105,8 +105,8 @@ def progress() -> rx.Component:
                 rx.cond(TrainState.adapter != "", rx.vstack(
                     rx.text("Adapter saved: ", rx.code(TrainState.adapter), size="2"),
                     rx.hstack(
-                        rx.link(rx.button("Export", variant="soft"), href="/export"),
-                        rx.link(rx.button("Chat with it", variant="soft"), href="/chat"),
+                        rx.link(rx.button("Export", variant="soft"), href="/export?run=" + TrainState.run_id),
+                        rx.link(rx.button("Chat with it", variant="soft"), href="/chat?source=" + TrainState.run_id),
                         rx.link(rx.button("Open the run", variant="soft"), href="/runs/" + TrainState.run_id),
                     ),
                 )),

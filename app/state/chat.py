@@ -1,9 +1,10 @@
-"""The Chat page: talk to a tuned run (its adapter, or one of its GGUF exports), optionally beside its base model."""
+"""The Chat page: talk to a tuned run (its adapter, merged or GGUF exports, or any folder), beside its base model if asked."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from typing import Any
 
 import reflex as rx
@@ -35,25 +36,40 @@ def _stream_into(pieces: list[str], done: threading.Event, source: str, base: bo
         done.set()
 
 
+def chat_sources(registry: Registry) -> dict[str, list[str]]:
+    """What can be chatted with, by label: every finished run's adapter, and its merged and GGUF exports.
+    Each label maps to [what to load, the run whose base model answers beside it]."""
+    sources: dict[str, list[str]] = {}
+    for run in registry.list():
+        if run.status == "completed" and (run.path / "adapter").exists():
+            sources[f"{run.id} · adapter"] = [run.id, run.id]
+            for e in registry.exports(run.id):
+                if e["format"] == "gguf" and e["file"] and Path(e["file"]).is_file():
+                    sources[f"{run.id} · gguf {e['quantization']}"] = [e["file"], run.id]
+                elif e["format"] == "merged" and Path(e["path"]).is_dir():
+                    sources[f"{run.id} · merged"] = [e["path"], run.id]
+    return sources
+
+
 class ChatState(rx.State):
-    sources: list[str] = []
-    source: str = ""
+    sources: list[str] = []  # labels, as the picker shows them
+    source: str = ""  # the label picked
+    folder: str = ""  # or a folder or .gguf file typed in: it wins over the picker
     compare: bool = False
+    _targets: dict[str, list[str]] = {}
     prompt: str = ""
     messages: list[dict[str, str]] = []  # role, content, base (the base model's reply to the same prompt)
     busy: bool = False
 
     @rx.event
     def load(self):
-        registry = Registry(load_settings().home)
-        sources = []
-        for run in registry.list():
-            if run.status == "completed" and (run.path / "adapter").exists():
-                sources.append(run.id)
-                sources += [e["file"] for e in registry.exports(run.id) if e["format"] == "gguf" and e["file"]]
-        self.sources = sources
-        if self.source not in sources:
-            self.source = sources[0] if sources else ""
+        self._targets = chat_sources(Registry(load_settings().home))
+        self.sources = list(self._targets)
+        wanted = self.router.url.query_parameters.get("source", "")  # /chat?source=ID from a run's page
+        if f"{wanted} · adapter" in self._targets:
+            self.source, self.folder = f"{wanted} · adapter", ""
+        elif self.source not in self._targets:
+            self.source = self.sources[0] if self.sources else ""
 
     @rx.event
     def set_field(self, name: str, value: str | bool):
@@ -67,19 +83,22 @@ class ChatState(rx.State):
     async def send(self):
         async with self:
             prompt = self.prompt.strip()
-            if self.busy or not prompt or not self.source:
+            if self.busy or not prompt or not (self.folder.strip() or self.source in self._targets):
                 return
             self.busy, self.prompt = True, ""
             history = [{"role": m["role"], "content": m["content"]} for m in self.messages]
             self.messages = [*self.messages, {"role": "user", "content": prompt, "base": ""},
                              {"role": "assistant", "content": "", "base": ""}]  # fmt: skip
-            source, compare = self.source, self.compare and not self.source.endswith(".gguf")
+            folder = self.folder.strip()
+            source, base_of = [folder, folder] if folder else self._targets[self.source]
+            compare = self.compare
         asked = [*history, {"role": "user", "content": prompt}]
         streams = {"content": ([], threading.Event())}
         if compare:
             streams["base"] = ([], threading.Event())
         for key, (pieces, done) in streams.items():
-            threading.Thread(target=_stream_into, args=(pieces, done, source, key == "base", asked), daemon=True).start()
+            model, base = (base_of, True) if key == "base" else (source, False)
+            threading.Thread(target=_stream_into, args=(pieces, done, model, base, asked), daemon=True).start()
         while True:
             await asyncio.sleep(0.1)
             finished = all(done.is_set() for _, done in streams.values())

@@ -9,32 +9,56 @@ from pathlib import Path
 
 import reflex as rx
 
+from app import sandbox
 from training.config import load_settings
 from training.errors import BackpropError
 from training.runs import Registry
+from training.sandbox import safe_name
 
 # Bits per weight of each GGUF quantization, for the size estimates (f16 tensors for norms are ignored).
 BITS = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69, "q4_k_m": 4.85, "q4_0": 4.55}
 
 
-def _parameters(run_dir: Path, home: Path) -> int:
-    """Parameters of a run's base model, from its safetensors headers (no weights are read)."""
+def _parameters(source: str, home: Path) -> int:
+    """Parameters of the model an export writes (a run's or adapter's base, or a model folder), from the safetensors
+    headers: no weights are read."""
     from safetensors import safe_open
 
+    from training.export import resolve_source
     from training.models import resolve_model
 
-    base = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    src = resolve_source(source, Registry(home))
+    if src.adapter_dir is not None:
+        base = json.loads((src.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model_dir = Path(resolve_model(base, home).path)
+    else:
+        assert src.merged_dir is not None
+        model_dir = src.merged_dir
     total = 0
-    for file in Path(resolve_model(base, home).path).glob("*.safetensors"):
+    for file in model_dir.glob("*.safetensors"):
         with safe_open(str(file), "np") as f:
             for key in f.keys():
                 total += math.prod(f.get_slice(key).get_shape())
     return total
 
 
+def destination(source: str, fmt: str, quantization: str) -> Path | None:
+    """Where the web app writes an export: a run of the sandbox keeps it in its own folder (the engine's default);
+    anything else (a run started from the command line, a folder) exports into the sandbox's exports/ folder."""
+    from training.export import resolve_source
+
+    src = resolve_source(source, Registry(load_settings().home))
+    if src.run is not None and src.run.path.resolve().is_relative_to(sandbox.root()):
+        return None
+    label = src.run.id if src.run is not None else Path(str(source)).name
+    name = f"{label}-{fmt}" + (f"-{quantization}" if fmt == "gguf" else "")
+    return sandbox.inside(sandbox.root(), "exports", safe_name(name))
+
+
 class ExportState(rx.State):
     runs: list[str] = []
     source: str = ""
+    folder: str = ""  # or a folder: an adapter, a model, a run's folder
     format: str = "gguf"
     quantization: str = "q8_0"
     estimates: list[str] = []
@@ -51,23 +75,30 @@ class ExportState(rx.State):
     def load(self):
         runs = [r for r in Registry(load_settings().home).list() if r.status == "completed" and (r.path / "adapter").exists()]
         self.runs = [r.id for r in runs]
-        if not self.source and self.runs:
-            self.source = self.runs[0]
+        wanted = self.router.url.query_parameters.get("run", "")  # /export?run=ID from a run's page
+        if wanted in self.runs:
+            self.source, self.folder = wanted, ""
+        elif self.source not in self.runs:
+            self.source = self.runs[0] if self.runs else ""
         self._estimate()
 
     @rx.event
     def set_field(self, name: str, value: str | bool):
         setattr(self, name, value)
-        if name == "source":
+        if name in ("source", "folder"):
             self._estimate()
+
+    @property
+    def chosen(self) -> str:
+        """What is exported: the folder typed in, if any, else the run picked."""
+        return self.folder.strip() or self.source
 
     def _estimate(self) -> None:
         self.estimates = []
-        if not self.source:
+        if not self.chosen:
             return
         try:
-            settings = load_settings()
-            params = _parameters(Registry(settings.home).get(self.source).path, settings.home)
+            params = _parameters(self.chosen, load_settings().home)
         except (BackpropError, OSError, KeyError, json.JSONDecodeError):
             return
         self.estimates = [f"{q}: about {params * bits / 8 / 2**20:.1f} MiB" for q, bits in BITS.items()]
@@ -77,14 +108,20 @@ class ExportState(rx.State):
         from training.export import export
 
         async with self:
-            if self.busy or not self.source:
+            if self.busy or not self.chosen:
                 return
             self.busy, self.error, self.result, self.stage = True, "", {}, "starting"
-            source, fmt, quantization = self.source, self.format, self.quantization
+            source, fmt, quantization = self.chosen, self.format, self.quantization
             name, register = self.ollama_name.strip() or None, self.register
+        try:
+            output = await asyncio.to_thread(destination, source, fmt, quantization)
+        except BackpropError as exc:
+            async with self:
+                self.busy, self.stage, self.error = False, "", f"[{exc.code}] {exc.message} — {exc.hint}"
+            return
         stages: list[str] = []
         job = asyncio.create_task(asyncio.to_thread(
-            export, source, fmt, quantization=quantization, ollama_name=name, register_ollama=register,
+            export, source, fmt, quantization=quantization, output=output, ollama_name=name, register_ollama=register,
             on_event=lambda e: stages.append(e.get("stage", "")) if e["event"] == "export_progress" else None,
         ))  # fmt: skip
         while not job.done():
@@ -104,7 +141,8 @@ class ExportState(rx.State):
                 "path": result.file or result.path,
                 "size": f"{result.size_bytes / 2**20:.1f} MiB",
                 "verification": ("passed" if v.get("ok") else "failed") + ": " + ", ".join(
-                    f"{k} {v[k]}" for k in ("tokenizer_match", "greedy_match", "max_logit_diff") if k in v
+                    f"{k} {v[k]:.4f}" if isinstance(v[k], float) else f"{k} {v[k]}"
+                    for k in ("tokenizer_match", "greedy_match", "max_logit_diff") if k in v
                 ) if v else "not applicable",
                 "ollama": f"registered as {result.ollama['name']}" if result.ollama else "",
             }  # fmt: skip
@@ -114,10 +152,10 @@ class ExportState(rx.State):
         from training.hub import push
 
         async with self:
-            if self.busy or not self.source or not self.hub_repo.strip():
+            if self.busy or not self.chosen or not self.hub_repo.strip():
                 return
             self.busy, self.error, self.stage = True, "", "uploading to the hub"
-            source, repo, private, merged = self.source, self.hub_repo.strip(), self.private, self.format == "merged"
+            source, repo, private, merged = self.chosen, self.hub_repo.strip(), self.private, self.format == "merged"
         try:
             done = await asyncio.to_thread(push, source, repo, private=private, merged=merged)
         except BackpropError as exc:

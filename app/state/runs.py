@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from app.state.plot import Plot
 from training import jobs
 from training.config import load_settings
 from training.errors import BackpropError
-from training.runs import Registry
+from training.runs import ACTIVE, Registry
 
 
 def _registry() -> Registry:
@@ -49,6 +50,27 @@ class RunsState(rx.State):
         self.runs = rows
 
 
+def run_view(registry: Registry, run_id: str, progress: Progress | None) -> tuple[dict, Progress]:
+    """What a run's page shows, from the registry and its events (read on from where `progress` stopped)."""
+    run = registry.get(run_id)
+    progress = progress or Progress(run.path / "events.jsonl")
+    progress.read()
+    info = {"id": run.id, "name": run.name or "", "kind": run.kind, "status": run.status, "model": run.model or "",
+            "dataset": run.dataset or "", "step": f"{run.step}/{run.max_steps or '?'}",
+            "error": f"[{run.error_code}] {run.error_message}" if run.error_code else "",
+            "reason": run.reason or "", "path": str(run.path)}  # fmt: skip
+    view = {
+        "info": info,
+        "params": [[k, str(v)] for k, v in sorted(run.params.items()) if v is not None],
+        "loss": progress.loss_plot(),
+        "log": progress.log[-40:],
+        "telemetry": progress.telemetry_plot(),
+        "checkpoints": [f"step {c.step}: {c.path}" for c in registry.checkpoints(run.id)],
+        "exports": [f"{e['format']} {e['quantization'] or ''} {e['file'] or e['path']}" for e in registry.exports(run.id)],
+    }
+    return view, progress
+
+
 class RunDetailState(rx.State):
     found: bool = True
     info: dict[str, str] = {}
@@ -59,27 +81,51 @@ class RunDetailState(rx.State):
     exports: list[str] = []
     telemetry: Plot = Plot()
     error: str = ""
+    _following: str = ""
 
     @rx.event
     def load(self):
         self.error = ""
         try:
-            registry = _registry()
-            run = registry.get(self.run_id)
+            view, _ = run_view(_registry(), self.run_id, None)
         except BackpropError as exc:
             self.found, self.error = False, f"[{exc.code}] {exc.message}"
             return
         self.found = True
-        progress = Progress(run.path / "events.jsonl")
-        progress.read()
-        self.info = {"id": run.id, "name": run.name or "", "kind": run.kind, "status": run.status, "model": run.model or "",
-                     "dataset": run.dataset or "", "step": f"{run.step}/{run.max_steps or '?'}",
-                     "error": f"[{run.error_code}] {run.error_message}" if run.error_code else "",
-                     "reason": run.reason or "", "path": str(run.path)}  # fmt: skip
-        self.params = [[k, str(v)] for k, v in sorted(run.params.items()) if v is not None]
-        self.loss, self.log, self.telemetry = progress.loss_plot(), progress.log[-40:], progress.telemetry_plot()
-        self.checkpoints = [f"step {c.step}: {c.path}" for c in registry.checkpoints(run.id)]
-        self.exports = [f"{e['format']} {e['quantization'] or ''} {e['file'] or e['path']}" for e in registry.exports(run.id)]
+        self._show(view)
+        if view["info"]["status"] in ACTIVE:
+            return RunDetailState.follow
+
+    def _show(self, view: dict) -> None:
+        for name, value in view.items():
+            if getattr(self, name) != value:  # only what changed goes to the browser
+                setattr(self, name, value)
+
+    @rx.event(background=True)
+    async def follow(self):
+        """While the run is active: its page follows it, once a second."""
+        async with self:
+            run_id = self.run_id
+            if self._following == run_id:
+                return
+            self._following = run_id
+        registry, progress = _registry(), None
+        try:
+            while True:
+                view, progress = await asyncio.to_thread(run_view, registry, run_id, progress)
+                async with self:
+                    if self.run_id != run_id:
+                        return
+                    self._show(view)
+                if view["info"]["status"] not in ACTIVE:
+                    return
+                await asyncio.sleep(1.0)
+        except BackpropError:
+            return  # deleted meanwhile
+        finally:
+            async with self:
+                if self._following == run_id:
+                    self._following = ""
 
     @rx.event
     def stop(self):
