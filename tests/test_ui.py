@@ -206,6 +206,7 @@ def test_the_runs_page_lists_a_run_started_from_the_command_line(server, page):
     page.wait_for_selector("#runs-table")
     assert run_id in page.inner_text("#runs-table") and "from-the-shell" in page.inner_text("#runs-table")
     shot(page, "runs")
+    assert "Built with Reflex" not in page.inner_text("body")
     page.click(f"text={run_id}")
     page.wait_for_url(f"**/runs/{run_id}")
     # The run page's layout comes first, its data right after (on_load): wait for the data, not just the page.
@@ -251,9 +252,18 @@ def test_an_uploaded_dataset_is_previewed_with_statistics_and_goes_to_training(s
     stats = page.inner_text("#dataset-stats")
     assert "openai" in stats and "40" in stats
     assert "What is the capital of France?" in page.inner_text("#dataset-preview")
+    assert "Token lengths (demo tokenizer)" in page.inner_text("body")  # the Train page's model, by default
     stored = server["sandbox"] / "datasets" / "my_chats_1.jsonl"  # a safe name, inside the sandbox
     assert stored.read_text() == data.read_text()
     shot(page, "dataset")
+    # A model whose tokenizer cannot be had (offline, not cached) is said so, with its code.
+    page.fill("#dataset-model", "no-such/model-xyz")
+    page.click("#dataset-preview")  # leaving the field re-reads the dataset with that tokenizer
+    wait_for(lambda: page.query_selector("#dataset-error") is not None, 60, "the tokenizer error")
+    assert "DEP_MODEL_LOAD_FAILED" in page.inner_text("#dataset-error")
+    page.fill("#dataset-model", "demo")
+    page.click("#dataset-model-label")
+    wait_for(lambda: page.query_selector("#dataset-stats") is not None, 60, "the statistics again")
     page.click("#use-for-training")
     page.wait_for_url(server["url"])
     wait_for(lambda: page.input_value("#field-dataset") == str(stored), 30, "the Train page to take the dataset")

@@ -55,7 +55,10 @@ def dataset_page() -> rx.Component:
                     rx.text("Or pick one already here:", size="2"),
                     rx.select(DatasetState.files, value=DatasetState.selected, on_change=DatasetState.select,
                               placeholder="no datasets yet", id="dataset-select"),
-                    align="center",
+                    rx.text("Count tokens with the tokenizer of", size="2", id="dataset-model-label"),
+                    rx.input(value=DatasetState.model, on_change=DatasetState.set_model, on_blur=DatasetState.inspect,
+                             width="200px", id="dataset-model"),
+                    align="center", wrap="wrap",
                 ),
                 width="100%",
             ),
@@ -66,9 +69,9 @@ def dataset_page() -> rx.Component:
             DatasetState.report.contains("rows"),
             rx.vstack(
                 rx.hstack(stat("format", "format"), stat("rows", "rows"), stat("valid", "valid"), stat("invalid", "invalid"),
-                          stat("duplicates", "duplicates"), stat("turns", "turns"), stat("tokens (demo tokenizer)", "tokens"),
+                          stat("duplicates", "duplicates"), stat("turns", "turns"), stat("tokens", "tokens"),
                           spacing="6", wrap="wrap", id="dataset-stats"),
-                rx.text("Token lengths", size="2", weight="bold"),
+                rx.text("Token lengths (", DatasetState.report["tokenizer"], " tokenizer)", size="2", weight="bold"),
                 rx.vstack(rx.foreach(DatasetState.histogram, lambda b: rx.hstack(
                     rx.text(b["bucket"], size="1", width="60px"),
                     rx.box(background=rx.color("accent", 8), height="10px", width=b["width"]),

@@ -48,6 +48,11 @@ def analyze(path: Path, model: str) -> dict:
     }  # fmt: skip
 
 
+def dataset_files() -> list[str]:
+    """The datasets already in the sandbox, by name."""
+    return sorted(p.name for p in datasets_dir().iterdir() if p.suffix.lower() in FILE_TYPES)
+
+
 class DatasetState(rx.State):
     files: list[str] = []
     selected: str = ""
@@ -64,8 +69,15 @@ class DatasetState(rx.State):
     max_upload_bytes: int = load_settings().ui.max_upload_mb * 2**20
 
     @rx.event
-    def load(self):
-        self.files = sorted(p.name for p in datasets_dir().iterdir() if p.suffix.lower() in FILE_TYPES)
+    async def load(self):
+        from app.state.train import TrainState
+
+        self.files = dataset_files()
+        self.model = (await self.get_state(TrainState)).model.strip() or "demo"  # the model picked for training
+
+    @rx.event
+    def set_model(self, value: str):
+        self.model = value
 
     @rx.event
     async def handle_upload(self, files: list[rx.UploadFile]):
@@ -93,7 +105,7 @@ class DatasetState(rx.State):
             os.replace(partial, target)
             self.message = f"Uploaded {name} ({size / 1024:.1f} KB)."
             self.selected = name
-        self.load()
+        self.files = dataset_files()
         if self.selected:
             return DatasetState.inspect
 
@@ -136,7 +148,7 @@ class DatasetState(rx.State):
             self.busy = False
             self.errors, self.preview, self.histogram = report.pop("errors"), report.pop("preview"), report.pop("histogram")
             turns, tokens = report.pop("turns"), report.pop("tokens")
-            self.report = {k: str(v) for k, v in report.items()} | {
+            self.report = {k: str(v) for k, v in report.items()} | {"tokenizer": model} | {
                 "turns": f"{turns['min']}-{turns['max']} (mean {turns['mean']})" if turns["count"] else "-",
                 "tokens": f"{tokens['min']}-{tokens['max']} (mean {tokens['mean']}, total {tokens['total']})"
                 if tokens.get("count") else "-",
