@@ -231,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", help="default 127.0.0.1 (ui.host)")
     ui.add_argument("--dev", action="store_true", help="hot reload, for developing the app")
     ui.add_argument("--no-browser", action="store_true")
+    ui.add_argument(
+        "--auth",
+        action="store_true",
+        help="require a password (BACKPROPAGATE_UI__PASSWORD, or asked for) on every page, event and upload",
+    )
+    ui.add_argument("--share", nargs="?", const="auto", metavar="TUNNEL",
+                    help="publish through a tunnel: cloudflared, ngrok or ssh:user@host (default: whichever is "
+                         "installed); refused without --auth")  # fmt: skip
     ui.set_defaults(handler=cmd_ui)
 
     info = sub.add_parser("info", parents=[common], help="versions, CUDA and GPUs, installed extras, model presets")
@@ -795,7 +803,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from app.launch import serve  # the one place the engine's command line reaches into the web app
 
-    return serve(args.host, args.port, dev=args.dev, open_browser=not args.no_browser)
+    return serve(args.host, args.port, dev=args.dev, open_browser=not args.no_browser, auth=args.auth, share=args.share)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from training.errors import BackpropError
@@ -58,6 +58,15 @@ class UiSettings(BaseModel):
     port: int = 7862
     host: str = "127.0.0.1"
     max_upload_mb: int = 500
+    auth: bool = Field(False, description="require a password (then a session cookie) on every page, event and upload")
+    password: SecretStr | None = Field(None, description="the password when auth is on (or give password_hash)")
+    password_hash: str | None = Field(None, description="scrypt hash of the password, as `backprop ui --auth` passes it")
+    session_hours: float = Field(12, gt=0, description="how long a login lasts")
+    max_failed_logins: int = Field(5, ge=1, description="failed logins per client address and minute before 429")
+
+
+class SecuritySettings(BaseModel):
+    require_auth_for_share: bool = Field(True, description="`backprop ui --share` is refused without --auth")
 
 
 class GpuSettings(BaseModel):
@@ -79,6 +88,7 @@ class Settings(BaseSettings):
     lora: LoraSettings = LoraSettings()
     training: TrainingSettings = TrainingSettings()
     ui: UiSettings = UiSettings()
+    security: SecuritySettings = SecuritySettings()
     # The governor (config file keys in camelCase also work: maxRunMinutes, gpu.maxTempC, ...).
     max_run_minutes: float = Field(10, ge=0, description="time box of every job; 0: none")
     max_parallel: int = Field(1, ge=1, description="jobs running at once")

@@ -90,6 +90,24 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Upload '{name}' refused: {reason}",
         "Datasets are .jsonl, .json, .csv, .parquet, .txt or .md files up to the size limit (ui.max_upload_mb).",
     ),
+    "UI_AUTH_REQUIRED": ErrorSpec(
+        "Sign in first: this Backprop web app requires a password",
+        "Open the app's address in a browser and sign in; a session lasts ui.session_hours hours.",
+    ),
+    "UI_AUTH_PASSWORD_MISSING": ErrorSpec(
+        "Authentication is on but no password is set",
+        "Set BACKPROPAGATE_UI__PASSWORD (or ui.password in backprop.config.json), or run `backprop ui --auth` in a "
+        "terminal to be asked for one.",
+    ),
+    "UI_SHARE_REQUIRES_AUTH": ErrorSpec(
+        "`backprop ui --share` publishes the app to the internet and is refused without authentication",
+        "Add --auth (and a password), or set BACKPROPAGATE_SECURITY__REQUIRE_AUTH_FOR_SHARE=false to share it open.",
+    ),
+    "DEP_TUNNEL_UNAVAILABLE": ErrorSpec(
+        "No tunnel could publish the app: {reason}",
+        "Install cloudflared (or ngrok, signed in), or give --share ssh:user@host for an SSH reverse tunnel.",
+        retryable=True,
+    ),
     "INPUT_ADAPTER_MISMATCH": ErrorSpec(
         "The LoRA adapters do not match: {reason}",
         "Every run of a campaign must use the same base model, LoRA rank and target modules.",
