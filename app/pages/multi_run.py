@@ -20,9 +20,12 @@ def choice(label: str, name: str, value: rx.Var, options: list[str]) -> rx.Compo
     return rx.vstack(rx.text(label, size="1", weight="medium"), control, spacing="1")
 
 
+HEADERS = {"lam": "λ", "a": "‖A‖ before → after", "b": "‖B‖ before → after", "loss": "final loss"}
+
+
 def table(rows: rx.Var, columns: list[str], id: str) -> rx.Component:
     return rx.table.root(
-        rx.table.header(rx.table.row(*[rx.table.column_header_cell(c) for c in columns])),
+        rx.table.header(rx.table.row(*[rx.table.column_header_cell(HEADERS.get(c, c)) for c in columns])),
         rx.table.body(rx.foreach(rows, lambda r: rx.table.row(*[
             rx.table.cell(status_pill(r[c]) if c == "status" else r[c]) for c in columns]))),
         size="1", id=id,
