@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from app.state.follow import MAX_POINTS, Progress, loss_plot, telemetry_plot
+from app.state.follow import MAX_POINTS, Progress, assign_changed, loss_plot, telemetry_plot
 from app.state.multirun import heat
 from app.state.plot import BOX, Line, plot, sparkline
 from app.state.train import _targets
@@ -122,6 +122,20 @@ def test_a_half_written_line_waits_for_its_end(tmp_path):
         f.write(line[20:] + "\n")
     progress.read()
     assert progress.step == 2
+
+
+def test_only_values_that_changed_are_assigned_so_only_they_travel_to_the_browser():
+    class Page:
+        def __init__(self):
+            self.__dict__.update(step=3, loss=loss_plot([{"step": 1, "loss": 2.0}], 10), assigned=[])
+
+        def __setattr__(self, name, value):
+            self.assigned.append(name)
+            super().__setattr__(name, value)
+
+    page = Page()
+    assign_changed(page, {"step": 4, "loss": loss_plot([{"step": 1, "loss": 2.0}], 10)})  # an equal, new plot
+    assert page.assigned == ["step"] and page.step == 4
 
 
 # --- small pieces of the pages ----------------------------------------------------------------------------------------

@@ -97,6 +97,13 @@ class Progress:
         return f"{int(left // 60)}:{int(left % 60):02d} left"
 
 
+def assign_changed(state: Any, values: dict[str, Any]) -> None:
+    """Set the state vars whose value differs: every assigned var is sent to the browser and redrawn there."""
+    for name, value in values.items():
+        if getattr(state, name) != value:
+            setattr(state, name, value)
+
+
 def loss_plot(points: list[dict], max_steps: int = 0) -> Plot:
     train = [(p["step"], p["loss"]) for p in points if "loss" in p]
     evals = [(p["step"], p["eval_loss"]) for p in points if "eval_loss" in p]

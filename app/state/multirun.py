@@ -7,7 +7,7 @@ import asyncio
 import reflex as rx
 
 from app.sandbox import runs_root
-from app.state.follow import Progress
+from app.state.follow import Progress, assign_changed
 from app.state.plot import Plot
 from app.state.train import DEMO_DATASET
 from training import jobs
@@ -125,8 +125,7 @@ class MultiRunState(rx.State):
                 async with self:
                     if self.campaign_id != campaign_id:
                         return
-                    for key, value in view.items():
-                        setattr(self, key, value)
+                    assign_changed(self, view)
                 if view["status"] not in ACTIVE:
                     return
                 await asyncio.sleep(1.0)

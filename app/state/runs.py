@@ -8,7 +8,7 @@ from pathlib import Path
 
 import reflex as rx
 
-from app.state.follow import Progress
+from app.state.follow import Progress, assign_changed
 from app.state.plot import Plot
 from training import jobs
 from training.config import load_settings
@@ -92,14 +92,9 @@ class RunDetailState(rx.State):
             self.found, self.error = False, f"[{exc.code}] {exc.message}"
             return
         self.found = True
-        self._show(view)
+        assign_changed(self, view)
         if view["info"]["status"] in ACTIVE:
             return RunDetailState.follow
-
-    def _show(self, view: dict) -> None:
-        for name, value in view.items():
-            if getattr(self, name) != value:  # only what changed goes to the browser
-                setattr(self, name, value)
 
     @rx.event(background=True)
     async def follow(self):
@@ -116,7 +111,7 @@ class RunDetailState(rx.State):
                 async with self:
                     if self.run_id != run_id:
                         return
-                    self._show(view)
+                    assign_changed(self, view)
                 if view["info"]["status"] not in ACTIVE:
                     return
                 await asyncio.sleep(1.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import reflex as rx
 
 from app.sandbox import runs_root
-from app.state.follow import Progress
+from app.state.follow import Progress, assign_changed
 from app.state.plot import Plot
 from training import jobs
 from training.config import load_settings, nest_options
@@ -192,15 +192,12 @@ class TrainState(rx.State):
                     self._following = ""
 
     def _show(self, progress: Progress) -> None:
-        # Only what changed is assigned: every assigned var is sent to the browser and redrawn there.
         shown = {"status": progress.status, "step": progress.step, "max_steps": progress.max_steps,
                  "loss": progress.loss_plot(), "log": progress.log, "adapter": progress.adapter, "eta": progress.eta,
                  "tokens_per_s": f"{progress.tokens_per_s:.0f} tok/s" if progress.tokens_per_s else ""}  # fmt: skip
         if progress.error:
             shown |= {"error": progress.error, "hint": progress.hint}
-        for name, value in shown.items():
-            if getattr(self, name) != value:
-                setattr(self, name, value)
+        assign_changed(self, shown)
 
 
 def _targets(text: str) -> list[str] | str | None:
