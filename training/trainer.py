@@ -391,10 +391,13 @@ class _Loop:
                 level="warning",
                 message=f"run {status} at step {state.step}; `backprop resume {run_id}` continues it",
             )
-        self.registry.update(run_id, status=status, ended_at=time.time(), step=state.step, loss=state.loss, reason=None,
-                             final_loss=state.loss if status == "completed" else None, heartbeat=time.time())  # fmt: skip
+        # One registry write ends the run: a reader that sees `failed` also sees its code.
+        self.registry.update(run_id, step=state.step, loss=state.loss, reason=None, heartbeat=time.time(),
+                             final_loss=state.loss if status == "completed" else None)  # fmt: skip
         if status == "failed" and self.control.stop_code:
             _fail(self.run_record, self.registry, self.events, self.control.stop_code, self.control.stop_message)
+        else:
+            self.registry.update(run_id, status=status, ended_at=time.time())
         return TrainResult(run_id, status, state.step, state.loss, eval_loss, adapter, run_dir, self.losses)
 
 
