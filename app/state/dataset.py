@@ -11,6 +11,7 @@ from pathlib import Path
 import reflex as rx
 
 from app.sandbox import root
+from app.state.errors import error_text
 from training.config import load_settings
 from training.datasets import FILE_TYPES, Example, scan, split
 from training.errors import BackpropError
@@ -142,7 +143,7 @@ class DatasetState(rx.State):
         except BackpropError as exc:
             async with self:
                 self.busy, self.report, self.errors, self.preview, self.histogram = False, {}, [], [], []
-                self.error = f"[{exc.code}] {exc.message} — {exc.hint}"
+                self.error = error_text(exc)
             return
         async with self:
             self.busy = False

@@ -10,6 +10,7 @@ from pathlib import Path
 import reflex as rx
 
 from app import sandbox
+from app.state.errors import error_text
 from training.config import load_settings
 from training.errors import BackpropError
 from training.runs import Registry
@@ -117,7 +118,7 @@ class ExportState(rx.State):
             output = await asyncio.to_thread(destination, source, fmt, quantization)
         except BackpropError as exc:
             async with self:
-                self.busy, self.stage, self.error = False, "", f"[{exc.code}] {exc.message} — {exc.hint}"
+                self.busy, self.stage, self.error = False, "", error_text(exc)
             return
         stages: list[str] = []
         job = asyncio.create_task(asyncio.to_thread(
@@ -132,7 +133,7 @@ class ExportState(rx.State):
             result = job.result()
         except BackpropError as exc:
             async with self:
-                self.busy, self.stage, self.error = False, "", f"[{exc.code}] {exc.message} — {exc.hint}"
+                self.busy, self.stage, self.error = False, "", error_text(exc)
             return
         v = result.verification or {}
         async with self:
@@ -160,7 +161,7 @@ class ExportState(rx.State):
             done = await asyncio.to_thread(push, source, repo, private=private, merged=merged)
         except BackpropError as exc:
             async with self:
-                self.busy, self.stage, self.error = False, "", f"[{exc.code}] {exc.message} — {exc.hint}"
+                self.busy, self.stage, self.error = False, "", error_text(exc)
             return
         async with self:
             self.busy, self.stage, self.result = False, "", {"path": done["url"], "size": "", "verification": "", "ollama": ""}

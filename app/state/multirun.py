@@ -7,6 +7,7 @@ import asyncio
 import reflex as rx
 
 from app.sandbox import runs_root
+from app.state.errors import error_text
 from app.state.follow import Progress, assign_changed
 from app.state.plot import Plot
 from app.state.train import DEMO_DATASET
@@ -93,7 +94,7 @@ class MultiRunState(rx.State):
                 runs_root=runs_root(),
             )  # fmt: skip
         except BackpropError as exc:
-            self.error = f"[{exc.code}] {exc.message} — {exc.hint}"
+            self.error = error_text(exc)
             return
         except ValueError as exc:
             self.error = f"[INPUT_INVALID_ARGUMENT] {exc}"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import reflex as rx
 
+from app.state.errors import error_text
 from app.state.follow import Progress, assign_changed
 from app.state.plot import Plot
 from training import jobs
@@ -89,7 +90,7 @@ class RunDetailState(rx.State):
         try:
             view, _ = run_view(_registry(), self.run_id, None)
         except BackpropError as exc:
-            self.found, self.error = False, f"[{exc.code}] {exc.message}"
+            self.found, self.error = False, error_text(exc)
             return
         self.found = True
         assign_changed(self, view)
@@ -127,7 +128,7 @@ class RunDetailState(rx.State):
         try:
             jobs.request_stop(_registry(), self.run_id)
         except BackpropError as exc:
-            self.error = f"[{exc.code}] {exc.message}"
+            self.error = error_text(exc)
         return RunDetailState.load
 
     @rx.event
@@ -141,7 +142,7 @@ class RunDetailState(rx.State):
             if run.status in ("queued", "running", "paused"):
                 raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)
         except BackpropError as exc:
-            self.error = f"[{exc.code}] {exc.message} — {exc.hint}"
+            self.error = error_text(exc)
             return
         for child in registry.children(run.id):
             registry.delete(child.id)
@@ -155,5 +156,5 @@ class RunDetailState(rx.State):
         try:
             jobs.resume(_registry(), self.run_id)
         except BackpropError as exc:
-            self.error = f"[{exc.code}] {exc.message}"
+            self.error = error_text(exc)
         return RunDetailState.load
