@@ -387,6 +387,13 @@ def test_dark_mode_at_1024_pixels(server, browser):
         page.goto(server["url"] + "runs")
         page.wait_for_selector("#telemetry-rail")
         assert "dark" in (page.get_attribute("html", "class") or "")  # the choice holds across pages
+        # A table wider than the page scrolls sideways inside itself, down to its last column.
+        page.wait_for_selector("#runs-table")
+        viewport = page.locator("#runs-table .rt-ScrollAreaViewport").first
+        viewport.evaluate("v => { v.scrollLeft = v.scrollWidth; }")
+        last, box = page.get_by_role("columnheader", name="created").bounding_box(), viewport.bounding_box()
+        assert box["x"] <= last["x"] and last["x"] + last["width"] <= box["x"] + box["width"] + 1
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1024
         shot(page, "runs-dark-1024")
     finally:
         context.close()

@@ -31,7 +31,7 @@ def runs_page() -> rx.Component:
                         *[rx.table.cell(status_pill(r["status"]) if c == "status" else r[c]) for c in columns[1:]],
                     )),
                 ),
-                width="100%", id="runs-table",
+                size="1", white_space="nowrap", width="100%", id="runs-table",  # narrow windows scroll it sideways
             ),
             rx.text("No runs yet. Start one on the Train page, or with `backprop train --model demo`.", color_scheme="gray"),
         ),
