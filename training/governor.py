@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from training.config import Settings
@@ -25,6 +26,19 @@ from training.telemetry import GpuReading, Sample, Telemetry
 
 POLL_S = 0.5  # how often a queued job looks again
 HEARTBEAT_S = 5.0
+# Runs this worker process serves besides its own job (a campaign's current child): the watcher beats them too,
+# so a child held in a pause or a long eval is never taken for dead.
+_also_beat: dict[str, Callable[[], None]] = {}
+
+
+@contextmanager
+def heartbeat_also(run_id: str, beat: Callable[[], None]) -> Iterator[None]:
+    """While inside, every heartbeat of this process's watcher also calls `beat` (for run `run_id`)."""
+    _also_beat[run_id] = beat
+    try:
+        yield
+    finally:
+        _also_beat.pop(run_id, None)
 
 
 @dataclass
@@ -140,10 +154,11 @@ class Watcher(threading.Thread):
                 self.cpu_seconds += time.thread_time() - started
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_S:
-                try:
-                    self.heartbeat()
-                except Exception:  # a busy registry must not kill the watcher; the next beat retries
-                    pass
+                for beat in (self.heartbeat, *tuple(_also_beat.values())):
+                    try:
+                        beat()
+                    except Exception:  # a busy registry must not kill the watcher; the next beat retries
+                        pass
                 last_beat = now
             self.finished.wait(interval if interval > 0 else HEARTBEAT_S)
 
