@@ -236,6 +236,11 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Run {run_id} has no final adapter yet (it is {status})",
         "Export a completed run; `backprop resume {run_id}` finishes a stopped or time-boxed one.",
     ),
+    "STATE_ADAPTER_MISMATCH": ErrorSpec(
+        "The adapter {path} does not fit this run's model: {reason}",
+        "A run can start only from LoRA weights of the same base model, LoRA rank and target modules; "
+        "start a new campaign (or run) instead of resuming this one.",
+    ),
     "STATE_CHECKPOINT_CORRUPT": ErrorSpec(
         "Checkpoint {path} is unreadable: {reason}",
         "Delete that checkpoint folder; resume then uses the one before it.",
