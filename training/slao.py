@@ -76,6 +76,23 @@ def check_compatible(a: StateDict, b: StateDict) -> None:
                                 reason=f"{key}: shape {tuple(a[key].shape)} vs {tuple(b[key].shape)}")  # fmt: skip
 
 
+def check_fits(expected: StateDict, weights: StateDict, path: object) -> None:
+    """LoRA weights fit a model only with exactly its adapter's keys, shape for shape (peft would skip the rest)."""
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    reshaped = [k for k in sorted(set(expected) & set(weights)) if tuple(expected[k].shape) != tuple(weights[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing weights, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected weights, e.g. {unexpected[0]}")
+    if reshaped:
+        k = reshaped[0]
+        shapes = f"{tuple(weights[k].shape)}, the model has {tuple(expected[k].shape)}"
+        problems.append(f"{len(reshaped)} of another shape, e.g. {k}: {shapes}")
+    if problems:
+        raise BackpropError("STATE_ADAPTER_MISMATCH", path=path, reason="; ".join(problems))
+
+
 def next_run_init(previous_ft: StateDict) -> StateDict:
     """The initialisation of run i ≥ 2 from run i−1's fine-tuned adapter: A = orthonormal rows, B = B_ft,i−1."""
     init = dict(previous_ft)

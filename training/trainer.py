@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training import atomic, checkpoints
+from training import atomic, checkpoints, slao
 from training.checkpoints import TrainerState
 from training.config import Settings, load_settings
 from training.control import Control
@@ -120,10 +120,12 @@ class _Loop:
         self.tokenizer = load_tokenizer(source)
         self.model = self._load_lora_model(source)
         if self.spec.get("init_adapter"):  # start from given LoRA weights (a checkpoint, if any, still wins below)
-            from peft import set_peft_model_state_dict
+            from peft import get_peft_model_state_dict, set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(self.model, load_file(self.spec["init_adapter"]))
+            weights = load_file(self.spec["init_adapter"])
+            slao.check_fits(get_peft_model_state_dict(self.model), weights, self.spec["init_adapter"])
+            set_peft_model_state_dict(self.model, weights)
         encoder = ChatEncoder(self.tokenizer, t.max_seq_length, t.response_only)
         train_encoded = [encoder(e) for e in train_examples]
         self.val_encoded = [encoder(e) for e in val_examples]
