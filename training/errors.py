@@ -63,6 +63,21 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "{path}: {reason}",
         "Add more rows or lower --validation-split.",
     ),
+    "INPUT_DATASET_TOOLS_UNSUPPORTED": ErrorSpec(
+        "{path}:{line}: {reason}",
+        "Train a model whose chat template renders tools (e.g. Qwen2.5-Instruct), remove the tool turns, or pass "
+        "--skip-invalid to train on the other rows; `backprop validate FILE --model MODEL` lists every such line.",
+    ),
+    "INPUT_DATASET_TEMPLATE_ERROR": ErrorSpec(
+        "{path}:{line}: {reason}",
+        "Fit the row to the model's chat format (many templates want user and assistant turns to alternate), pick "
+        "another model, or pass --skip-invalid to train on the other rows.",
+    ),
+    "INPUT_DATASET_HUB_SELECTION": ErrorSpec(
+        "Hub dataset {dataset}: {reason}",
+        "Name a config with owner/name:config and a split with owner/name@split (the dataset card lists them), "
+        "e.g. owner/name:default@train or owner/name@train[:1000].",
+    ),
     "INPUT_RUN_NOT_FOUND": ErrorSpec(
         "No run matches '{run_id}'",
         "`backprop list` shows the runs and their ids.",
