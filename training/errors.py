@@ -78,6 +78,11 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Name a config with owner/name:config and a split with owner/name@split (the dataset card lists them), "
         "e.g. owner/name:default@train or owner/name@train[:1000].",
     ),
+    "INPUT_DATASET_CHANGED": ErrorSpec(
+        "{path} changed since run {run_id} started (sha256 {recorded:.12} then, {current:.12} now): resuming would train "
+        "on other rows under the same batch positions",
+        "Start a new run on the changed data, or resume with --allow-changed-data to continue on it anyway.",
+    ),
     "INPUT_RUN_NOT_FOUND": ErrorSpec(
         "No run matches '{run_id}'",
         "`backprop list` shows the runs and their ids.",
@@ -260,6 +265,10 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Checkpoint {path} is unreadable: {reason}",
         "Delete that checkpoint folder; resume then uses the one before it.",
     ),
+    "STATE_REGISTRY_TOO_NEW": ErrorSpec(
+        "The run registry {path} has schema version {version}; this Backprop understands up to {supported}",
+        "A newer Backprop wrote it: upgrade Backprop, or set BACKPROPAGATE_HOME to another folder for this version.",
+    ),
     "STATE_REGISTRY_CORRUPT": ErrorSpec(
         "The run registry {path} is unreadable: {reason}",
         "Move it aside; run folders under the home directory are kept.",
@@ -307,3 +316,27 @@ def redact(text: str) -> str:
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
     return text
+
+
+def catalogue_markdown() -> str:
+    """docs/errors.md: every code with its exit code, message and hint (`python -m training.errors > docs/errors.md`)."""
+    lines = [
+        "# Error codes",
+        "",
+        "Generated from the catalogue in `training/errors.py` by `python -m training.errors > docs/errors.md`; a test",
+        "keeps it equal. `{name}` marks a part filled in from the failure. Exit codes: 1 input or config, 2 runtime or",
+        "dependency, 3 partial, 130 interrupted.",
+        "",
+        "| code | exit | message | hint |",
+        "|---|---|---|---|",
+    ]
+    for code in sorted(CATALOGUE):
+        spec = CATALOGUE[code]
+        cells = (spec.message, spec.hint)
+        exit_code = spec.exit_code or _EXIT_BY_PREFIX[code.split("_", 1)[0]]
+        lines.append(f"| `{code}` | {exit_code} | " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(catalogue_markdown(), end="")

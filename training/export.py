@@ -22,6 +22,7 @@ from typing import Any
 from training import atomic
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
+from training.extras import require
 from training.runs import Registry, RunRecord
 
 FORMATS = ("lora", "merged", "gguf")
@@ -81,6 +82,8 @@ def export(
     src = resolve_source(source, registry)
     if fmt == "gguf":
         from training.gguf import QUANTIZATIONS
+
+        require("export")  # before any merging: say at once what to install
 
         if quantization not in QUANTIZATIONS:
             raise BackpropError("INPUT_UNKNOWN_QUANTIZATION", quantization=quantization, choices=", ".join(QUANTIZATIONS))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from training.errors import BackpropError
+from training.extras import require
 
 Message = dict[str, str]
 
@@ -207,11 +208,9 @@ class GGUFModel(ChatModel):
     """
 
     def __init__(self, gguf_path: str | Path, *, n_ctx: int = GGUF_CONTEXT, n_gpu_layers: int = -1):
-        try:
-            import llama_cpp
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-        except ImportError as e:
-            raise BackpropError("DEP_MISSING", package="llama-cpp-python", reason=str(e), install="llama-cpp-python") from e
+        require("export", "llama_cpp")
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         from training.demo_model import CHATML_TEMPLATE
 

@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from training.errors import BackpropError
+from training.extras import require
 
 if TYPE_CHECKING:
     import numpy as np
@@ -125,7 +126,7 @@ def _read_source(model_dir: Path) -> _Source:
 
 def _write_gguf(source: _Source, path: Path, quantization: str) -> None:
     """Metadata, tokenizer and tensors into one GGUF file, one tensor in memory at a time."""
-    gguf = _require("gguf", "gguf")
+    gguf = _require("gguf")
     import numpy as np
 
     writer = gguf.GGUFWriter(path, source.arch)
@@ -692,17 +693,15 @@ def _greedy_transformers(model_dir: Path, prompt: list[int], n: int) -> tuple[li
 # helpers
 
 
-def _require(module: str, install: str) -> Any:
+def _require(module: str) -> Any:
     import importlib
 
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise BackpropError("DEP_MISSING", package=install, reason=str(e), install=install) from e
+    require("export", module)
+    return importlib.import_module(module)
 
 
 def _require_llama_cpp() -> Any:
-    return _require("llama_cpp", "llama-cpp-python")
+    return _require("llama_cpp")
 
 
 def _has_module(name: str) -> bool:

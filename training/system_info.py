@@ -7,8 +7,7 @@ import platform
 import sys
 from typing import Any
 
-# Optional distributions: the gpu extra, export and UI dependencies, NVML telemetry.
-EXTRAS = ("unsloth", "bitsandbytes", "llama-cpp-python", "gguf", "reflex", "nvidia-ml-py")
+from training.extras import EXTRAS
 
 
 def package_version(name: str) -> str | None:
@@ -39,7 +38,7 @@ def collect() -> dict[str, Any]:
         "peft": package_version("peft"),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpus": gpus,
-        "extras": {name: package_version(name) or "" for name in EXTRAS},
+        "extras": {dist: package_version(dist) or "" for modules in EXTRAS.values() for dist in modules.values()},
         "home": str(load_settings().home),
         "presets": [
             {

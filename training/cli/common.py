@@ -1,0 +1,61 @@
+"""What several commands share: the governor and job flags, the registry, printing an error or a status."""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+from pathlib import Path
+from typing import Any
+
+from training.errors import BackpropError, redact
+
+DEMO_DATASET = Path(__file__).resolve().parents[2] / "assets" / "demo" / "capitals.jsonl"
+DATASET_FORMATS = ["sharegpt", "openai", "alpaca", "prompt_completion", "chatml", "text"]
+GOVERNOR_OPTIONS = ("max_run_minutes", "max_parallel", "min_free_ram_gb", "gpu_memory_limit", "gpu_probe", "gpu_min_vram",
+                    "gpu_max_temp")  # fmt: skip
+
+
+def add_governor_flags(parser: argparse.ArgumentParser, short: bool = False) -> None:
+    """The governor's flags; unset ones come from backprop.config.json, BACKPROPAGATE_* env vars or defaults."""
+    group = parser.add_argument_group("governor")
+    flags = (["-m"] if short else []) + ["--max-run-minutes"]
+    group.add_argument(*flags, type=float, help="time box: stop with a checkpoint after this long (default 10; 0: none)")
+    group.add_argument(*(["-p"] if short else []), "--max-parallel", type=int, help="jobs running at once (default 1)")
+    group.add_argument("--min-free-ram", dest="min_free_ram_gb", type=float, help="GB of free RAM to start (default 4)")
+    group.add_argument(*(["-g"] if short else []), "--gpu-memory-limit", help="cap the job's CUDA memory: '80%%' or GB")
+    group.add_argument("--gpu-probe", choices=["auto", "nvml", "nvidia-smi", "none"], help="how GPUs are read (default auto)")
+    group.add_argument("--gpu-min-vram", type=int, help="MB of free VRAM to start (default 2500)")
+    group.add_argument("--gpu-max-temp", type=float, help="pause above this GPU temperature in °C (default 85)")
+
+
+def add_job_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--detach", action="store_true", help="print the run id and return; the job goes on")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a progress bar")
+
+
+def governor_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in GOVERNOR_OPTIONS}
+
+
+def open_registry():
+    from training.config import load_settings
+    from training.runs import Registry
+
+    return Registry(load_settings().home)
+
+
+def print_error(exc: BackpropError, verbose: bool) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red][{exc.code}][/] {redact(exc.message)}", markup=True)
+    if exc.hint:
+        console.print(f"[dim]hint:[/] {redact(exc.hint)}")
+    if verbose:
+        console.print(redact("".join(traceback.format_exception(exc))))
+
+
+def status_markup(status: str) -> str:
+    colour = {"completed": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "timeboxed": "yellow",
+              "stopped": "yellow", "paused": "magenta", "queued": "magenta"}.get(status, "white")  # fmt: skip
+    return f"[{colour}]{status}[/]"

@@ -1,0 +1,143 @@
+"""Following a job in the foreground: a progress bar fed by its events; Ctrl-C stops it with a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+from typing import Any
+
+from training.cli.common import open_registry, print_error
+from training.errors import BackpropError
+
+
+def follow_in_foreground(run_id: str, args: argparse.Namespace) -> int:
+    """Follow a job's events with a progress bar until it ends. Ctrl-C stops it gracefully (checkpoint first),
+    a second Ctrl-C kills it. With --detach, print the run id and return at once: the job goes on."""
+    from training import jobs  # loads the engine; kept out of `--help`
+
+    registry = open_registry()
+    if getattr(args, "detach", False):
+        print(json.dumps({"run_id": run_id, "status": registry.get(run_id).status}) if args.json else run_id)
+        return 0
+    interrupts = 0
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("\nStopping at the next step boundary (Ctrl-C again to kill)...", file=sys.stderr)
+            with contextlib.suppress(BackpropError):
+                jobs.request_stop(registry, run_id)
+        else:
+            jobs.kill(registry, run_id)
+
+    previous = {sig: signal.signal(sig, on_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failure: dict[str, Any] | None = None
+    try:
+        with TrainingProgress(run_id, quiet=args.json) as progress:
+            for event in jobs.follow(registry, run_id):
+                progress.on_event(event)
+                if event["event"] == "failed":
+                    failure = event
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    run = registry.get(run_id)
+    adapter = run.path / "adapter"
+    summary = {"run_id": run.id, "status": run.status, "steps": run.step, "final_loss": run.final_loss,
+               "eval_loss": run.eval_loss, "adapter": str(adapter) if run.status == "completed" and adapter.exists() else None,
+               "run_dir": str(run.path), "error_code": run.error_code}  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary)
+    if run.status == "failed":
+        error = jobs.failure(run, failure)
+        print_error(error, False)
+        return error.exit_code
+    return {"completed": 0, "stopped": 130}.get(run.status, 3)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    colour = "green" if summary["status"] == "completed" else "yellow"
+    loss = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"
+    console.print(
+        f"[{colour}]{summary['status']}[/] run [bold]{summary['run_id']}[/] after {summary['steps']} steps, final loss {loss}"
+    )
+    if summary["adapter"]:
+        console.print(f"adapter: {summary['adapter']}")
+    elif summary["status"] != "completed":
+        console.print(f"continue with: backprop resume {summary['run_id']}")
+
+
+class TrainingProgress:
+    """A rich progress bar fed by a job's events: step, loss, tokens/s, ETA, and what the governor does."""
+
+    def __init__(self, run_id: str, quiet: bool = False):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.run_id = run_id
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=Console(stderr=quiet, quiet=quiet),
+        )  # fmt: skip
+        self.task = self.progress.add_task(f"run {run_id}", total=None, loss="-", tps="-", start=False)
+
+    def __enter__(self) -> TrainingProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def say(self, text: str) -> None:
+        self.progress.console.print(text)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "queued":
+            self.say(f"[magenta]queued[/]: {event['reason']}")
+        elif kind == "started":
+            self.progress.start_task(self.task)
+            self.progress.update(self.task, total=event.get("max_steps"), completed=event.get("resumed_from") or 0)
+            if event.get("campaign"):
+                self.say(f"campaign: {event['runs']} runs, {event['merge_mode']} merging"
+                         + (f", continuing after run {event['resumed_from']}" if event.get("resumed_from") else ""))  # fmt: skip
+            elif "model" in event:
+                self.say(f"training {event['model']} on {event['examples']} examples ({event['device']})")
+            else:
+                self.say(f"started: {' '.join(event.get('command', []))}")
+        elif kind == "step":
+            fields = {"completed": event["step"]}
+            if isinstance(event.get("loss"), int | float):
+                fields["loss"] = f"{event['loss']:.4f}"
+            if isinstance(event.get("tokens_per_s"), int | float):
+                fields["tps"] = f"{event['tokens_per_s']:.0f}"
+            if isinstance(event.get("max_steps"), int):
+                fields["total"] = event["max_steps"]
+            self.progress.update(self.task, **fields)
+        elif kind == "eval":
+            where = f"run {event['run']} step {event['run_step']}" if "run" in event else f"step {event['step']}"
+            self.say(f"{where}: eval loss {event['eval_loss']:.4f}")
+        elif kind == "run_started":
+            self.say(f"[bold]run {event['run']}/{event['runs']}[/] ({event['task']})")
+        elif kind == "merge":
+            losses = " ".join(f"{v:.3f}" for v in event["eval_losses"])
+            self.say(f"merged run {event['run']} (lambda {event['lam']:.3f}); eval loss per task: {losses}")
+        elif kind == "checkpoint_saved":
+            self.say(f"[dim]checkpoint at step {event.get('step')}[/]")
+        elif kind == "paused":
+            self.say(f"[magenta]paused[/]: {event.get('reason', '')}")
+        elif kind == "resumed":
+            self.say(f"[green]resumed[/]: {event.get('reason', '')}")
+        elif kind == "log" and event.get("level") in ("warning", "error"):
+            self.say(f"[yellow]{event['message']}[/]")
