@@ -110,6 +110,10 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Upload '{name}' refused: {reason}",
         "Datasets are .jsonl, .json, .csv, .parquet, .txt or .md files up to the size limit (ui.max_upload_mb).",
     ),
+    "UI_EVENT_REFUSED": ErrorSpec(
+        "The page cannot set '{name}': {reason}",
+        "Only a page's own form fields can be set from the browser; reload the page.",
+    ),
     "UI_AUTH_REQUIRED": ErrorSpec(
         "Sign in first: this Backprop web app requires a password",
         "Open the app's address in a browser and sign in; a session lasts ui.session_hours hours.",
@@ -233,6 +237,10 @@ CATALOGUE: dict[str, ErrorSpec] = {
     "RUNTIME_SCRIPT_FAILED": ErrorSpec(
         "The training script failed: {reason}",
         "See the run's script.log (`backprop status RUN_ID` prints its path).",
+    ),
+    "RUNTIME_UNEXPECTED": ErrorSpec(
+        "Unexpected error in {where}: {reason}",
+        "This is a bug in Backprop: the traceback is in the log of `backprop ui` (its terminal). Please report it, with the traceback.",
     ),
     "RUNTIME_INTERRUPTED": ErrorSpec(
         "Interrupted by the user",
