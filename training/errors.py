@@ -240,7 +240,8 @@ CATALOGUE: dict[str, ErrorSpec] = {
     ),
     "RUNTIME_UNEXPECTED": ErrorSpec(
         "Unexpected error in {where}: {reason}",
-        "This is a bug in Backprop: the traceback is in the log of `backprop ui` (its terminal). Please report it, with the traceback.",
+        "This is a bug in Backprop: the traceback is in the log of `backprop ui` (its terminal). "
+        "Please report it, with the traceback.",
     ),
     "RUNTIME_INTERRUPTED": ErrorSpec(
         "Interrupted by the user",
