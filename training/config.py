@@ -12,10 +12,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from training.errors import BackpropError
 
@@ -63,6 +63,20 @@ class UiSettings(BaseModel):
     password_hash: str | None = Field(None, description="scrypt hash of the password, as `backprop ui --auth` passes it")
     session_hours: float = Field(12, gt=0, description="how long a login lasts")
     max_failed_logins: int = Field(5, ge=1, description="failed logins per client address and minute before 429")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="more names the app answers to, 'name' (any port) or 'name:port', besides loopback, ui.host and "
+        "the tunnel's host; requests for other hosts or from other sites' pages get 403",
+    )
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        """The env var takes a JSON list or plain comma-separated names."""
+        if isinstance(value, str):
+            value = value.strip()
+            return json.loads(value) if value.startswith("[") else [h.strip() for h in value.split(",") if h.strip()]
+        return value
 
 
 class SecuritySettings(BaseModel):

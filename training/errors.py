@@ -127,6 +127,22 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "`backprop ui --share` publishes the app to the internet and is refused without authentication",
         "Add --auth (and a password), or set BACKPROPAGATE_SECURITY__REQUIRE_AUTH_FOR_SHARE=false to share it open.",
     ),
+    "UI_HOST_NOT_ALLOWED": ErrorSpec(
+        "This Backprop web app does not answer to the host '{host}'",
+        "Open it at the address `backprop ui` printed (http://127.0.0.1:<port>/ or http://localhost:<port>/); to reach "
+        "it under a name of your own, add that name to ui.allowed_hosts "
+        "(BACKPROPAGATE_UI__ALLOWED_HOSTS='[\"name\"]', or 'name:port').",
+    ),
+    "UI_ORIGIN_NOT_ALLOWED": ErrorSpec(
+        "Refused a request made by a page of '{origin}': only the app's own pages may use the app",
+        "Use the app from its own address; if you serve it under a name of your own, add that name to ui.allowed_hosts "
+        "(BACKPROPAGATE_UI__ALLOWED_HOSTS).",
+    ),
+    "UI_DEV_AUTH_UNSUPPORTED": ErrorSpec(
+        "`backprop ui --dev --auth` is refused: in dev mode the pages come from a second server, outside the sign-in gate",
+        "Use `backprop ui --auth` (the production build) for a password; keep --dev for developing the app on your own "
+        "machine.",
+    ),
     "DEP_TUNNEL_UNAVAILABLE": ErrorSpec(
         "No tunnel could publish the app: {reason}",
         "Install cloudflared (or ngrok, signed in), or give --share ssh:user@host for an SSH reverse tunnel.",
