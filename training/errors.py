@@ -140,8 +140,7 @@ CATALOGUE: dict[str, ErrorSpec] = {
     ),
     "UI_DEV_AUTH_UNSUPPORTED": ErrorSpec(
         "`backprop ui --dev --auth` is refused: in dev mode the pages come from a second server, outside the sign-in gate",
-        "Use `backprop ui --auth` (the production build) for a password; keep --dev for developing the app on your own "
-        "machine.",
+        "Use `backprop ui --auth` (the production build) for a password; keep --dev for developing the app on your own machine.",
     ),
     "DEP_TUNNEL_UNAVAILABLE": ErrorSpec(
         "No tunnel could publish the app: {reason}",
