@@ -16,7 +16,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -31,7 +31,10 @@ STATUSES = (*ACTIVE, "completed", *RESUMABLE)
 RUN_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 STALE_HEARTBEAT_S = 120  # workers beat every few seconds; this much silence means the worker is gone
 
-_SCHEMA = """
+# The schema is built by ordered migrations; PRAGMA user_version holds how many have been applied. A registry
+# written before versioning (user_version 0) may be at any of the first states, so those steps tolerate
+# what is already there. Add a migration at the end; never edit one that has shipped.
+_BASE_TABLES = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
     name TEXT,
@@ -54,10 +57,7 @@ CREATE TABLE IF NOT EXISTS runs (
     final_loss REAL,
     eval_loss REAL,
     error_code TEXT,
-    error_message TEXT,
-    reason TEXT,
-    queued_at REAL,
-    gpu_index INTEGER
+    error_message TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -67,13 +67,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created_at REAL NOT NULL,
     PRIMARY KEY (run_id, step)
 );
-CREATE TABLE IF NOT EXISTS forgetting (
-    campaign_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-    after_run INTEGER NOT NULL,
-    task INTEGER NOT NULL,
-    eval_loss REAL NOT NULL,
-    PRIMARY KEY (campaign_id, after_run, task)
-);
+"""
+_EXPORTS_TABLE = """
 CREATE TABLE IF NOT EXISTS exports (
     id TEXT PRIMARY KEY,
     run_id TEXT,
@@ -87,6 +82,44 @@ CREATE TABLE IF NOT EXISTS exports (
     created_at REAL NOT NULL
 );
 """
+_FORGETTING_TABLE = """
+CREATE TABLE IF NOT EXISTS forgetting (
+    campaign_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    after_run INTEGER NOT NULL,
+    task INTEGER NOT NULL,
+    eval_loss REAL NOT NULL,
+    PRIMARY KEY (campaign_id, after_run, task)
+);
+"""
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _add_columns(db: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for column, sql_type in columns.items():
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+
+
+def _create(script: str) -> Callable[[sqlite3.Connection], None]:
+    def apply(db: sqlite3.Connection) -> None:
+        for statement in _statements(script):
+            db.execute(statement)
+
+    return apply
+
+
+# Migration i (1-based) brings a registry from user_version i-1 to i.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _create(_BASE_TABLES),  # 1: runs and their checkpoints
+    lambda db: _add_columns(db, "runs", {"reason": "TEXT", "queued_at": "REAL", "gpu_index": "INTEGER"}),  # 2: the queue
+    _create(_EXPORTS_TABLE),  # 3: exports
+    _create(_FORGETTING_TABLE),  # 4: the forgetting matrix of multi-run campaigns
+]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclass
@@ -143,12 +176,23 @@ class Registry:
         self.db_path = self.home / "runs.db"
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-            # Registries written by older versions get the newer columns.
-            present = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
-            for column, sql_type in (("reason", "TEXT"), ("queued_at", "REAL"), ("gpu_index", "INTEGER")):
-                if column not in present:
-                    db.execute(f"ALTER TABLE runs ADD COLUMN {column} {sql_type}")
+            if self._version(db) != SCHEMA_VERSION:
+                self._migrate()
+
+    @staticmethod
+    def _version(db: sqlite3.Connection) -> int:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        """Apply the missing migrations in order, all in one transaction (several processes may open the registry
+        at once: the first migrates, the others then find it current); a registry newer than this code is refused."""
+        with self._write() as db:
+            version = self._version(db)
+            if version > SCHEMA_VERSION:
+                raise BackpropError("STATE_REGISTRY_TOO_NEW", path=self.db_path, version=version, supported=SCHEMA_VERSION)
+            for migration in MIGRATIONS[version:]:
+                migration(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -283,6 +327,29 @@ class Registry:
             )
             return None
 
+    def claim_for_resume(self, run_id: str, claimant: int) -> RunRecord:
+        """Queue a resumable run again for exactly one resumer (pid `claimant`, until its worker takes over).
+
+        One IMMEDIATE transaction: of two resumes at once, the second finds the run queued under a live pid and
+        gets STATE_RUN_ACTIVE, as does a resume while the run's worker (or whoever trains it) still lives."""
+        with self._write() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise BackpropError("INPUT_RUN_NOT_FOUND", run_id=run_id)
+            run = self._record(row)
+            if _held(run):
+                raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)
+            status = "interrupted" if run.status in ACTIVE else run.status  # its holder is gone
+            if status not in RESUMABLE:
+                raise BackpropError("STATE_NOT_RESUMABLE", run_id=run.id, reason=f"it is {status}")
+            now = time.time()
+            db.execute(
+                "UPDATE runs SET status = 'queued', queued_at = ?, reason = NULL, pid = ?, heartbeat = ?, ended_at = NULL,"
+                " error_code = NULL, error_message = NULL WHERE id = ?",
+                (now, claimant, now, run_id),
+            )
+        return self.get(run_id)
+
     def delete(self, run_id: str) -> None:
         with self._write() as db:
             db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
@@ -379,6 +446,31 @@ class Registry:
             )
         run.status = "interrupted"
         return run
+
+
+def _held(run: RunRecord) -> bool:
+    """Does a live process still hold this run? An active run's pid (unless its heartbeat went silent), and any
+    run's own worker, even after it wrote its final status or went silent (a second worker would fight it)."""
+    if run.pid is None:
+        return False
+    if run.status in ACTIVE and pid_alive(run.pid):
+        silent = run.heartbeat is not None and time.time() - run.heartbeat > STALE_HEARTBEAT_S
+        if not silent:
+            return True
+    return worker_alive(run.pid, run.path)
+
+
+def worker_alive(pid: int, run_dir: Path) -> bool:
+    """Is `pid` a live `python -m training.worker RUN_DIR` for this run (not some process that reused the pid)?"""
+    import psutil
+
+    if not pid_alive(pid):
+        return False
+    try:
+        command = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    return "training.worker" in command and str(run_dir) in command
 
 
 def pid_alive(pid: int) -> bool:
