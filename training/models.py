@@ -2,7 +2,7 @@
 
 `--model` takes a preset name or hub id (loaded with `from_pretrained` through the HF cache), a local HF
 folder, or `demo` (the built-in tiny model, see demo_model.py). A tokenizer without a chat template gets
-ChatML.
+ChatML (with tool calls rendered, see chat_template.py).
 """
 
 from __future__ import annotations
@@ -77,11 +77,11 @@ def resolve_model(name: str, home: Path | None = None) -> ModelSource:
 def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
-    from training.demo_model import CHATML_TEMPLATE
+    from training.chat_template import CHATML_TOOLS_TEMPLATE
 
     tokenizer = _from_pretrained(AutoTokenizer, source)
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHATML_TEMPLATE
+    if not getattr(tokenizer, "chat_template", None):  # ChatML, which also renders tool calls
+        tokenizer.chat_template = CHATML_TOOLS_TEMPLATE
         for token in ("<|im_start|>", "<|im_end|>"):
             if token not in tokenizer.get_vocab():
                 tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
