@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import reflex as rx
 
-from app.auth import Auth
-from app.gate import AuthGate
+from app.gate import protect
 from app.pages.chat import chat_page
 from app.pages.dataset import dataset_page
 from app.pages.export import export_page
@@ -19,15 +18,9 @@ from app.state.multirun import MultiRunState
 from app.state.runs import RunDetailState, RunsState
 from app.state.telemetry import sample_forever
 from app.state.train import TrainState
-from training.config import load_settings
 
-
-def auth_gate(asgi_app):
-    """Every route behind one check when authentication is on (app/gate.py); a pass-through when it is off."""
-    return AuthGate(asgi_app, Auth.from_settings(load_settings()))
-
-
-app = rx.App(head_components=[rx.el.link(rel="icon", href="/favicon.svg", type="image/svg+xml")], api_transformer=auth_gate)
+# api_transformer: every route (pages, /_event, /_upload, /api/*) behind the one gate of app/gate.py
+app = rx.App(head_components=[rx.el.link(rel="icon", href="/favicon.svg", type="image/svg+xml")], api_transformer=protect)
 app.add_page(run_detail_page, route="/runs/[run_id]", title="Run · Backprop", on_load=RunDetailState.load)
 app.add_page(train_page, route="/", title="Train · Backprop", on_load=TrainState.reattach)
 app.add_page(runs_page, route="/runs", title="Runs · Backprop", on_load=RunsState.load)

@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from collections import defaultdict, deque
@@ -20,11 +20,13 @@ from pathlib import Path
 
 import jwt
 
+from training import atomic
 from training.config import Settings
 from training.errors import BackpropError
 
 COOKIE = "backprop_session"
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+SECRET_BYTES = 32  # HS256 wants a key at least as long as its hash
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -45,20 +47,30 @@ def check_password(password: str, stored_hash: str) -> bool:
 
 
 def session_secret(home: Path) -> bytes:
-    """The signing secret, created once (readable by this user only) and reused, so sessions survive restarts."""
+    """The signing secret, made once (readable by this user only) and reused, so sessions survive restarts.
+
+    A file that is missing, empty, not hex or shorter than SECRET_BYTES would sign cookies with a weak or empty key:
+    it is replaced, atomically, by a new random secret (sessions signed with the old one end)."""
     path = home / "ui-session-secret"
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
+    secret = _read_secret(path)
+    if secret is not None:
+        return secret
     home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".ui-session-secret.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the server's workers start together: one of them writes, all use its secret
+        secret = _read_secret(path)
+        if secret is None:
+            secret = secrets.token_bytes(SECRET_BYTES)
+            atomic.write_text(path, secret.hex(), mode=0o600)
+    return secret
+
+
+def _read_secret(path: Path) -> bytes | None:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # created private, never widened
-    except FileExistsError:  # another server process made it first
-        return bytes.fromhex(path.read_text().strip())
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    return bytes.fromhex(path.read_text().strip())
+        secret = bytes.fromhex(path.read_text().strip())
+    except (FileNotFoundError, ValueError):  # missing, or not hex
+        return None
+    return secret if len(secret) >= SECRET_BYTES else None
 
 
 @dataclass
@@ -70,6 +82,10 @@ class Auth:
     secret: bytes = b""
     session_hours: float = 12.0
     max_failed_logins: int = 5
+
+    def __post_init__(self) -> None:
+        if self.enabled and len(self.secret) < SECRET_BYTES:  # never sign sessions with an empty or short key
+            raise ValueError(f"the session secret must be at least {SECRET_BYTES} bytes")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Auth:

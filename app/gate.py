@@ -1,41 +1,167 @@
-"""The ASGI gate in front of the whole web app (pages, the /_event websocket, /_upload): no session, no entry.
+"""The one ASGI gate in front of the whole web app (pages, the /_event websocket, /_upload, /api/*), in two layers.
 
-It wraps the app Reflex serves on one port (rx.App(api_transformer=...)), so one check covers every route. With
-authentication off it passes everything through untouched. With it on:
+`protect` is what app/app.py hands Reflex (rx.App(api_transformer=...)): it wraps the app Reflex serves on one port,
+so each check covers every route.
 
-  GET  /login        the sign-in form (served here, so it needs nothing behind the gate)
-  POST /api/login    password -> session cookie (HttpOnly, SameSite=Strict), or the form again with why not
-  POST /api/logout   forget the cookie
-  /ping, /favicon.svg, /logo.svg   open (health check, and what the sign-in form shows)
-  anything else      needs a valid session: pages redirect to /login, other requests get 401 UI_AUTH_REQUIRED,
-                     a websocket is closed before it is accepted
+1. HostCheck, always on, signed in or not: other websites must not drive the local app.
+   - The Host (and X-Forwarded-Host, when a proxy sets one) must name this app: localhost, 127.0.0.1, [::1] or ui.host
+     on the app's port, the address the request arrived on, the tunnel's public host, or a name in ui.allowed_hosts.
+     This stops DNS rebinding (a page of evil.example whose name now resolves to 127.0.0.1).
+   - An Origin, whenever a request carries one, must be the app's own (http(s)://an allowed host). Browsers send it on
+     every websocket handshake (required here), every POST, and every cross-site fetch, so another site's page can
+     neither open the event channel, upload, post a form nor read an answer (Reflex answers CORS with '*').
+     Clients that are not browsers (curl, scripts) send no Origin and pass on the Host alone.
+   Refused: 403 with UI_HOST_NOT_ALLOWED or UI_ORIGIN_NOT_ALLOWED; a websocket is closed before it is accepted.
+
+2. AuthGate, only with ui.auth:
+   GET  /login        the sign-in form (served here, so it needs nothing behind the gate)
+   POST /api/login    password -> session cookie (HttpOnly, SameSite=Strict), or the form again with why not
+   POST /api/logout   forget the cookie
+   /ping, /favicon.svg, /logo.svg   open (health check, and what the sign-in form shows)
+   anything else      needs a valid session: pages redirect to /login, other requests get 401 UI_AUTH_REQUIRED,
+                      a websocket is closed before it is accepted
 """
 
 from __future__ import annotations
 
 import html
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from app.auth import COOKIE, Auth, LoginLimiter, check_password
+from training.config import Settings, UiSettings, load_settings
 from training.errors import BackpropError
 
 OPEN_PATHS = {"/ping", "/favicon.svg", "/logo.svg"}
 MAX_LOGIN_BODY = 8192
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+ANY_ADDRESS = ("0.0.0.0", "::", "")  # ui.host values that listen everywhere but name no host
+DEFAULT_PORT = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
 Scope = dict[str, Any]
+log = logging.getLogger("backprop.gate")
+
+
+def protect(app: Any, settings: Settings | None = None) -> Any:
+    """The whole gate: the Host/Origin check always, then the sign-in when ui.auth is on."""
+    settings = settings or load_settings()
+    auth = Auth.from_settings(settings)
+    return HostCheck(AuthGate(app, auth) if auth.enabled else app, AllowedHosts.from_settings(settings.ui))
+
+
+# --- layer 1: the Host and Origin check --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AllowedHosts:
+    """The names this app answers to: `local` ones on the app's own ports, `named` ones on their port (None: any)."""
+
+    local: frozenset[str]
+    ports: frozenset[int]
+    named: frozenset[tuple[str, int | None]]
+
+    @classmethod
+    def from_settings(cls, ui: UiSettings) -> AllowedHosts:
+        local = set(LOOPBACK)
+        if ui.host.strip("[]") not in ANY_ADDRESS:
+            local.add(_name(ui.host))
+        named = set()
+        for entry in ui.allowed_hosts:
+            # Also take a pasted address ('https://name/'), keeping only its host and port.
+            parsed = split_authority(urlsplit(entry).netloc if "://" in entry else entry.rstrip("/"), None)
+            if parsed is None:
+                raise BackpropError("CONFIG_INVALID", reason=f"ui.allowed_hosts: '{entry}' is not a host name or name:port")
+            named.add(parsed)
+        return cls(frozenset(local), frozenset({ui.port}), frozenset(named))
+
+    def allows(self, name: str, port: int | None, scope: Scope) -> bool:
+        if (name, port) in self.named or (name, None) in self.named:
+            return True
+        server = scope.get("server") or ("", None)
+        # The address the connection arrived on is this app's by definition (with --host 0.0.0.0: the LAN address).
+        return port in self.ports | {server[1]} and (name in self.local or name == _name(str(server[0])))
+
+
+class HostCheck:
+    """Refuses requests for a host the app does not serve, and requests made by another site's page."""
+
+    def __init__(self, app: Any, allowed: AllowedHosts):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                return await _refuse(refusal, 403, 4403, scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def refusal(self, scope: Scope) -> BackpropError | None:
+        default_port = DEFAULT_PORT.get(scope.get("scheme", "http"), 80)
+        for host in [_header(scope, "host"), *_forwarded_hosts(scope)]:
+            parsed = split_authority(host, default_port)
+            if parsed is None or not self.allowed.allows(*parsed, scope):
+                return _refused("UI_HOST_NOT_ALLOWED", host=host)
+        origin = _header(scope, "origin")
+        if not origin:
+            # Browsers always send one on a websocket handshake; only non-browser clients omit it elsewhere.
+            return _refused("UI_ORIGIN_NOT_ALLOWED", origin="(none)") if scope["type"] == "websocket" else None
+        parts = urlsplit(origin)
+        parsed = split_authority(parts.netloc, DEFAULT_PORT[parts.scheme]) if parts.scheme in ("http", "https") else None
+        if parsed is None or parts.path not in ("", "/") or not self.allowed.allows(*parsed, scope):
+            return _refused("UI_ORIGIN_NOT_ALLOWED", origin=origin)
+        return None
+
+
+def split_authority(authority: str, default_port: int | None) -> tuple[str, int | None] | None:
+    """'name:port', '[v6]:port' or a bare name -> (lowercase name, port or default_port); None if it is not one."""
+    if not authority or any(c in authority for c in "@/?#\\ \t"):
+        return None
+    try:
+        parts = urlsplit("//" + authority)
+        name, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number, an unclosed bracket
+        return None
+    return (_name(name), port if port is not None else default_port) if name else None
+
+
+def _name(host: str) -> str:
+    return host.strip("[]").rstrip(".").lower()  # 'LOCALHOST.' and 'localhost' are the same host
+
+
+def _forwarded_hosts(scope: Scope) -> Iterable[str]:
+    value = _header(scope, "x-forwarded-host")
+    return [h.strip() for h in value.split(",")] if value else []
+
+
+_logged: set[str] = set()
+
+
+def _refused(code: str, **fields: str) -> BackpropError:
+    error = BackpropError(code, **fields)
+    if len(_logged) < 100 and error.message not in _logged:  # say it once in the server log, not once per retry
+        _logged.add(error.message)
+        log.warning("refused: %s", error)
+    return error
+
+
+# --- layer 2: sign-in -----------------------------------------------------------------------------------------------
 
 
 class AuthGate:
+    """Every route needs a session, except the sign-in form and the few open paths."""
+
     def __init__(self, app: Any, auth: Auth):
         self.app, self.auth = app, auth
         self.limiter = LoginLimiter(auth.max_failed_logins)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket") or not self.auth.enabled:
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         path = scope["path"]
         if scope["type"] == "http" and path == "/login":
@@ -48,13 +174,9 @@ class AuthGate:
             return await response(scope, receive, send)
         if path in OPEN_PATHS or self.auth.valid(_cookie(scope)):
             return await self.app(scope, receive, send)
-        if scope["type"] == "websocket":
-            return await send({"type": "websocket.close", "code": 4401})  # before accept: the handshake fails
-        if scope["method"] == "GET" and "text/html" in _header(scope, "accept"):
+        if scope["type"] == "http" and scope["method"] == "GET" and "text/html" in _header(scope, "accept"):
             return await RedirectResponse(f"/login?next={quote(path)}", status_code=303)(scope, receive, send)
-        error = BackpropError("UI_AUTH_REQUIRED")
-        body = {"code": error.code, "message": error.message, "hint": error.hint}
-        return await JSONResponse(body, status_code=401)(scope, receive, send)
+        return await _refuse(BackpropError("UI_AUTH_REQUIRED"), 401, 4401, scope, receive, send)
 
     async def _login(self, scope: Scope, receive: Any) -> Response:
         client = (scope.get("client") or ("unknown", 0))[0]
@@ -77,6 +199,17 @@ class AuthGate:
     def _page(self, target: str, error: str = "", status: int = 200, headers: dict | None = None) -> HTMLResponse:
         return HTMLResponse(LOGIN_PAGE.format(next=html.escape(_safe_next(target)), error=html.escape(error)),
                             status_code=status, headers=headers)  # fmt: skip
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------------
+
+
+async def _refuse(error: BackpropError, status: int, close_code: int, scope: Scope, receive: Any, send: Any) -> None:
+    """A coded JSON answer; a websocket is closed before it is accepted, so its handshake fails."""
+    if scope["type"] == "websocket":
+        return await send({"type": "websocket.close", "code": close_code})
+    body = {"code": error.code, "message": error.message, "hint": error.hint}
+    return await JSONResponse(body, status_code=status)(scope, receive, send)
 
 
 async def _body(receive: Any) -> bytes:

@@ -131,7 +131,7 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "This Backprop web app does not answer to the host '{host}'",
         "Open it at the address `backprop ui` printed (http://127.0.0.1:<port>/ or http://localhost:<port>/); to reach "
         "it under a name of your own, add that name to ui.allowed_hosts "
-        "(BACKPROPAGATE_UI__ALLOWED_HOSTS='[\"name\"]', or 'name:port').",
+        "(BACKPROPAGATE_UI__ALLOWED_HOSTS=name or name:port, comma-separated).",
     ),
     "UI_ORIGIN_NOT_ALLOWED": ErrorSpec(
         "Refused a request made by a page of '{origin}': only the app's own pages may use the app",
