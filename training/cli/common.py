@@ -46,13 +46,14 @@ def open_registry():
 
 def print_error(exc: BackpropError, verbose: bool) -> None:
     from rich.console import Console
+    from rich.markup import escape  # messages hold brackets ('backprop[export]', file:line [reason]): not markup
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(f"[bold red][{exc.code}][/] {redact(exc.message)}", markup=True)
+    console.print(f"[bold red]{escape(f'[{exc.code}]')}[/] {escape(redact(exc.message))}")
     if exc.hint:
-        console.print(f"[dim]hint:[/] {redact(exc.hint)}")
+        console.print(f"[dim]hint:[/] {escape(redact(exc.hint))}")
     if verbose:
-        console.print(redact("".join(traceback.format_exception(exc))))
+        console.print(escape(redact("".join(traceback.format_exception(exc)))))
 
 
 def status_markup(status: str) -> str:

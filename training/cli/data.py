@@ -33,6 +33,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(json.dumps({**report.to_dict(), "tokenizer": None if args.no_tokens else args.model}))
         return code
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(highlight=False, soft_wrap=True)
     formats = ", ".join(f"{k} {v}" for k, v in report.formats.most_common()) or "none"
@@ -47,7 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         console.print(f"tokens ({args.model} tokenizer): min {t['min']}  mean {t['mean']}  max {t['max']}  total {t['total']}")
         console.print("  " + "  ".join(f"{k}: {v}" for k, v in t["histogram"].items()))
     for error in report.errors:
-        console.print(f"[red]{error.describe(report.path)}[/] [dim][{error.code}][/]")
+        console.print(f"[red]{escape(error.describe(report.path))}[/] [dim]{escape(f'[{error.code}]')}[/]")
     if report.error_count > len(report.errors):
         console.print(f"... and {report.error_count - len(report.errors)} more")
     if code == 1:

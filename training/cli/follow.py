@@ -103,6 +103,8 @@ class TrainingProgress:
         self.progress.console.print(text)
 
     def on_event(self, event: dict[str, Any]) -> None:
+        from rich.markup import escape  # reasons and log lines are text, not markup
+
         kind = event["event"]
         if kind == "queued":
             self.say(f"[magenta]queued[/]: {event['reason']}")
@@ -136,8 +138,8 @@ class TrainingProgress:
         elif kind == "checkpoint_saved":
             self.say(f"[dim]checkpoint at step {event.get('step')}[/]")
         elif kind == "paused":
-            self.say(f"[magenta]paused[/]: {event.get('reason', '')}")
+            self.say(f"[magenta]paused[/]: {escape(str(event.get('reason', '')))}")
         elif kind == "resumed":
-            self.say(f"[green]resumed[/]: {event.get('reason', '')}")
+            self.say(f"[green]resumed[/]: {escape(str(event.get('reason', '')))}")
         elif kind == "log" and event.get("level") in ("warning", "error"):
-            self.say(f"[yellow]{event['message']}[/]")
+            self.say(f"[yellow]{escape(str(event['message']))}[/]")
