@@ -205,10 +205,11 @@ class AuthGate:
 
 
 async def _refuse(error: BackpropError, status: int, close_code: int, scope: Scope, receive: Any, send: Any) -> None:
-    """A coded JSON answer; a websocket is closed before it is accepted, so its handshake fails."""
-    if scope["type"] == "websocket":
-        return await send({"type": "websocket.close", "code": close_code})
+    """A coded JSON answer. A websocket is refused before it is accepted: with that answer as the handshake's
+    response where the server can send one (the ASGI websocket denial extension), else closed (HTTP 403)."""
     body = {"code": error.code, "message": error.message, "hint": error.hint}
+    if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
+        return await send({"type": "websocket.close", "code": close_code})
     return await JSONResponse(body, status_code=status)(scope, receive, send)
 
 

@@ -2,22 +2,30 @@
 
 Tried in order (or the one asked for): cloudflared (a free trycloudflare.com address, no account), ngrok (needs its
 auth token configured), or `ssh:user@host` for an SSH reverse tunnel to a host you control (or a service such as
-localhost.run that prints an address). The tunnel is a child process; stopping `backprop ui` stops it.
+localhost.run that prints an address). The tunnel is a child process in a process group of its own; stopping
+`backprop ui` stops it (app/launch.py). It can open before the app is up: none of these tools needs the app to answer
+to print its address, and the app must know that address first, to answer to the tunnel's host (app/gate.py).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from training.errors import BackpropError
 
 URL = re.compile(r"https://[A-Za-z0-9.-]+\.[A-Za-z]{2,}[^\s\"']*")
 IGNORED = re.compile(r"https://(www\.)?(cloudflare\.com|developers\.cloudflare\.com|ngrok\.com|dashboard\.ngrok\.com)")
+
+Start = Callable[..., subprocess.Popen]
 
 
 @dataclass
@@ -26,13 +34,13 @@ class Tunnel:
     url: str
     tool: str
 
+    @property
+    def host(self) -> str:
+        """The public host name, the Host header of every request that comes through the tunnel."""
+        return urlsplit(self.url).hostname or ""
+
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        _end(self.process, signal.SIGTERM)
 
 
 def command(tool: str, port: int) -> list[str]:
@@ -47,8 +55,11 @@ def command(tool: str, port: int) -> list[str]:
     raise BackpropError("DEP_TUNNEL_UNAVAILABLE", reason=f"unknown tunnel '{tool}' (cloudflared, ngrok or ssh:user@host)")
 
 
-def open_tunnel(port: int, how: str = "auto", wait_s: float = 30.0) -> Tunnel:
-    """Start the tunnel and return once it printed its public https address; DEP_TUNNEL_UNAVAILABLE otherwise."""
+def open_tunnel(port: int, how: str = "auto", wait_s: float = 30.0, start: Start | None = None) -> Tunnel:
+    """Start the tunnel and return once it printed its public https address; DEP_TUNNEL_UNAVAILABLE otherwise.
+
+    `start` launches the process (the launcher's, which keeps track of it); by default, in a process group of its own."""
+    start = start or (lambda argv, **kwargs: subprocess.Popen(argv, start_new_session=True, **kwargs))
     tools = [how] if how != "auto" else [t for t in ("cloudflared", "ngrok") if shutil.which(t)]
     if not tools:
         raise BackpropError("DEP_TUNNEL_UNAVAILABLE", reason="neither cloudflared nor ngrok is installed")
@@ -58,13 +69,30 @@ def open_tunnel(port: int, how: str = "auto", wait_s: float = 30.0) -> Tunnel:
         if shutil.which(argv[0]) is None:
             problems.append(f"{argv[0]} is not installed")
             continue
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        url = _first_url(process, wait_s)
+        process = start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        try:
+            url = _first_url(process, wait_s)
+        except BaseException:  # stopped while waiting: the tunnel goes too
+            _end(process)
+            raise
         if url:
             return Tunnel(process, url, tool)
-        process.terminate()
+        _end(process)
         problems.append(f"{tool} printed no public address within {wait_s:.0f} s")
     raise BackpropError("DEP_TUNNEL_UNAVAILABLE", reason="; ".join(problems))
+
+
+def _end(process: subprocess.Popen, sig: int = signal.SIGKILL, wait_s: float = 5.0) -> None:
+    """Signal the tunnel's whole process group and reap it."""
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        if sig != signal.SIGKILL:
+            _end(process)
 
 
 def _first_url(process: subprocess.Popen, wait_s: float) -> str | None:
