@@ -1,4 +1,8 @@
-"""Multi-run campaigns for real on the tiny model: SLAO merges, the forgetting matrix, crash-safe resume."""
+"""Multi-run campaigns for real on the tiny model: SLAO merges, the forgetting matrix, crash-safe resume.
+
+Crashes are real: the worker is SIGKILLed, by the test or at a named point of its own (CRASH_AT_ENV, the
+campaign's one fault-injection hook). A simulated sensor file stands in for GPU readings to pause a child.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ import torch
 from conftest import DEMO_DATA, backprop, wait_for
 from safetensors.torch import load_file
 
-from training import jobs, slao
+from training import jobs, runs, slao
 from training.config import load_settings, nest_options
 from training.errors import BackpropError
-from training.multirun import forgetting_metrics, lr_factor
+from training.events import read_events
+from training.multirun import CRASH_AT_ENV, forgetting_metrics, lr_factor
 from training.runs import Registry
 
 
@@ -31,6 +36,18 @@ def finished(registry: Registry, run_id: str, timeout: float = 400):
         return run if run.status not in ("queued", "running", "paused") else None
 
     return wait_for(ended, timeout, "the campaign")
+
+
+def merge_events(registry: Registry, run_id: str) -> list[dict]:
+    return [e for e in read_events(registry.get(run_id).path / "events.jsonl")[0] if e["event"] == "merge"]
+
+
+def write_sensor(path, temp: float) -> None:
+    """A simulated GPU sensor reading, replaced atomically (a reader never sees half of one)."""
+    reading = {"cpu": 10, "ram_available": 16384, "ram_total": 32768,
+               "gpus": [{"name": "Simulated GPU", "temp": temp, "util": 90, "mem_used": 4000, "mem_total": 24000}]}  # fmt: skip
+    path.with_suffix(".tmp").write_text(json.dumps(reading))
+    os.replace(path.with_suffix(".tmp"), path)
 
 
 def test_bwt_and_average_loss_come_from_the_forgetting_matrix():
@@ -62,7 +79,7 @@ def test_a_three_run_campaign_merges_with_slao_and_measures_forgetting(home):
     assert all(torch.allclose(result[k], merged[k], atol=1e-6) for k in merged)
     # Runs 2 and 3 started from orthonormal A and the previous run's fine-tuned B.
     start = json.loads((children[1].path / "spec.json").read_text())["init_adapter"]
-    assert start.endswith("next_init.safetensors")
+    assert start.endswith("state/init-0002.safetensors")
 
     matrix = registry.forgetting(run.id)
     assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
@@ -124,3 +141,103 @@ def test_bad_campaign_inputs_are_coded_errors(home, tmp_path):
     out = backprop("multi-run", "--model", "demo", "--data", str(DEMO_DATA), "--data", str(DEMO_DATA), "--runs", "3")
     assert out.returncode == 1 and "2 datasets but --runs 3" in out.stderr
     assert Registry(home).list() == []  # nothing half-registered
+
+
+@pytest.mark.slow
+def test_a_campaign_killed_between_its_tensors_and_its_state_merges_every_run_exactly_once(home, monkeypatch):
+    registry = Registry(home)
+    options = {"num_runs": 2, "steps_per_run": 10}
+    reference = finished(registry, campaign(name="reference", **options))
+    assert reference.status == "completed"
+
+    def killed(run_id: str):
+        return wait_for(lambda: registry.get(run_id).status == "interrupted" and registry.get(run_id), 400, "the kill")
+
+    # Killed right after run 1's state was committed, before its merge event and forgetting row were written.
+    monkeypatch.setenv(CRASH_AT_ENV, "committed:1")
+    run = killed(campaign(name="killed", **options))
+    state_dir = run.path / "state"
+    state = json.loads((state_dir / "state.json").read_text())
+    assert (state["next_run"], state["merged"]) == (2, "merged-0001.safetensors")
+    assert merge_events(registry, run.id) == [] and registry.forgetting(run.id) == []
+
+    # Killed right after run 2's merged tensors reached the disk, before state.json named them.
+    monkeypatch.setenv(CRASH_AT_ENV, "tensors:2")
+    jobs.resume(registry, run.id)
+    killed(run.id)
+    state = json.loads((state_dir / "state.json").read_text())
+    assert (state["next_run"], state["merged"]) == (2, "merged-0001.safetensors")
+    assert (state_dir / "merged-0002.safetensors").exists()  # written, not committed
+    assert [m["run"] for m in merge_events(registry, run.id)] == [1]  # the lost event, written again on resume
+
+    monkeypatch.delenv(CRASH_AT_ENV)
+    jobs.resume(registry, run.id)
+    resumed = finished(registry, run.id)
+    assert resumed.status == "completed" and [c.status for c in registry.children(run.id)] == ["completed"] * 2
+    merges = merge_events(registry, run.id)
+    assert [m["run"] for m in merges] == [1, 2] and [m["lam"] for m in merges] == pytest.approx([1, 1 / math.sqrt(2)])
+    expected = load_file(reference.path / "adapter" / "adapter_model.safetensors")
+    actual = load_file(resumed.path / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:  # run 2 merged once: merged twice, B would sit λ(2) further towards run 2's B
+        assert torch.allclose(actual[key], expected[key], rtol=1e-5, atol=1e-7), key
+    flat = [[v for row in registry.forgetting(r) for v in row if v is not None] for r in (run.id, reference.id)]
+    assert len(flat[0]) == 3 and flat[0] == pytest.approx(flat[1], rel=1e-4)  # the whole matrix, each row once
+    assert sorted(p.name for p in state_dir.glob("*.safetensors")) == ["merged-0002.safetensors"]  # old versions gone
+
+
+@pytest.mark.parametrize(
+    ("run_lora", "adapter_lora", "found"),
+    [
+        ({"r": 8}, {"r": 4}, "of another shape"),
+        ({"r": 8}, {"r": 8, "target_modules": ["q_proj"]}, "missing weights"),
+        ({"r": 8, "target_modules": ["q_proj"]}, {"r": 8}, "unexpected weights"),
+    ],
+)
+def test_a_child_whose_initial_adapter_does_not_fit_its_model_is_refused_with_a_code(
+    home, tmp_path, run_lora, adapter_lora, found
+):
+    from peft import LoraConfig, get_peft_model
+
+    from training.models import load_model, resolve_model
+    from training.trainer import new_train_run, run_training
+
+    # A real peft adapter of the demo model, with another LoRA rank or other target modules than the run's.
+    config = LoraConfig(**{"target_modules": "all-linear", **adapter_lora}, task_type="CAUSAL_LM")
+    get_peft_model(load_model(resolve_model("demo", home)), config).save_pretrained(tmp_path / "other")
+    lora = {"lora_r": run_lora["r"], "target_modules": run_lora.get("target_modules")}
+    settings = load_settings(**nest_options({"model": "demo", "steps": 2, **lora}))
+    registry = Registry(home)
+    child = new_train_run(registry, settings, str(DEMO_DATA),
+                          extra={"init_adapter": str(tmp_path / "other" / "adapter_model.safetensors")})  # fmt: skip
+    with pytest.raises(BackpropError) as error:
+        run_training(child, registry)
+    assert error.value.code == "STATE_ADAPTER_MISMATCH" and found in error.value.message
+    assert "other/adapter_model.safetensors" in error.value.message and error.value.hint
+    run = registry.get(child.id)
+    assert (run.status, run.error_code, run.step) == ("failed", "STATE_ADAPTER_MISMATCH", 0)
+
+
+@pytest.mark.slow
+def test_a_paused_child_keeps_its_heartbeat_and_is_never_taken_for_dead(home, tmp_path, monkeypatch):
+    sensor = tmp_path / "sensor.json"
+    write_sensor(sensor, temp=60)
+    monkeypatch.setenv("BACKPROPAGATE_TELEMETRY_FILE", str(sensor))
+    monkeypatch.setenv("BACKPROPAGATE_TELEMETRY_INTERVAL_S", "0.2")
+    # This test's registry takes 15 s of silence for a dead worker (the watcher beats every 5 s).
+    monkeypatch.setattr(runs, "STALE_HEARTBEAT_S", 15)
+    registry = Registry(home)
+    run_id = campaign(num_runs=2, steps_per_run=5000)
+    child = wait_for(lambda: (c := registry.children(run_id)) and c[0].step >= 2 and c[0], 400, "run 1 to train")
+    write_sensor(sensor, temp=95)
+    paused = wait_for(lambda: registry.get(child.id).status == "paused" and registry.get(child.id), 120, "the pause")
+
+    def beaten_past_the_limit_while_held() -> bool:
+        now = registry.get(child.id)  # each look applies the staleness check
+        assert now.status == "paused" and now.step == paused.step, now.status
+        return now.heartbeat > paused.heartbeat + 2 * runs.STALE_HEARTBEAT_S
+
+    wait_for(beaten_past_the_limit_while_held, 300, "heartbeats while paused")
+    assert registry.get(run_id).status == "paused"
+    assert jobs.stop(registry, run_id).status == "stopped"
+    assert registry.get(child.id).status == "stopped"  # stopped with a checkpoint, never interrupted

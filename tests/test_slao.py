@@ -89,3 +89,18 @@ def test_mismatched_adapters_are_a_coded_error():
     with pytest.raises(BackpropError) as error:
         slao.merge(adapter(1), {k: v for k, v in adapter(2).items() if "q_proj" not in k}, 2)
     assert error.value.code == "INPUT_ADAPTER_MISMATCH"
+
+
+def test_weights_fit_a_model_only_key_for_key_and_shape_for_shape():
+    model = adapter(1)
+    slao.check_fits(model, adapter(2), "init.safetensors")  # same layout, other values: fits
+    cases = {
+        "of another shape": adapter(2, r=8),
+        "missing weights": {k: v for k, v in adapter(2).items() if "q_proj" not in k},
+        "unexpected weights": {**adapter(2), "base_model.model.layers.0.v_proj.lora_A.weight": torch.zeros(4, 32)},
+    }
+    for found, weights in cases.items():
+        with pytest.raises(BackpropError) as error:
+            slao.check_fits(model, weights, "init.safetensors")
+        assert error.value.code == "STATE_ADAPTER_MISMATCH" and found in error.value.message
+        assert "init.safetensors" in error.value.message

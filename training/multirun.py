@@ -11,9 +11,12 @@ A campaign is a job of kind `multirun` with one child `train` run per step:
     measure  the merged adapter's eval loss on the validation slice of every task seen so far: one row of the
              forgetting matrix; backward transfer (BWT) and average loss come from it
 
-After every run the campaign's state (merged adapter, next initialisation, run index, matrix) is saved atomically,
-so `backprop resume` after a crash or a time box continues at the run that was cut short, from its checkpoint.
-The result, `RUN_DIR/adapter/`, is the merged adapter as a standard peft folder.
+After every run the campaign's state is committed in one step: the tensors go to new files named by run index
+(`state/merged-0003.safetensors`, `state/init-0004.safetensors`), then `state/state.json`, written atomically and
+last, points at them; older versions are deleted only after that. A crash at any moment leaves the previous
+state whole, so `backprop resume` merges each run exactly once, continuing at the run that was cut short (from
+its checkpoint). The registry's forgetting rows and the `merge` events are written after the commit, and again on
+resume if a crash lost them. The result, `RUN_DIR/adapter/`, is the merged adapter as a standard peft folder.
 """
 
 from __future__ import annotations
@@ -22,23 +25,28 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training import atomic, slao
+from training import atomic, governor, slao
 from training.config import Settings, load_settings
 from training.control import Control
 from training.datasets import Example, load_dataset, split
 from training.errors import BackpropError
-from training.events import EventWriter
+from training.events import EventWriter, read_events
 from training.runs import Registry, RunRecord
 
 MERGE_MODES = ("slao", "sequential")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# Fault injection for the crash tests: BACKPROP_TEST_CRASH_AT=<point>:<run> SIGKILLs the worker at that point.
+CRASH_AT_ENV = "BACKPROP_TEST_CRASH_AT"
+_VERSIONED = re.compile(r"(merged|init)-(\d{4})\.safetensors")
 
 
 @dataclass
@@ -46,6 +54,7 @@ class CampaignState:
     """Everything a resumed campaign needs, saved after each run (the tensors live beside it as safetensors)."""
 
     next_run: int = 1
+    merged: str | None = None  # the file in state/ with the merged adapter after run next_run - 1
     children: dict[str, str] = field(default_factory=dict)  # run index -> child run id
     forgetting: list[list[float | None]] = field(default_factory=list)  # row i: after run i+1, column j: task j+1
     merges: list[dict[str, float]] = field(default_factory=list)
@@ -149,6 +158,7 @@ def run_campaign(run: RunRecord, registry: Registry, control: Control, events: E
                 max_steps=total * spec["steps_per_run"],
                 resumed_from=state.next_run - 1 or None,
                 tasks=[{"name": t.name, "train": len(t.train), "validation": len(t.val)} for t in tasks])  # fmt: skip
+    _rewrite_records(run, registry, events, state)
     try:
         return _runs(run, registry, control, events, spec, settings, state_dir, state, tasks, run_training, new_train_run)
     except BackpropError as exc:
@@ -171,11 +181,13 @@ def _runs(run: RunRecord, registry: Registry, control: Control, events: EventWri
             events.emit("run_started", run=i, runs=total, child=child.id, task=tasks[i - 1].name)
             offset = (i - 1) * spec["steps_per_run"]
             relay = _relay(events, i, offset, registry, run.id)
-            result = run_training(child, registry, control=control, on_event=relay)
+            # The child lives in this process: the watcher beats its heartbeat too (it pauses, it evaluates).
+            with governor.heartbeat_also(child.id, lambda c=child.id: registry.update(c, heartbeat=time.time())):
+                result = run_training(child, registry, control=control, on_event=relay)
             if result.status != "completed":
                 return _end(registry, run, events, result.status, f"run {i} of {total} ended {result.status}")
         fine_tuned = _adapter_weights(registry.get(child.id).path / "adapter")
-        merged = _load_tensors(state_dir / "merged.safetensors")
+        merged = _load_tensors(state_dir / state.merged) if state.merged else None
         if spec["merge_mode"] == "slao":
             merged, stats = slao.merge(merged, fine_tuned, i)
             next_init = slao.next_run_init(fine_tuned)
@@ -189,10 +201,15 @@ def _runs(run: RunRecord, registry: Registry, control: Control, events: EventWri
         state.merges.append(merge)
         child_record = registry.get(child.id)
         state.run_losses.append({"run": i, "child": child.id, "final_loss": child_record.final_loss, "steps": child_record.step})
-        state.next_run = i + 1
-        _save_tensors(state_dir / "merged.safetensors", merged)
-        _save_tensors(state_dir / "next_init.safetensors", next_init)
-        atomic.write_json(state_dir / "state.json", asdict(state))  # last: the tensors it points to are already in place
+        # The commit: new files first (never the ones state.json points at now), then state.json names them.
+        _save_tensors(state_dir / _merged_name(i), merged)
+        if i < total:
+            _save_tensors(state_dir / _init_name(i + 1), next_init)
+        _crash_point("tensors", i)
+        state.next_run, state.merged = i + 1, _merged_name(i)
+        atomic.write_json(state_dir / "state.json", asdict(state))
+        _drop_old_versions(state_dir, state)
+        _crash_point("committed", i)
         registry.record_forgetting(run.id, i, row)
         events.emit("merge", durable=True, **merge, eval_losses=row[:i])
         registry.update(run.id, step=i * spec["steps_per_run"], loss=child_record.final_loss, heartbeat=time.time())
@@ -209,6 +226,7 @@ def _child_run(registry: Registry, campaign: RunRecord, spec: dict, settings: Se
     if str(i) in state.children:
         return registry.get(state.children[str(i)])
     data_dir = campaign.path / "data"
+    state_dir = campaign.path / "state"
     train = list(tasks[i - 1].train)
     if i > 1 and spec["replay"]:
         earlier = [e for t in tasks[: i - 1] for e in t.train]
@@ -221,7 +239,9 @@ def _child_run(registry: Registry, campaign: RunRecord, spec: dict, settings: Se
                  "eval_every": max(1, spec["steps_per_run"] // 5) if spec["early_stopping"] else 0,
                  "early_stopping_patience": 2 if spec["early_stopping"] else 0}  # fmt: skip
     child_settings = settings.model_copy(update={"training": settings.training.model_copy(update=overrides)})
-    init = campaign.path / "state" / "next_init.safetensors"
+    init = state_dir / _init_name(i)
+    if i > 1 and not init.exists():  # a campaign saved by a version with one unversioned file
+        init = state_dir / "next_init.safetensors"
     child = new_train_run(registry, child_settings, str(data_dir / f"run-{i}.train.jsonl"),
                           name=f"{campaign.name or campaign.id} run {i}/{spec['num_runs']}", parent_id=campaign.id,
                           extra={"validation_data": str(data_dir / f"run-{i}.val.jsonl"),
@@ -270,6 +290,16 @@ def _relay(events: EventWriter, i: int, offset: int, registry: Registry, campaig
     return relay
 
 
+def _rewrite_records(run: RunRecord, registry: Registry, events: EventWriter, state: CampaignState) -> None:
+    """The registry's forgetting rows and the merge events follow a state commit: write any a crash lost."""
+    for i, row in enumerate(state.forgetting, 1):
+        registry.record_forgetting(run.id, i, row)  # idempotent
+    logged = {e.get("run") for e in read_events(run.path / "events.jsonl")[0] if e["event"] == "merge"}
+    for merge, row in zip(state.merges, state.forgetting, strict=True):
+        if merge["run"] not in logged:
+            events.emit("merge", durable=True, **merge, eval_losses=row[: merge["run"]])
+
+
 def _end(registry: Registry, run: RunRecord, events: EventWriter, status: str, message: str | None) -> str:
     if message:
         events.emit("log", durable=True, level="warning", message=f"{message}; `backprop resume {run.id}` continues the campaign")
@@ -314,7 +344,7 @@ def _publish_adapter(run: RunRecord, state_dir: Path, evaluator: _Evaluator | No
         for item in last_child_adapter.iterdir():
             if item.is_file() and item.name != "adapter_model.safetensors":
                 shutil.copy2(item, staging / item.name)
-        shutil.copy2(state_dir / "merged.safetensors", staging / "adapter_model.safetensors")
+        shutil.copy2(state_dir / state.merged, staging / "adapter_model.safetensors")
         atomic.publish_dir(staging, run.path / "adapter")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -326,10 +356,10 @@ def _adapter_weights(adapter_dir: Path) -> dict[str, Any]:
     return load_file(adapter_dir / "adapter_model.safetensors")
 
 
-def _load_tensors(path: Path) -> dict[str, Any] | None:
+def _load_tensors(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
-    return load_file(path) if path.exists() else None
+    return load_file(path)
 
 
 def _save_tensors(path: Path, tensors: dict[str, Any]) -> None:
@@ -345,7 +375,33 @@ def _save_tensors(path: Path, tensors: dict[str, Any]) -> None:
 
 def _load_state(state_dir: Path) -> CampaignState:
     path = state_dir / "state.json"
-    return CampaignState(**json.loads(path.read_text())) if path.exists() else CampaignState()
+    state = CampaignState(**json.loads(path.read_text())) if path.exists() else CampaignState()
+    if state.next_run > 1 and state.merged is None:  # saved by a version with one unversioned file
+        state.merged = "merged.safetensors"
+    return state
+
+
+def _merged_name(i: int) -> str:
+    return f"merged-{i:04d}.safetensors"
+
+
+def _init_name(i: int) -> str:
+    """Run i's initialisation (i >= 2); the child's spec names it, so it stays until that child has finished."""
+    return f"init-{i:04d}.safetensors"
+
+
+def _drop_old_versions(state_dir: Path, state: CampaignState) -> None:
+    """After a commit: merged adapters other than the current one, and the initialisations of finished runs."""
+    for path in state_dir.iterdir():
+        match = _VERSIONED.fullmatch(path.name)
+        if match and (path.name != state.merged if match[1] == "merged" else int(match[2]) < state.next_run):
+            path.unlink(missing_ok=True)
+
+
+def _crash_point(point: str, i: int) -> None:
+    """Fault injection for the crash tests (a power cut here): off unless CRASH_AT_ENV names this point and run."""
+    if os.environ.get(CRASH_AT_ENV) == f"{point}:{i}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_examples(path: Path, examples: list[Example]) -> None:
