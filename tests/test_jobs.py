@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -17,8 +19,9 @@ from conftest import DEMO_DATA, ROOT, backprop, wait_for
 
 from training import jobs
 from training.config import load_settings, nest_options
+from training.errors import BackpropError
 from training.events import read_events
-from training.runs import Registry
+from training.runs import Registry, pid_alive
 
 EXAMPLE_SCRIPT = ROOT / "assets" / "examples" / "train_script.py"
 
@@ -261,22 +264,30 @@ def test_a_failing_script_ends_failed_with_its_last_words(home, tmp_path):
 
 @pytest.mark.slow
 def test_the_example_script_trains_checkpoints_and_resumes_after_its_time_box(home):
+    # A 0.3 s time box, shorter than importing torch: it counts from the script's `started` message, so start-up
+    # never uses it up.
     registry = Registry(home)
-    out = backprop("run", str(EXAMPLE_SCRIPT), "-m", "0.05", "-c", "0.005", "--json", "--", "--steps", "10000000")
-    assert out.returncode == 3, out.stderr  # time-boxed after 3 s
+    args = ["--", "--steps", "10000000", "--log-every", "1"]
+    out = backprop("run", str(EXAMPLE_SCRIPT), "-m", "0.005", "-c", "0.005", "--json", *args)
+    assert out.returncode == 3, out.stderr
     run = registry.get(json.loads(out.stdout.strip().splitlines()[-1])["run_id"])
     assert run.status == "timeboxed" and run.step > 0
     saved = registry.checkpoints(run.id)
     assert saved and Path(saved[-1].path).exists()
-    losses = [e["loss"] for e in events_of(registry, run.id) if e["event"] == "step"]
-    assert losses[-1] < losses[0]  # it really learns
+    events = events_of(registry, run.id)
+    clock = next(i for i, e in enumerate(events) if e.get("message", "").startswith("time box: 0.005 min"))
+    assert [e["event"] for e in events[:clock]].count("step") == 0  # the clock started before the first step
 
     again = backprop("resume", run.id, "--max-run-minutes", "0.1", "--json")
     assert again.returncode == 3
+    resumed = registry.get(run.id)
+    assert resumed.status == "timeboxed" and resumed.step > saved[-1].step  # it went on from the checkpoint
     events = events_of(registry, run.id)
     commands = [" ".join(e["command"]) for e in events if e["event"] == "started"]
     assert f"--resume-from {saved[-1].path}" in commands[-1]
     assert f"resumed from {saved[-1].path} at step {saved[-1].step}" in [e.get("message") for e in events]
+    losses = [e["loss"] for e in events if e["event"] == "step"]
+    assert losses[-1] < losses[0]  # it really learns
 
 
 @pytest.mark.slow
@@ -347,3 +358,68 @@ def test_stopping_a_finished_run_is_a_coded_error(home, tmp_path):
     run_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
     stopped = backprop("stop", run_id)
     assert stopped.returncode == 2 and "STATE_RUN_NOT_ACTIVE" in stopped.stderr
+
+
+RESUMER = """
+import sys, time
+from pathlib import Path
+from training import jobs
+from training.errors import BackpropError
+from training.runs import Registry
+
+registry = Registry(Path(sys.argv[1]))
+go = Path(sys.argv[3])
+while not go.exists():  # every resumer waits here, ready, so that they all call resume at the same moment
+    time.sleep(0.001)
+try:
+    print("started", jobs.resume(registry, sys.argv[2]).pid, flush=True)
+except BackpropError as exc:
+    print("refused", exc.code, flush=True)
+"""
+
+
+def test_concurrent_resumes_start_exactly_one_worker_and_the_others_get_a_coded_error(home, tmp_path):
+    release = tmp_path / "release"
+    script = write_script(
+        tmp_path / "holds.py",
+        f"""
+        import json, pathlib, sys, time
+        print(json.dumps({{"event": "started"}}), flush=True)
+        while not pathlib.Path({str(release)!r}).exists():  # alive until the test releases it
+            time.sleep(0.02)
+        print(json.dumps({{"event": "timeboxed"}}), flush=True)
+        sys.exit(3)
+    """,
+    )
+    release.touch()
+    registry = Registry(home)
+    run_id = json.loads(backprop("run", str(script), "--json").stdout.strip().splitlines()[-1])["run_id"]
+    assert registry.get(run_id).status == "timeboxed"
+
+    try:
+        for round_ in range(3):
+            release.unlink()
+            go = tmp_path / f"go-{round_}"
+            resumers = [
+                subprocess.Popen([sys.executable, "-c", RESUMER, str(home), run_id, str(go)], stdout=subprocess.PIPE, text=True)
+                for _ in range(4)
+            ]
+            go.touch()
+            outputs = [p.communicate(timeout=120)[0].split() for p in resumers]
+            started = [o for o in outputs if o[0] == "started"]
+            assert len(started) == 1, outputs
+            assert sorted(o[1] for o in outputs if o[0] == "refused") == ["STATE_RUN_ACTIVE"] * 3, outputs
+            worker = int(started[0][1])
+            assert wait_for(lambda: registry.get(run_id).status == "running", what="the one worker to run")
+            assert registry.get(run_id).pid == worker
+            with pytest.raises(BackpropError) as caught:  # and a resume while that worker lives is refused too
+                jobs.resume(registry, run_id)
+            assert caught.value.code == "STATE_RUN_ACTIVE"
+            release.touch()
+            assert wait_done(registry, run_id).status == "timeboxed"
+            wait_for(lambda pid=worker: not pid_alive(pid), what="the worker to exit")
+    finally:
+        release.touch()  # a failed round leaves no script waiting
+
+    started_events = [e for e in events_of(registry, run_id) if e["event"] == "started"]
+    assert len(started_events) == 1 + 3  # the first start and one per round: never two workers on the run

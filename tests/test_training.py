@@ -87,13 +87,14 @@ def test_packing_keeps_examples_apart():
 @pytest.mark.slow
 def test_resume_continues_the_step_count_and_the_loss_curve(home):
     registry = Registry(home)
-    full = Trainer("demo").train(DEMO_DATA, steps=30, save_every=10, seed=3)
+    # With LoRA dropout every step draws random numbers: the resumed steps match only if the generators were restored.
+    full = Trainer("demo").train(DEMO_DATA, steps=30, save_every=10, seed=3, lora_dropout=0.1)
 
     # The same run, stopped after step 20 by a time box, then resumed: it ends where the uninterrupted one did.
     from training.config import load_settings, nest_options
     from training.trainer import Control, new_train_run, run_training
 
-    settings = load_settings(**nest_options({"model": "demo", "steps": 30, "save_every": 10, "seed": 3}))
+    settings = load_settings(**nest_options({"model": "demo", "steps": 30, "save_every": 10, "seed": 3, "lora_dropout": 0.1}))
     run = new_train_run(registry, settings, str(DEMO_DATA))
     stop_after_20 = Control()
     partial = run_training(run, registry, control=stop_after_20,
@@ -108,6 +109,41 @@ def test_resume_continues_the_step_count_and_the_loss_curve(home):
     reference = step_losses(full.run_dir)
     for step in (1, 20, 21, 30):
         assert losses[step] == pytest.approx(reference[step], rel=1e-3, abs=1e-4), step
+
+
+def test_a_checkpoint_keeps_every_random_generator_and_restores_them(tmp_path):
+    """CPU, Python and numpy generators here; the CUDA ones (dropout on a GPU draws from them) where there is a GPU."""
+    import random
+
+    import numpy
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                        num_attention_heads=4, num_key_value_heads=2)),
+                           LoraConfig(r=2, target_modules="all-linear"))  # fmt: skip
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    cuda = torch.cuda.is_available()
+
+    def draw() -> list:
+        values = [torch.rand(4).tolist(), random.random(), numpy.random.rand()]
+        return values + [torch.rand(4, device="cuda").tolist()] if cuda else values
+
+    torch.manual_seed(5), random.seed(5), numpy.random.seed(5)
+    path = checkpoints.save(tmp_path, model, optimizer, scheduler, checkpoints.TrainerState(7, 7, 100, 1.5))
+    saved = torch.load(path / "optimizer.pt", weights_only=False)
+    assert {"torch_rng", "cuda_rng", "python_rng", "numpy_rng"} <= set(saved)
+    assert (saved["cuda_rng"] is not None) == cuda
+    expected = draw()
+    torch.manual_seed(9), random.seed(9), numpy.random.seed(9)  # training after the checkpoint moved them on
+    if cuda:
+        torch.cuda.manual_seed_all(9)
+    assert draw() != expected
+    state = checkpoints.load(path, model, optimizer, scheduler)
+    assert state.step == 7
+    assert draw() == expected  # the next step draws exactly what it would have without the interruption
 
 
 @pytest.mark.slow
@@ -141,6 +177,47 @@ def test_sigkill_mid_run_leaves_registry_and_checkpoint_and_resume_finishes(home
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["status"] == "completed" and summary["steps"] == 400
     assert sorted(step_losses(run.path)) == list(range(1, 401))
+
+
+@pytest.mark.slow
+def test_resuming_after_the_dataset_file_changed_is_refused_unless_allowed(home, tmp_path):
+    import hashlib
+    import shutil
+
+    from training.config import load_settings, nest_options
+    from training.errors import BackpropError
+    from training.trainer import Control, new_train_run, run_training
+
+    data = shutil.copy(DEMO_DATA, tmp_path / "capitals.jsonl")
+    registry = Registry(home)
+    settings = load_settings(**nest_options({"model": "demo", "steps": 12, "save_every": 4}))
+    run = new_train_run(registry, settings, str(data))
+    stop_after_4 = Control()
+    partial = run_training(run, registry, control=stop_after_4,
+                           on_event=lambda e: e["event"] == "step" and e["step"] == 4 and stop_after_4.stop.set())  # fmt: skip
+    assert partial.status == "stopped" and partial.steps == 4
+    assert registry.get(run.id).dataset_sha256 == hashlib.sha256(data.read_bytes()).hexdigest()
+
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join(rows[::-1]) + "\n")  # the same rows in another order: batch 5 would be other rows
+    changed = hashlib.sha256(data.read_bytes()).hexdigest()
+    with pytest.raises(BackpropError) as caught:
+        Trainer().resume(run.id)  # refused before a worker starts
+    assert caught.value.code == "INPUT_DATASET_CHANGED" and str(data) in caught.value.message
+    assert "--allow-changed-data" in caught.value.hint and caught.value.exit_code == 1
+    assert registry.get(run.id).status == "stopped"  # untouched: still resumable
+
+    with pytest.raises(BackpropError) as caught:  # the trainer itself checks too (in-process, or a file changed later)
+        run_training(registry.get(run.id), registry)
+    assert caught.value.code == "INPUT_DATASET_CHANGED"
+    assert (registry.get(run.id).status, registry.get(run.id).error_code) == ("failed", "INPUT_DATASET_CHANGED")
+    assert registry.get(run.id).step == 4  # nothing trained on the other data
+
+    done = Trainer().resume(run.id, allow_changed_data=True)
+    assert done.status == "completed" and done.steps == 12
+    assert registry.get(run.id).dataset_sha256 == changed  # later resumes compare with the data it trained on last
+    events, _ = read_events(run.path / "events.jsonl")
+    assert any("changed since the run started" in e.get("message", "") and e["level"] == "warning" for e in events)
 
 
 @pytest.mark.slow
@@ -184,16 +261,40 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_exit_130(home):
 
 @pytest.mark.slow
 def test_a_time_box_ends_the_run_timeboxed_with_a_checkpoint_and_resume_finishes_it(home):
-    out = backprop("train", "--model", "demo", "--steps", "5000", "--max-run-minutes", "0.1", "--json")
+    # More steps than any machine makes in 6 s, so the time box, not the step count, ends both sessions.
+    out = backprop("train", "--model", "demo", "--steps", "1000000", "--max-run-minutes", "0.1", "--json")
     assert out.returncode == 3, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     registry = Registry(home)
     run = registry.get(summary["run_id"])
-    assert run.status == "timeboxed" and 0 < run.step < 5000
+    assert run.status == "timeboxed" and 0 < run.step < 1000000
     assert [c.step for c in registry.checkpoints(run.id)][-1] == run.step
+    events, _ = read_events(run.path / "events.jsonl")
+    clock = next(e for e in events if e.get("message", "").startswith("time box: 0.1 min of training"))
+    first_step = next(e for e in events if e["event"] == "step")
+    saved = next(e for e in events if e["event"] == "checkpoint_saved" and e["step"] == run.step)
+    assert first_step["t"] >= clock["t"] >= next(e for e in events if e["event"] == "started")["t"]  # loading is not counted
+    assert saved["t"] - clock["t"] >= 6 - 0.01  # the whole box was spent training
+
     done = backprop("resume", run.id, "--json", "--max-run-minutes", "0.1")
     assert done.returncode == 3
     assert registry.get(run.id).step > run.step  # it continued from the checkpoint
+
+
+@pytest.mark.slow
+def test_a_time_box_shorter_than_start_up_still_trains_a_step_per_session_so_resuming_finishes_the_run(home):
+    """The time box starts at the first step: a box that would end before the model has loaded still lets every
+    session train (at least one step and a checkpoint), so resuming again and again ends, never loops."""
+    box = {"max_run_minutes": 1e-6}  # 60 microseconds
+    result = Trainer("demo").train(DEMO_DATA, steps=3, save_every=0, **box)
+    sessions = [result]
+    while sessions[-1].status == "timeboxed" and len(sessions) <= 3:
+        sessions.append(Trainer().resume(result.run_id, **box))
+    assert sessions[-1].status == "completed" and sessions[-1].steps == 3
+    reached = [s.steps for s in sessions]
+    assert all(later > earlier for earlier, later in zip([0, *reached], reached, strict=False)), reached  # progress each time
+    assert [s.status for s in sessions[:-1]] == ["timeboxed"] * (len(sessions) - 1)
+    assert sorted(step_losses(result.run_dir)) == [1, 2, 3]
 
 
 @pytest.mark.slow

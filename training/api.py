@@ -44,11 +44,17 @@ class Trainer:
         self.last_run = _wait(Registry(settings.home), run.id, on_event)
         return self.last_run
 
-    def resume(self, run_id: str, on_event: EventSink | None = None, **options: Any) -> TrainResult:
+    def resume(
+        self, run_id: str, on_event: EventSink | None = None, *, allow_changed_data: bool = False, **options: Any
+    ) -> TrainResult:
+        """Continue a run from its last checkpoint (like `backprop resume`); `options` override its settings.
+
+        A dataset file that changed since the run started is refused (INPUT_DATASET_CHANGED) unless
+        `allow_changed_data=True`."""
         settings = load_settings(**nest_options(self.options))
         registry = Registry(settings.home)
         offset = jobs.events_offset(registry, run_id)
-        run = jobs.resume(registry, run_id, nest_options(options))
+        run = jobs.resume(registry, run_id, nest_options(options), allow_changed_data=allow_changed_data)
         self.last_run = _wait(registry, run.id, on_event, offset)
         return self.last_run
 

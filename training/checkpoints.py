@@ -2,7 +2,8 @@
 
     RUN_DIR/checkpoints/step-000050/
         adapter_model.safetensors, adapter_config.json   the LoRA weights (a loadable peft adapter)
-        optimizer.pt                                     optimizer and LR-scheduler state, RNG states
+        optimizer.pt                                     optimizer and LR-scheduler state, RNG states (CPU, CUDA,
+                                                         Python, numpy)
         trainer_state.json                               step, micro-batch position, tokens seen
 
 Each checkpoint is written to a hidden staging folder and renamed into place, so a crash leaves the
@@ -44,12 +45,7 @@ def save(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: Train
     try:
         model.save_pretrained(staging)
         torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-            },
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng_states()},
             staging / "optimizer.pt",
         )
         (staging / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
@@ -74,9 +70,40 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainerState
     set_peft_model_state_dict(model, weights)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    random.setstate(extra["python_rng"])
+    restore_rng_states(extra)
     return state
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random number generator a training step may draw from (dropout on CUDA draws from the GPU's own)."""
+    import torch
+
+    states: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    states["cuda_rng"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        import numpy
+
+        states["numpy_rng"] = numpy.random.get_state()
+    except ImportError:
+        states["numpy_rng"] = None
+    return states
+
+
+def restore_rng_states(saved: dict[str, Any]) -> None:
+    """Restore what `rng_states` saved. CUDA states are restored per device that exists now (a checkpoint from a
+    GPU machine resumed on a CPU one keeps the CPU's); checkpoints from older versions lack some keys."""
+    import torch
+
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate(saved["python_rng"])
+    cuda = saved.get("cuda_rng")
+    if cuda and torch.cuda.is_available():
+        for index, state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
+    if saved.get("numpy_rng") is not None:
+        import numpy
+
+        numpy.random.set_state(saved["numpy_rng"])
 
 
 def is_readable(path: Path) -> bool:

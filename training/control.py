@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 class Control:
     stop: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None  # time.monotonic() value; at it the job ends `timeboxed`
+    time_box_s: float | None = None  # the time box: it starts at the first training step (see start_clock)
     pause: threading.Event = field(default_factory=threading.Event)  # set: hold at the next step boundary
     pause_reason: str = ""
     stop_code: str | None = None  # an error code when the governor (not the user) stopped the job
@@ -31,6 +32,14 @@ class Control:
 
     def release(self) -> None:
         self.pause.clear()
+
+    def start_clock(self) -> bool:
+        """Start the time box (once; later calls keep the first start). Training starts it at its first step, so
+        loading the model and data never uses it up and every session makes progress. True when just started."""
+        if self.deadline is not None or not self.time_box_s:
+            return False
+        self.deadline = time.monotonic() + self.time_box_s
+        return True
 
     def timed_out(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline

@@ -7,7 +7,8 @@
   as `telemetry` events; above `gpu.max_temp_c` the job pauses at its next step boundary and resumes once
   the GPU has stayed `gpu.cool_down_c` cooler for `gpu.cool_down_seconds`; a pause longer than
   `gpu.max_pause_minutes` stops it with a checkpoint and RUNTIME_GPU_TEMPERATURE_CRITICAL.
-The time box itself is the `Control.deadline` that every step boundary checks.
+The time box itself is the `Control.deadline` that every step boundary checks; it starts at the job's first
+training step (a script's first `started` or step message), so start-up never uses it up.
 """
 
 from __future__ import annotations

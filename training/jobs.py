@@ -26,9 +26,10 @@ from training import atomic
 from training.config import Settings
 from training.errors import BackpropError
 from training.events import Event, read_events
-from training.runs import ACTIVE, RESUMABLE, Registry, RunRecord, pid_alive
+from training.runs import ACTIVE, Registry, RunRecord, pid_alive, worker_alive
 
 FOLLOW_POLL_S = 0.2
+WORKER_EXIT_WAIT_S = 30  # a worker that has written its final status exits within moments
 _children: list[subprocess.Popen] = []  # workers this process started, reaped as they finish
 
 
@@ -102,20 +103,41 @@ def start(registry: Registry, run: RunRecord) -> RunRecord:
     return registry.get(run.id)
 
 
-def resume(registry: Registry, run_id: str, settings_overrides: dict[str, Any] | None = None) -> RunRecord:
-    """Queue a time-boxed, stopped, interrupted or failed run again; its worker continues from the last checkpoint."""
+def resume(
+    registry: Registry, run_id: str, settings_overrides: dict[str, Any] | None = None, *, allow_changed_data: bool = False
+) -> RunRecord:
+    """Queue a time-boxed, stopped, interrupted or failed run again; its worker continues from the last checkpoint.
+
+    Exactly one resume wins a run (see Registry.claim_for_resume); the others get STATE_RUN_ACTIVE. A training run
+    whose dataset file changed since it started is refused with INPUT_DATASET_CHANGED unless `allow_changed_data`."""
     run = registry.get(run_id)
-    if run.status in ACTIVE:
-        raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)
-    if run.status not in RESUMABLE:
-        raise BackpropError("STATE_NOT_RESUMABLE", run_id=run.id, reason=f"it is {run.status}")
+    if run.status not in (*ACTIVE, "interrupted") and run.pid is not None:
+        # The run's worker writes its final status a moment before it exits: let it go first.
+        deadline = time.monotonic() + WORKER_EXIT_WAIT_S
+        while worker_alive(run.pid, run.path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if run.kind == "train" and not allow_changed_data:
+        _refuse_changed_dataset(registry, run)
+    run = registry.claim_for_resume(run.id, os.getpid())
+    spec = json.loads((run.path / "spec.json").read_text())
     if settings_overrides:
-        spec = json.loads((run.path / "spec.json").read_text())
         spec["settings"] = _merge(spec.get("settings", {}), settings_overrides)
-        atomic.write_json(run.path / "spec.json", spec)
-    registry.update(run.id, status="queued", queued_at=time.time(), reason=None, pid=None, ended_at=None,
-                    error_code=None, error_message=None)  # fmt: skip
-    return start(registry, registry.get(run.id))
+    spec["allow_changed_data"] = allow_changed_data  # for this start only
+    atomic.write_json(run.path / "spec.json", spec)
+    return start(registry, run)
+
+
+def _refuse_changed_dataset(registry: Registry, run: RunRecord) -> None:
+    """Fail fast, before a worker starts, when a local dataset file differs from the one the run started on
+    (the worker checks again, for any dataset; see trainer.check_dataset_unchanged)."""
+    from training import checkpoints
+    from training.datasets import file_sha256
+    from training.trainer import check_dataset_unchanged
+
+    path = Path(json.loads((run.path / "spec.json").read_text()).get("data") or "")
+    resuming = any(checkpoints.is_readable(Path(c.path)) for c in registry.checkpoints(run.id))
+    if path.is_file():
+        check_dataset_unchanged(run, str(path), file_sha256(path), resuming)
 
 
 def request_stop(registry: Registry, run_id: str) -> RunRecord:

@@ -10,7 +10,9 @@ line by line:
     {"step": 10, "loss": 1.23}                 a step
     {"event": "checkpoint_saved", "path": "ckpt/step_10.pt", "step": 10}
     anything else                              kept in the run's log as-is
-A script that stops itself at its time box says so with `{"event": "timeboxed"}` (or exit code 3).
+A script that stops itself at its time box says so with `{"event": "timeboxed"}` (or exit code 3). The time box
+counts training: it starts at the script's first `started` or step message, not at its launch (imports and loading
+do not use it up). A script that sends neither is time-boxed from its launch, after at least STARTUP_ALLOWANCE_S.
 Pausing is SIGSTOP/SIGCONT of its process group; stopping is SIGINT, then SIGKILL after a grace period.
 """
 
@@ -34,6 +36,7 @@ from training.runs import Registry, RunRecord
 
 SCRIPT_EVENTS = {"started", "step", "eval", "checkpoint_saved", "log", "timeboxed", "completed"}
 TIMEBOXED_EXIT_CODE = 3
+STARTUP_ALLOWANCE_S = 120  # a script silent on the protocol this long (or a whole time box, if longer) is cut off
 
 
 def run_script(run: RunRecord, registry: Registry, spec: dict[str, Any], settings: Settings, control: Control,
@@ -48,7 +51,7 @@ def run_script(run: RunRecord, registry: Registry, spec: dict[str, Any], setting
         command, cwd=spec["cwd"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
-    reader = _OutputReader(process, run, registry, Path(spec["cwd"]), events)
+    reader = _OutputReader(process, run, registry, Path(spec["cwd"]), events, control)
     reader.start()
     status, forced = _supervise(process, run, registry, settings, control, events)
     reader.join()
@@ -93,6 +96,7 @@ def script_command(run: RunRecord, registry: Registry, spec: dict[str, Any], set
 def _supervise(process: subprocess.Popen, run: RunRecord, registry: Registry, settings: Settings, control: Control,
                events: EventWriter) -> tuple[str | None, bool]:  # fmt: skip
     """Pause, time box and stop from outside. Returns (status decided here or None, forced)."""
+    launched = time.monotonic()
     paused = False
     interrupted_at: float | None = None
     status: str | None = None
@@ -109,6 +113,11 @@ def _supervise(process: subprocess.Popen, run: RunRecord, registry: Registry, se
                 paused = False
                 events.emit("resumed", durable=True, reason="GPU cooled down")
                 registry.update(run.id, status="running", reason=None)
+            allowance = max(control.time_box_s or 0, STARTUP_ALLOWANCE_S)
+            if control.deadline is None and control.time_box_s and time.monotonic() - launched >= allowance:
+                events.emit("log", level="warning", message=f"the script sent no `started` or step message in the {allowance:g} s"
+                            " since its launch: its time box is counted from its launch")  # fmt: skip
+                control.deadline = time.monotonic()
             if control.stop.is_set() or control.timed_out():
                 status = "failed" if control.stop_code else ("stopped" if control.stop.is_set() else "timeboxed")
                 if paused:
@@ -134,9 +143,11 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 class _OutputReader(threading.Thread):
     """Turns the script's stdout into events, checkpoints and registry progress; keeps the raw text in script.log."""
 
-    def __init__(self, process: subprocess.Popen, run: RunRecord, registry: Registry, cwd: Path, events: EventWriter):
+    def __init__(self, process: subprocess.Popen, run: RunRecord, registry: Registry, cwd: Path, events: EventWriter,
+                 control: Control):  # fmt: skip
         super().__init__(name="backprop-script-reader", daemon=True)
         self.process, self.run_record, self.registry, self.cwd, self.events = process, run, registry, cwd, events
+        self.control = control
         self.last_step = run.step or 0
         self.last_loss: float | None = None
         self.max_steps: int | None = run.max_steps
@@ -166,6 +177,8 @@ class _OutputReader(threading.Thread):
             return
         kind = message.pop("event", "step")
         message.pop("t", None)
+        if kind in ("started", "step") and self.control.start_clock():
+            self.events.emit("log", level="info", message=f"time box: {self.control.time_box_s / 60:g} min of training from now")
         if kind not in SCRIPT_EVENTS:
             self.events.emit("log", level="info", message=line[:2000], source="script")
         elif kind == "step":

@@ -27,6 +27,7 @@ from training.control import Control
 from training.datasets import load_dataset, split
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
+from training.extras import require
 from training.models import ModelSource, load_model, load_tokenizer, resolve_model
 from training.packing import Batch, BatchPlan, ChatEncoder, collate
 from training.runs import Registry, RunRecord
@@ -107,17 +108,18 @@ class _Loop:
         t = self.t
         torch.manual_seed(t.seed)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dataset = load_dataset(self.spec["data"], self.spec.get("format"), self.spec.get("skip_invalid", False))
+        source = resolve_model(self.settings.model, self.settings.home)
+        self.tokenizer = load_tokenizer(source)  # before the data: rows its chat template cannot render are refused by line
+        fmt = self.spec.get("format")
+        dataset = load_dataset(self.spec["data"], fmt, self.spec.get("skip_invalid", False), tokenizer=self.tokenizer)
         if dataset.report.error_count:
             self.events.emit("log", level="warning", message=f"skipped {dataset.report.error_count} invalid rows",
                              skipped=[e.describe(dataset.report.path) for e in dataset.report.errors[:50]])  # fmt: skip
-        self.registry.update(self.run_record.id, dataset_sha256=dataset.sha256)
+        self._check_dataset(dataset.report.path, dataset.sha256, resuming=bool(self._saved_checkpoints()))
         train_examples, val_examples = split(dataset.examples, t.validation_split, t.seed)
         if self.spec.get("validation_data"):  # a held-out set given with the run (multi-run campaigns do this)
-            val_examples = load_dataset(self.spec["validation_data"], self.spec.get("format")).examples
+            val_examples = load_dataset(self.spec["validation_data"], fmt, tokenizer=self.tokenizer).examples
 
-        source = resolve_model(self.settings.model, self.settings.home)
-        self.tokenizer = load_tokenizer(source)
         self.model = self._load_lora_model(source)
         if self.spec.get("init_adapter"):  # start from given LoRA weights (a checkpoint, if any, still wins below)
             from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -238,8 +240,24 @@ class _Loop:
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
 
+    def _check_dataset(self, path: str, sha256: str, resuming: bool) -> None:
+        """Record the data's hash when the run starts; continuing from a checkpoint on other data is refused
+        (its batch positions would point at other rows), unless this start allows it."""
+        recorded = self.run_record.dataset_sha256
+        if resuming and recorded and recorded != sha256 and self.spec.get("allow_changed_data"):
+            self.events.emit("log", durable=True, level="warning",
+                             message=f"{path} changed since the run started (sha256 {recorded[:12]} then, {sha256[:12]} now); "
+                             "continuing on the new data as allowed (--allow-changed-data)")  # fmt: skip
+        else:
+            check_dataset_unchanged(self.run_record, path, sha256, resuming)
+        if recorded != sha256:
+            self.registry.update(self.run_record.id, dataset_sha256=sha256)
+
+    def _saved_checkpoints(self) -> list:
+        return [c for c in self.registry.checkpoints(self.run_record.id) if checkpoints.is_readable(Path(c.path))]
+
     def _resume_state(self) -> TrainerState | None:
-        saved = [c for c in self.registry.checkpoints(self.run_record.id) if checkpoints.is_readable(Path(c.path))]
+        saved = self._saved_checkpoints()
         if not saved:
             return None
         latest = Path(saved[-1].path)
@@ -270,6 +288,9 @@ class _Loop:
             if self.control.timed_out():
                 status = "timeboxed"
                 break
+            if self.control.start_clock():  # the time box counts training only: model and data are loaded by now
+                minutes = self.control.time_box_s / 60
+                self.events.emit("log", level="info", message=f"time box: {minutes:g} min of training from now")
             started = time.perf_counter()
             micro = [next(batches) for _ in range(t.gradient_accumulation)]
             targets = sum(b.target_tokens for b in micro)
@@ -403,6 +424,12 @@ class _Loop:
         return TrainResult(run_id, status, state.step, state.loss, eval_loss, adapter, run_dir, self.losses)
 
 
+def check_dataset_unchanged(run: RunRecord, path: str, sha256: str | None, resuming: bool) -> None:
+    """A run that continues from a checkpoint must read the data it started on: INPUT_DATASET_CHANGED otherwise."""
+    if resuming and run.dataset_sha256 and sha256 and sha256 != run.dataset_sha256:
+        raise BackpropError("INPUT_DATASET_CHANGED", path=path, run_id=run.id, recorded=run.dataset_sha256, current=sha256)
+
+
 def target_loss(model: Any, batch: Batch, device: str) -> Any:
     """Summed cross-entropy over the tokens that carry loss; logits only where they are needed."""
     import torch.nn.functional as F
@@ -462,11 +489,9 @@ def _qlora_config(device: str, dtype: Any):
             reason="QLoRA (4-bit) needs an NVIDIA GPU",
             hint="Drop --qlora to train in full precision on CPU.",
         )
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as exc:
-        raise BackpropError("DEP_MISSING", package="bitsandbytes", reason=exc, install="'backprop[gpu]'") from exc
+    require("gpu", "bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
     )

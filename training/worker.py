@@ -65,8 +65,8 @@ def _govern(run: RunRecord, registry: Registry, spec: dict, settings: Settings, 
             os.environ["BACKPROP_GPU_MEMORY_FRACTION"] = f"{fraction:.4f}"
     # Jobs running side by side share the cores instead of oversubscribing them (set before torch is imported).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // settings.max_parallel)))
-    if settings.max_run_minutes:
-        control.deadline = time.monotonic() + settings.max_run_minutes * 60
+    # The time box counts training, not start-up: the job starts the clock at its first step (Control.start_clock).
+    control.time_box_s = settings.max_run_minutes * 60 or None
 
     watcher = Watcher(
         telemetry, settings, control, events.emit,
