@@ -3,11 +3,18 @@
 Formats (detected per row, the majority named, or forced with `fmt`):
     sharegpt           {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}
     openai             {"messages": [{"role": "user", "content": "..." | [{"type": "text", "text": ...}]}, ...]}
+                       with tool use: assistant "tool_calls", "tool" messages and a row-level "tools" list
     alpaca             {"instruction": ..., "input": ..., "output": ...}
     prompt_completion  {"prompt": ..., "completion": ...}
     chatml             {"text": "<|im_start|>user\\n...<|im_end|>..."}
     text               {"text": "..."} or the paragraphs of a .txt / .md file (trained on every token)
-Files: .jsonl, .json (array or JSONL), .csv, .parquet, .txt, .md, or a hub dataset id ("owner/name").
+Files: .jsonl, .json (array or JSONL), .csv, .parquet, .txt, .md (UTF-8, with or without a byte-order mark, LF or
+CRLF line ends), or a hub dataset: "owner/name", "owner/name:config", "owner/name@split", "owner/name:config@split"
+(default split "train"; slices like "@train[:1000]" work), loaded with the `datasets` library, every shard of the split.
+
+Tool use: a conversation may call tools (OpenAI function calling; ShareGPT "function_call"/"observation" turns).
+Whether the model's chat template renders them is checked where the tokenizer is known (`scan(..., tokenizer=)`,
+`load_dataset(..., tokenizer=)`); see chat_template.py.
 
 Bad input never crashes and is never dropped silently: each bad row becomes a `RowError` with its line
 (for parquet, its row number). `load_dataset` raises the first one as a coded error unless `skip_invalid`,
@@ -24,10 +31,12 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training import chat_template
 from training.errors import BackpropError
 
 FORMATS = ("sharegpt", "openai", "alpaca", "prompt_completion", "chatml", "text")
@@ -37,19 +46,33 @@ MAX_ERRORS_KEPT = 1000
 _ROLE_ALIASES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
     "bot": "assistant", "chatgpt": "assistant", "system": "system", "developer": "system",
+    "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",  # tool results
 }  # fmt: skip
+BOM = "\ufeff"
 _CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>", re.S)
 
 
 @dataclass
 class Example:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # role, content; assistant turns may carry tool_calls, tool turns tool_call_id/name
     line: int
     format: str
+    tools: list[dict[str, Any]] | None = None  # the tools the conversation may call (JSON schemas)
+    path: str = ""  # the file (or hub dataset) it came from, for errors found later
 
     @property
     def is_raw_text(self) -> bool:
         return self.messages[0]["role"] == TEXT_ROLE
+
+    @property
+    def uses_tools(self) -> bool:
+        return chat_template.uses_tools(self.messages, self.tools)
+
+    def to_record(self) -> dict[str, Any]:
+        """The example as a row that loads back into the same example (OpenAI format, or text)."""
+        if self.is_raw_text:
+            return {"text": self.messages[0]["content"]}
+        return {"messages": self.messages, **({"tools": self.tools} if self.tools else {})}
 
 
 @dataclass
@@ -106,6 +129,7 @@ class DatasetReport:
     error_count: int = 0
     turns: LengthStats = field(default_factory=LengthStats)
     tokens: LengthStats | None = None
+    sha256: str | None = None  # of a hub split's rows (a local file is hashed as a file)
 
     @property
     def format(self) -> str | None:
@@ -144,8 +168,8 @@ class Dataset:
 # ---------------------------------------------------------------- normalizing one row
 
 
-def normalize(record: Any, fmt: str | None = None) -> tuple[str, list[dict[str, str]]]:
-    """Return (format, messages) for one parsed row, or raise RowProblem saying what is wrong."""
+def normalize(record: Any, fmt: str | None = None) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Return (format, messages, tools) for one parsed row, or raise RowProblem saying what is wrong."""
     if not isinstance(record, dict):
         raise RowProblem(f"expected a JSON object, got {_type_name(record)}")
     fmt = fmt or detect_format(record)
@@ -153,9 +177,10 @@ def normalize(record: Any, fmt: str | None = None) -> tuple[str, list[dict[str, 
         keys = ", ".join(sorted(record)[:6]) or "no keys"
         raise RowProblem(f"no known format fits this row (keys: {keys})", code="INPUT_DATASET_UNKNOWN_FORMAT")
     messages = _NORMALIZERS[fmt](record)
+    tools = _tools(record.get("tools")) if fmt in ("openai", "sharegpt") else None
     if fmt != "text":
         _check_chat(messages)
-    return fmt, messages
+    return fmt, messages, tools
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
@@ -172,7 +197,7 @@ def detect_format(record: dict[str, Any]) -> str | None:
     return None
 
 
-def _sharegpt(record: dict[str, Any]) -> list[dict[str, str]]:
+def _sharegpt(record: dict[str, Any]) -> list[dict[str, Any]]:
     turns = _require_list(record, "conversations")
     messages = []
     for i, turn in enumerate(turns):
@@ -181,17 +206,24 @@ def _sharegpt(record: dict[str, Any]) -> list[dict[str, str]]:
             raise RowProblem(f"{where} must be an object, got {_type_name(turn)}")
         speaker = turn.get("from", turn.get("role"))
         text = turn.get("value", turn.get("content"))
-        messages.append({"role": _role(speaker, where + ".from"), "content": _text(text, where + ".value")})
+        if speaker == "function_call":  # the value is the call: {"name": ..., "arguments": {...}} or a list of them
+            calls = _json_value(text, where + ".value")
+            messages.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, where + ".value")})
+            continue
+        role = _role(speaker, where + ".from")
+        content = _tool_result(text, where + ".value") if role == "tool" else _text(text, where + ".value")
+        messages.append({"role": role, "content": content})
     return messages
 
 
-def _openai(record: dict[str, Any]) -> list[dict[str, str]]:
+def _openai(record: dict[str, Any]) -> list[dict[str, Any]]:
     turns = _require_list(record, "messages")
     messages = []
     for i, turn in enumerate(turns):
         where = f"messages[{i}]"
         if not isinstance(turn, dict):
             raise RowProblem(f"{where} must be an object, got {_type_name(turn)}")
+        role = _role(turn.get("role"), where + ".role")
         content = turn.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             parts = []
@@ -201,7 +233,21 @@ def _openai(record: dict[str, Any]) -> list[dict[str, str]]:
                     raise RowProblem(f"{where}.content[{j}] is a '{kind}' part; only text parts can be trained")
                 parts.append(_text(part.get("text"), f"{where}.content[{j}].text"))
             content = "".join(parts)
-        messages.append({"role": _role(turn.get("role"), where + ".role"), "content": _text(content, where + ".content")})
+        calls = turn.get("tool_calls") or ([turn["function_call"]] if turn.get("function_call") else None)
+        message: dict[str, Any] = {"role": role}
+        if calls is not None:
+            if role != "assistant":
+                raise RowProblem(f"{where}: only assistant turns can call tools, this one is '{role}'")
+            message["content"] = "" if content is None else _text(content, where + ".content")
+            message["tool_calls"] = _tool_calls(calls, where + ".tool_calls")
+        elif role == "tool":
+            message["content"] = _tool_result(content, where + ".content")
+            for key in ("tool_call_id", "name"):  # some templates show which call a result answers
+                if isinstance(turn.get(key), str):
+                    message[key] = turn[key]
+        else:
+            message["content"] = _text(content, where + ".content")
+        messages.append(message)
     return messages
 
 
@@ -243,11 +289,75 @@ _NORMALIZERS = {
 }  # fmt: skip
 
 
-def _check_chat(messages: list[dict[str, str]]) -> None:
+def _check_chat(messages: list[dict[str, Any]]) -> None:
     if not messages:
         raise RowProblem("the conversation is empty")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in messages):
         raise RowProblem("no assistant turn", code="INPUT_DATASET_NO_ASSISTANT_TURN")
+    for i, message in enumerate(messages):
+        if message["role"] == "tool":
+            before = messages[i - 1] if i else None
+            if before is None or not (before["role"] == "tool" or before.get("tool_calls")):
+                raise RowProblem(f"turn {i + 1} is a tool result, but the turn before it calls no tool")
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI tool calls, with `arguments` parsed: templates render them with `tojson`, and a JSON string would be
+    rendered as one quoted string instead of an object."""
+    calls = value if isinstance(value, list) else [value]
+    if not calls:
+        raise RowProblem(f"'{where}' is empty")
+    result = []
+    for j, call in enumerate(calls):
+        here = f"{where}[{j}]"
+        if not isinstance(call, dict):
+            raise RowProblem(f"'{here}' must be an object, got {_type_name(call)}")
+        function = call.get("function", call)  # {"function": {"name", "arguments"}} or the flat {"name", "arguments"}
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RowProblem(f"'{here}' names no function (expected function.name)")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            arguments = _json_value(arguments, f"{here}.function.arguments") if arguments.strip() else {}
+        if not isinstance(arguments, dict):
+            raise RowProblem(f"'{here}.function.arguments' must be a JSON object, got {_type_name(arguments)}")
+        entry: dict[str, Any] = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        result.append(entry)
+    return result
+
+
+def _tool_result(value: Any, where: str) -> str:
+    """A tool's output as text; structured results (objects, arrays, numbers) are kept as their JSON."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        raise RowProblem(f"'{where}' must be the tool's output, got null")
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    """The row's tool definitions: a list of JSON schemas ({"type": "function", "function": {...}} or bare), or a
+    JSON string holding one (as many agent datasets store it)."""
+    if value is None or value == "" or value == []:
+        return None
+    tools = _json_value(value, "tools") if isinstance(value, str) else value
+    if not isinstance(tools, list):
+        raise RowProblem(f"'tools' must be a list of tool definitions, got {_type_name(tools)}")
+    for j, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowProblem(f"'tools[{j}]' must be a tool definition with a name (function.name)")
+    return tools or None
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise RowProblem(f"'{where}' is not valid JSON: {exc.msg} (column {exc.colno})") from None
 
 
 def _require_list(record: dict[str, Any], key: str) -> list[Any]:
@@ -259,7 +369,7 @@ def _require_list(record: dict[str, Any], key: str) -> list[Any]:
 
 def _role(value: Any, where: str) -> str:
     if not isinstance(value, str) or value.lower() not in _ROLE_ALIASES:
-        raise RowProblem(f"{where}: unknown role {value!r} (use system, user/human, assistant/gpt)")
+        raise RowProblem(f"{where}: unknown role {value!r} (use system, user/human, assistant/gpt, tool)")
     return _ROLE_ALIASES[value.lower()]
 
 
@@ -278,36 +388,129 @@ def _type_name(value: Any) -> str:
 # ---------------------------------------------------------------- reading files
 
 
-def resolve_path(source: str | Path) -> Path:
-    """A local path, or a hub dataset id downloaded through the HF cache."""
+# A dataset the `datasets` library loads: a hub id or a local dataset folder, then an optional :config, then an
+# optional @split (slices like train[:1000] allowed).
+_SELECTION = re.compile(r"(?P<repo>.+?)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.-]+(?:\[[\d%:+-]*\])?))?")
+_HUB_REPO = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """One split of one config of a hub dataset (or of a local folder laid out like one: a clone of a hub dataset
+    repository), loaded with the `datasets` library: every shard of the split, configs from its README."""
+
+    repo: str
+    config: str | None = None
+    split: str = "train"
+    streaming: bool = False  # read rows over the network instead of downloading and caching the split first
+
+    def __str__(self) -> str:
+        return self.repo + (f":{self.config}" if self.config else "") + f"@{self.split}"
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.repo).is_dir()
+
+
+def parse_hub_id(text: str, streaming: bool = False) -> HubDataset | None:
+    """'owner/name', 'owner/name:config', 'owner/name@split', 'owner/name:config@split[:100]', or the same with a local
+    dataset folder in place of owner/name; None when the text names neither."""
+    match = _SELECTION.fullmatch(text.strip())
+    if match is None:
+        return None
+    repo = match["repo"]
+    folder = Path(repo).expanduser()
+    if folder.is_dir():
+        repo = str(folder.resolve())
+    elif not _HUB_REPO.fullmatch(repo) or repo.endswith(tuple(FILE_TYPES)):  # "data/x.jsonl" is a missing file
+        return None
+    return HubDataset(repo, match["config"], match["split"] or "train", streaming)
+
+
+def resolve_path(source: str | Path | HubDataset, streaming: bool = False) -> Path | HubDataset:
+    """A local file, or the hub dataset (or local dataset folder) a text names; nothing is downloaded yet."""
+    if isinstance(source, HubDataset):
+        return source
     path = Path(source).expanduser()
-    if path.exists():
+    if path.is_file():
         return path
-    text = str(source)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.endswith(tuple(FILE_TYPES)):
-        return _download_hub_dataset(text)
+    hub = parse_hub_id(str(source), streaming)
+    if hub is not None:
+        return hub
     raise BackpropError("INPUT_DATASET_NOT_FOUND", path=source)
 
 
-def _download_hub_dataset(repo_id: str) -> Path:
+def _hub_rows(hub: HubDataset) -> Iterator[tuple[int, Any]]:
+    """(row number, row) over the whole split, shard after shard; failures become coded errors."""
+    with _hub_errors(hub):
+        rows = _open_hub(hub)
+        yield from enumerate(rows, start=1)
+
+
+def _open_hub(hub: HubDataset) -> Any:
     import os
 
+    # An unreachable hub must fail in seconds, not after minutes of retries.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    split, window = hub.split, None
+    if hub.streaming and "[" in split:  # streamed splits cannot be sliced by the library: take the rows ourselves
+        split, window = _stream_window(split)
+    rows = datasets.load_dataset(hub.repo, hub.config, split=split, streaming=hub.streaming)
+    if window is not None:
+        rows = rows.skip(window[0])
+        if window[1] is not None:
+            rows = rows.take(window[1] - window[0])
+    return rows
+
+
+def _stream_window(split: str) -> tuple[str, tuple[int, int | None]]:
+    name, _, spec = split.partition("[")
+    start, _, stop = spec.rstrip("]").partition(":")
+    if "%" in spec or not _ or not all(x.strip().isdigit() for x in (start, stop) if x.strip()):
+        raise BackpropError("INPUT_DATASET_HUB_SELECTION", dataset=split,
+                            reason="a streamed split takes row slices only, like train[:1000] or train[100:200]")  # fmt: skip
+    return name, (int(start or 0), int(stop) if stop.strip() else None)
+
+
+@contextmanager
+def _hub_errors(hub: HubDataset) -> Iterator[None]:
+    """Map what `datasets` and the hub client raise (many types) to coded errors."""
     try:
-        from huggingface_hub import snapshot_download
+        yield
+    except BackpropError:
+        raise
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if isinstance(exc, ValueError) and re.search(r"(?i)split|config", reason):
+            raise BackpropError("INPUT_DATASET_HUB_SELECTION", dataset=str(hub), reason=reason) from exc
+        if hub.is_local:
+            message = f"{hub.repo}: the datasets library cannot read this folder ({reason})"
+            raise BackpropError("INPUT_DATASET_UNSUPPORTED_FILE", path=hub.repo, suffix="folder", message=message) from exc
+        if _offline():
+            reason = f"offline (HF_HUB_OFFLINE) and not in the local cache: {reason}"
+        elif type(exc).__name__ == "DatasetNotFoundError":
+            message = f"Dataset not found on the hub: {reason}"
+            raise BackpropError("INPUT_DATASET_NOT_FOUND", path=str(hub), message=message) from exc
+        raise BackpropError("DEP_DATASET_DOWNLOAD_FAILED", dataset=str(hub), reason=reason) from exc
 
-        folder = Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=[f"*{s}" for s in FILE_TYPES if s != ".md"]))
-    except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
-        raise BackpropError("DEP_DATASET_DOWNLOAD_FAILED", dataset=repo_id, reason=str(exc).splitlines()[0][:200]) from exc
-    files = sorted(p for p in folder.rglob("*") if p.suffix in FILE_TYPES and p.is_file())
-    preferred = [p for p in files if "train" in p.name] or files
-    if not preferred:
-        raise BackpropError("DEP_DATASET_DOWNLOAD_FAILED", dataset=repo_id, reason="no data file in the repository")
-    return preferred[0]
+
+def _offline() -> bool:
+    import os
+
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def iter_rows(path: Path) -> Iterator[tuple[int, Any | RowError]]:
-    """Yield (line, parsed record) or (line, RowError) for every row of a file, streaming where possible."""
+def iter_rows(path: Path | HubDataset) -> Iterator[tuple[int, Any | RowError]]:
+    """Yield (line, parsed record) or (line, RowError) for every row of a file (for parquet and hub datasets: the
+    row number), streaming where possible."""
+    if isinstance(path, HubDataset):
+        yield from _hub_rows(path)
+        return
     file_type = FILE_TYPES.get(path.suffix.lower())
     if file_type is None:
         raise BackpropError("INPUT_DATASET_UNSUPPORTED_FILE", path=path, suffix=path.suffix or "(none)")
@@ -327,8 +530,10 @@ def iter_rows(path: Path) -> Iterator[tuple[int, Any | RowError]]:
 def _check_not_empty_or_binary(path: Path, file_type: str) -> None:
     with path.open("rb") as f:
         head = f.read(8192)
-    if not head.strip():
+    if not head.removeprefix(BOM.encode()).strip():
         raise BackpropError("INPUT_DATASET_EMPTY", path=path)
+    if file_type != "parquet" and head.startswith((b"\xff\xfe", b"\xfe\xff")):  # Windows "Unicode" text
+        raise BackpropError("INPUT_DATASET_ENCODING", path=path, line=1, reason="the file is UTF-16; save it as UTF-8")
     if file_type == "parquet":
         if not head.startswith(b"PAR1"):
             raise BackpropError("INPUT_DATASET_BINARY", path=path, line=1, message=f"{path}: not a parquet file")
@@ -344,25 +549,35 @@ def _decode_line(raw: bytes, line: int) -> str | RowError:
         return RowError(line, "INPUT_DATASET_ENCODING", f"invalid UTF-8 at byte {exc.start} of the line")
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any | RowError]]:
+def _lines(path: Path) -> Iterator[tuple[int, str | RowError]]:
+    """Decoded lines without their line end (LF or CRLF), a leading byte-order mark removed, streaming."""
     with path.open("rb") as f:
         for line, raw in enumerate(f, start=1):
             text = _decode_line(raw, line)
-            if isinstance(text, RowError):
-                yield line, text
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield line, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield line, RowError(line, "INPUT_DATASET_INVALID_JSON", f"invalid JSON: {exc.msg} (column {exc.colno})")
+            if isinstance(text, str):
+                text = text.removesuffix("\n").removesuffix("\r")
+                if line == 1:
+                    text = text.removeprefix(BOM)
+            yield line, text
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any | RowError]]:
+    for line, text in _lines(path):
+        if isinstance(text, RowError):
+            yield line, text
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield line, json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield line, RowError(line, "INPUT_DATASET_INVALID_JSON", f"invalid JSON: {exc.msg} (column {exc.colno})")
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Any | RowError]]:
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # "-sig": a leading byte-order mark is dropped
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         yield line, RowError(line, "INPUT_DATASET_ENCODING", f"invalid UTF-8 at byte {exc.start}")
@@ -438,69 +653,99 @@ def _text_rows(path: Path) -> Iterator[tuple[int, Any | RowError]]:
     """Paragraphs (blocks separated by blank lines) of a .txt or .md file, each a raw-text row."""
     block: list[str] = []
     block_start = 1
-    with path.open("rb") as f:
-        for line, raw in enumerate(f, start=1):
-            text = _decode_line(raw, line)
-            if isinstance(text, RowError):
-                yield line, text
-                continue
-            if text.strip():
-                if not block:
-                    block_start = line
-                block.append(text)
-            elif block:
-                yield block_start, {"text": "".join(block).rstrip("\n")}
-                block = []
+    for line, text in _lines(path):
+        if isinstance(text, RowError):
+            yield line, text
+            continue
+        if text.strip():
+            if not block:
+                block_start = line
+            block.append(text)
+        elif block:
+            yield block_start, {"text": "\n".join(block)}
+            block = []
     if block:
-        yield block_start, {"text": "".join(block).rstrip("\n")}
+        yield block_start, {"text": "\n".join(block)}
 
 
 # ---------------------------------------------------------------- the public functions
 
 
-def scan(source: str | Path, fmt: str | None = None, tokenizer: Any = None, keep: list[Example] | None = None) -> DatasetReport:
-    """Validate a dataset in one streaming pass. Examples are appended to `keep` when a list is given."""
+def scan(
+    source: str | Path | HubDataset,
+    fmt: str | None = None,
+    tokenizer: Any = None,
+    keep: list[Example] | None = None,
+    *,
+    count_tokens: bool = True,
+    streaming: bool = False,
+) -> DatasetReport:
+    """Validate a dataset in one streaming pass. Examples are appended to `keep` when a list is given.
+
+    With a tokenizer, each conversation is also checked against the model's chat template (tool calls it cannot
+    render, templates that raise) and, unless `count_tokens` is off, its token length is counted. `streaming`
+    reads a hub dataset over the network instead of downloading and caching its split first.
+    """
     if fmt is not None and fmt not in FORMATS:
         raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"unknown format '{fmt}'", hint=f"Use one of: {', '.join(FORMATS)}")
-    path = resolve_path(source)
-    report = DatasetReport(str(path), FILE_TYPES.get(path.suffix.lower(), "?"))
-    if tokenizer is not None:
+    path = resolve_path(source, streaming)
+    hub = isinstance(path, HubDataset)
+    report = DatasetReport(str(path), "hub" if hub else FILE_TYPES.get(path.suffix.lower(), "?"))
+    if tokenizer is not None and count_tokens:
         report.tokens = LengthStats()
+    digest = hashlib.sha256() if hub else None  # a hub split has no one file to hash: hash its rows
     for line, record in iter_rows(path):
         report.rows += 1
+        if digest is not None:
+            digest.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
         if isinstance(record, RowError):
             report.add_error(record)
             continue
         try:
-            row_format, messages = normalize(record, fmt)
+            row_format, messages, tools = normalize(record, fmt)
+            example = Example(messages, line, row_format, tools, report.path)
+            if tokenizer is not None and not example.is_raw_text:
+                found = chat_template.problem(tokenizer, messages, tools)
+                if found is not None:
+                    raise RowProblem(found[1], code=found[0])
         except RowProblem as problem:
             report.add_error(RowError(line, problem.code, problem.reason))
             continue
         report.valid_rows += 1
         report.formats[row_format] += 1
         report.turns.add(len(messages))
-        example = Example(messages, line, row_format)
         if report.tokens is not None:
             report.tokens.add(len(render_tokens(tokenizer, example)))
         if keep is not None:
             keep.append(example)
     if report.rows == 0:
         raise BackpropError("INPUT_DATASET_EMPTY", path=path)
+    report.sha256 = digest.hexdigest() if digest is not None else None
     return report
 
 
-def load_dataset(source: str | Path, fmt: str | None = None, skip_invalid: bool = False) -> Dataset:
-    """Every valid example of a dataset; bad rows raise (with file:line) unless `skip_invalid`."""
+def load_dataset(
+    source: str | Path | HubDataset,
+    fmt: str | None = None,
+    skip_invalid: bool = False,
+    *,
+    tokenizer: Any = None,
+    streaming: bool = False,
+) -> Dataset:
+    """Every valid example of a dataset; bad rows raise (with file:line) unless `skip_invalid`.
+
+    Give the model's tokenizer to refuse, row by row, conversations its chat template cannot render (tool calls).
+    """
     examples: list[Example] = []
-    report = scan(source, fmt, keep=examples)
-    path = Path(report.path)
+    report = scan(source, fmt, tokenizer, keep=examples, count_tokens=False, streaming=streaming)
+    path = report.path
     if report.error_count and not skip_invalid:
         first = report.errors[0]
         more = f" (and {report.error_count - 1} more bad rows)" if report.error_count > 1 else ""
-        raise BackpropError(first.code, message=first.describe(str(path)) + more, path=path, line=first.line)
+        raise BackpropError(first.code, message=first.describe(path) + more, path=path, line=first.line, reason=first.reason)
     if not examples:
         raise BackpropError("INPUT_DATASET_EMPTY", path=path, message=f"{path}: no valid rows ({report.error_count} bad)")
-    return Dataset(examples, report, file_sha256(path))
+    return Dataset(examples, report, report.sha256 or file_sha256(Path(path)))
 
 
 def split(examples: list[Example], validation_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -522,7 +767,7 @@ def render_tokens(tokenizer: Any, example: Example) -> list[int]:
     """The token ids an example trains on (chat template applied; raw text as is)."""
     if example.is_raw_text:
         return tokenizer(example.messages[0]["content"], add_special_tokens=False)["input_ids"]
-    text = tokenizer.apply_chat_template(example.messages, tokenize=False)
+    text = chat_template.render(tokenizer, example.messages, example.tools)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

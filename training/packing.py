@@ -12,7 +12,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from training import chat_template
 from training.datasets import Example
+from training.errors import BackpropError
 
 IGNORE = -100
 
@@ -41,7 +43,12 @@ class Batch:
 
 
 class ChatEncoder:
-    """Token ids and labels for one example; only assistant turns carry loss when `response_only`."""
+    """Token ids and labels for one example; only assistant turns carry loss when `response_only`.
+
+    Tool results never carry loss: a conversation with tool parts that the template drops, or whose turns cannot
+    be cut apart, is refused with a coded error naming its file and line (`backprop validate --model M` lists
+    them all; the trainer validates with the tokenizer before encoding).
+    """
 
     def __init__(self, tokenizer: Any, max_seq_length: int, response_only: bool = True):
         self.tokenizer = tokenizer
@@ -57,38 +64,30 @@ class ChatEncoder:
                 ids.append(self.tokenizer.eos_token_id)
             encoded = Encoded(ids, list(ids))
         elif self.response_only:
-            encoded = self._masked(example.messages)
+            encoded = self._masked(example)
         else:
-            ids = self._ids(self._render(example.messages))
+            self._refuse_unrenderable(example)
+            ids = self._ids(chat_template.render(self.tokenizer, example.messages, example.tools))
             encoded = Encoded(ids, list(ids))
         if len(encoded) > self.max_seq_length:
             self.truncated += 1
             encoded = Encoded(encoded.input_ids[: self.max_seq_length], encoded.labels[: self.max_seq_length])
         return encoded
 
-    def _masked(self, messages: list[dict[str, str]]) -> Encoded:
-        # Render growing prefixes of the conversation; each new piece of text is one segment, trained on
-        # only when it is an assistant reply (the "<|im_start|>assistant\n" header itself is not).
-        segments: list[tuple[str, bool]] = []
-        done = ""
+    def _masked(self, example: Example) -> Encoded:
+        # Each new piece of rendered text is one segment, trained on only when it is an assistant reply (the
+        # "<|im_start|>assistant\n" header itself is not).
+        self._refuse_unrenderable(example)
         try:
-            for i, message in enumerate(messages):
-                if message["role"] == "assistant":
-                    head = self._render(messages[:i], add_generation_prompt=True)
-                    body = self._render(messages[: i + 1])
-                    if not (head.startswith(done) and body.startswith(head)):
-                        raise ValueError("chat template is not prefix-stable")
-                    segments += [(head[len(done) :], False), (body[len(head) :], True)]
-                    done = body
-                else:
-                    text = self._render(messages[: i + 1])
-                    if not text.startswith(done):
-                        raise ValueError("chat template is not prefix-stable")
-                    segments.append((text[len(done) :], False))
-                    done = text
-        except Exception:  # templates that reject partial conversations: train on everything instead
+            segments = chat_template.segments(self.tokenizer, example.messages, example.tools)
+        except Exception as exc:
+            if example.uses_tools:  # training on every token would train on the tool results
+                if isinstance(exc, chat_template.NotPrefixStable):
+                    raise self._error(chat_template.TOOLS_UNSUPPORTED, chat_template.UNSTABLE, example) from exc
+                raise self._error(chat_template.TEMPLATE_ERROR, chat_template.template_error(exc), example) from exc
+            # Templates that reject or re-render partial conversations: train on every token instead.
             self.fallbacks += 1
-            ids = self._ids(self._render(messages))
+            ids = self._ids(chat_template.render(self.tokenizer, example.messages))
             return Encoded(ids, list(ids))
         ids: list[int] = []
         labels: list[int] = []
@@ -98,8 +97,15 @@ class ChatEncoder:
             labels += piece if trained else [IGNORE] * len(piece)
         return Encoded(ids, labels)
 
-    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def _refuse_unrenderable(self, example: Example) -> None:
+        missing = chat_template.missing_tool_parts(self.tokenizer, example.messages, example.tools)
+        if missing:
+            raise self._error(chat_template.TOOLS_UNSUPPORTED, missing, example)
+
+    @staticmethod
+    def _error(code: str, reason: str, example: Example) -> BackpropError:
+        where = f"{example.path or 'dataset'}:{example.line}"
+        return BackpropError(code, message=f"{where}: {reason}", path=example.path, line=example.line, reason=reason)
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
