@@ -405,5 +405,4 @@ def _crash_point(point: str, i: int) -> None:
 
 
 def _write_examples(path: Path, examples: list[Example]) -> None:
-    rows = [{"text": e.messages[0]["content"]} if e.is_raw_text else {"messages": e.messages} for e in examples]
-    atomic.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    atomic.write_text(path, "".join(json.dumps(e.to_record()) + "\n" for e in examples))  # tool definitions kept
