@@ -1,12 +1,13 @@
 """Authentication of the web app and `backprop ui --share`: passwords, sessions, the gate on every route.
 
 The gate is tested in process (Starlette's TestClient, no sockets) and in front of the real app: `backprop ui --auth
---share cloudflared` with a stand-in cloudflared on PATH that prints an address and serves nothing.
+--share cloudflared` with a stand-in cloudflared on PATH that prints an address and serves nothing, and a stand-in for
+the tunnel's far end (a loopback TCP forwarder that chromium reaches under the tunnel's host name).
 """
 
 from __future__ import annotations
 
-import http.client
+import contextlib
 import json
 import os
 import re
@@ -16,16 +17,18 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import backprop, wait_for
-from starlette.testclient import TestClient
-from starlette.websockets import WebSocketDisconnect
+from conftest import DEMO_DATA, backprop, wait_for
+from starlette.testclient import TestClient, WebSocketDenialResponse
+from test_gate import OWN_NAME, TUNNEL, http_request, real_matrix, websocket_handshake
+from test_ui import free_port, upload
 
 from app.auth import COOKIE, Auth, LoginLimiter, check_password, hash_password, session_secret
-from app.gate import AuthGate
+from app.gate import AuthGate, protect
 from training.config import load_settings
 from training.errors import BackpropError
 
@@ -46,6 +49,34 @@ def test_the_session_secret_is_private_and_survives_restarts(tmp_path):
     secret = session_secret(tmp_path)
     assert len(secret) == 32 and session_secret(tmp_path) == secret
     assert stat.S_IMODE((tmp_path / "ui-session-secret").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    "content", ["", "\n", "00" * 16, "not hex at all", "ab" * 31], ids=["empty", "newline", "16-bytes", "not-hex", "31-bytes"]
+)
+def test_an_empty_short_or_garbled_session_secret_is_replaced_atomically_by_a_private_32_byte_one(tmp_path, content):
+    path = tmp_path / "ui-session-secret"
+    path.write_text(content)
+    path.chmod(0o644)
+    secret = session_secret(tmp_path)
+    assert len(secret) == 32 and bytes.fromhex(path.read_text()) == secret  # never an empty or short signing key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and session_secret(tmp_path) == secret
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ui-session-secret.lock", "ui-session-secret"]  # no temp file left
+
+
+def test_server_workers_starting_together_on_a_bad_secret_agree_on_one_new_secret(tmp_path):
+    (tmp_path / "ui-session-secret").write_text("")
+    code = f"from pathlib import Path; from app.auth import session_secret; print(session_secret(Path({str(tmp_path)!r})).hex())"
+    workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    secrets = {w.communicate(timeout=120)[0].strip() for w in workers}
+    assert len(secrets) == 1 and len(bytes.fromhex(secrets.pop())) == 32
+
+
+def test_sessions_are_never_signed_with_a_short_key():
+    with pytest.raises(ValueError):
+        Auth(True, hash_password(PASSWORD), b"")
+    with pytest.raises(ValueError):
+        Auth(True, hash_password(PASSWORD), b"k" * 31)
 
 
 def test_a_session_is_valid_until_it_expires_and_only_with_our_secret():
@@ -106,9 +137,9 @@ def test_without_a_session_pages_redirect_to_sign_in_and_everything_else_is_refu
     assert page.status_code == 303 and page.headers["location"] == "/login?next=/runs"
     upload = gate.post("/_upload", content=b"data")
     assert upload.status_code == 401 and upload.json()["code"] == "UI_AUTH_REQUIRED"
-    with pytest.raises(WebSocketDisconnect) as closed, gate.websocket_connect("/_event/?EIO=4&transport=websocket"):
+    with pytest.raises(WebSocketDenialResponse) as refused, gate.websocket_connect("/_event/?EIO=4&transport=websocket"):
         pass
-    assert closed.value.code == 4401  # closed before it was accepted
+    assert refused.value.status_code == 401 and refused.value.json()["code"] == "UI_AUTH_REQUIRED"  # before accept
     assert gate.get("/ping").text == "inside"  # the health check stays open
     assert 'name="password"' in gate.get("/login").text
 
@@ -140,9 +171,13 @@ def test_sign_in_never_redirects_to_another_site(gate, target):
     assert sign_in(gate, next=target).headers["location"] == "/"
 
 
-def test_with_auth_off_the_gate_passes_everything(tmp_path):
-    client = TestClient(AuthGate(inner_app, Auth(enabled=False)), base_url="http://127.0.0.1")
-    assert client.get("/runs").text == "inside" and client.post("/_upload").text == "inside"
+def test_with_auth_off_only_the_host_and_origin_check_stands_in_front_of_the_app(home, monkeypatch):
+    monkeypatch.setenv("BACKPROPAGATE_UI__AUTH", "false")
+    client = TestClient(protect(inner_app, load_settings()), base_url="http://127.0.0.1:7862")
+    own = {"origin": "http://127.0.0.1:7862"}
+    assert client.get("/runs").text == "inside" and client.post("/_upload", headers=own).text == "inside"
+    assert client.get("/login").text == "inside"  # no sign-in form: the app's own routes
+    assert client.post("/_upload", headers={"origin": "http://evil.example"}).status_code == 403
 
 
 # --- --share is refused without auth ---------------------------------------------------------------------------------
@@ -165,9 +200,59 @@ FAKE_CLOUDFLARED = """#!/bin/sh
 echo "$$" > "{pidfile}"
 echo "$@" > "{argsfile}"
 echo "INF Requesting new quick Tunnel on trycloudflare.com..." >&2
-echo "INF |  https://quiet-river-1234.trycloudflare.com  |" >&2
+echo "INF |  https://{host}  |" >&2
 exec sleep 600
 """
+
+
+def fake_cloudflared(base: Path) -> str:
+    """Puts the stand-in cloudflared in base/bin (it notes its pid and arguments in base); returns a PATH with it first."""
+    bin_dir = base / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = FAKE_CLOUDFLARED.format(pidfile=base / "tunnel.pid", argsfile=base / "tunnel.args", host=TUNNEL)
+    (bin_dir / "cloudflared").write_text(script)
+    (bin_dir / "cloudflared").chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+class StandInTunnelEnd:
+    """Stands in for the tunnel's public end: a TCP forwarder to the app on loopback that rewrites nothing.
+
+    It listens on 127.0.0.2 on the app's own port, and chromium reaches it under the tunnel's host name
+    (--host-resolver-rules): every request, the page's own calls to the server included, carries that Host and Origin,
+    as through the real tunnel (which speaks https on port 443; this one http on the app's port)."""
+
+    def __init__(self, app_port: int):
+        self.app_port = app_port
+        self.listener = socket.create_server(("127.0.0.2", app_port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> StandInTunnelEnd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.app_port))
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
 
 
 @pytest.fixture(scope="module")
@@ -175,17 +260,12 @@ def shared(tmp_path_factory, tiny_model_dir):
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("chromium is not installed (scripts/test installs it)")
     base = tmp_path_factory.mktemp("auth")
-    bin_dir = base / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "cloudflared").write_text(FAKE_CLOUDFLARED.format(pidfile=base / "tunnel.pid", argsfile=base / "tunnel.args"))
-    (bin_dir / "cloudflared").chmod(0o755)
     home = base / "home"
     shutil.copytree(tiny_model_dir, home / "models" / tiny_model_dir.name)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "BACKPROPAGATE_HOME": str(home),
-           "BACKPROPAGATE_UI__OUTPUT_DIR": str(base / "sandbox"), "BACKPROPAGATE_UI__PASSWORD": PASSWORD}  # fmt: skip
+    port = free_port()
+    env = {**os.environ, "PATH": fake_cloudflared(base), "BACKPROPAGATE_HOME": str(home),
+           "BACKPROPAGATE_UI__OUTPUT_DIR": str(base / "sandbox"), "BACKPROPAGATE_UI__PASSWORD": PASSWORD,
+           "BACKPROPAGATE_UI__ALLOWED_HOSTS": OWN_NAME}  # fmt: skip
     log = base / "ui.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -196,7 +276,7 @@ def shared(tmp_path_factory, tiny_model_dir):
     def shared_address() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"backprop ui exited {process.returncode}:\n{log.read_text()[-3000:]}")
-        return "shared at https://quiet-river-1234.trycloudflare.com" in log.read_text()
+        return f"shared at https://{TUNNEL}" in log.read_text()
 
     try:
         wait_for(shared_address, 600, "the app to start and the tunnel to report its address")
@@ -207,22 +287,9 @@ def shared(tmp_path_factory, tiny_model_dir):
             process.wait(timeout=30)
 
 
-def raw_request(port: int, path: str, headers: dict | None = None, method: str = "GET") -> http.client.HTTPResponse:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request(method, path, headers=headers or {})
-    return connection.getresponse()
-
-
-def websocket_handshake(port: int, cookie: str = "") -> str:
-    """The first line of the server's answer to a websocket upgrade on the app's event channel."""
-    request = (
-        "GET /_event/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        + (f"Cookie: {cookie}\r\n" if cookie else "") + "\r\n"
-    )  # fmt: skip
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(request.encode())
-        return s.recv(4096).decode("latin-1").splitlines()[0]
+def own(port: int, cookie: str = "") -> dict[str, str]:
+    """The headers of a request from the app's own page."""
+    return {"Host": f"127.0.0.1:{port}", "Origin": f"http://127.0.0.1:{port}"} | ({"Cookie": cookie} if cookie else {})
 
 
 def test_the_tunnel_points_at_the_local_app(shared):
@@ -230,40 +297,77 @@ def test_the_tunnel_points_at_the_local_app(shared):
     assert f"--url http://127.0.0.1:{shared['port']}" in args
 
 
+def test_host_origin_and_route_matrix_against_the_real_app_with_sign_in_on(shared, capsys):
+    # The tunnel's host is among the served ones without being configured: the launcher told the server.
+    with capsys.disabled():
+        real_matrix(shared["port"], True, "backprop ui --auth --share (stand-in tunnel), real HTTP and websocket handshakes")
+
+
 def test_every_route_of_the_real_app_needs_a_session(shared):
     port = shared["port"]
-    page = raw_request(port, "/runs", {"Accept": "text/html"})
-    assert page.status == 303 and page.getheader("location") == "/login?next=/runs"
-    upload = raw_request(port, "/_upload", {"Content-Length": "0"}, method="POST")
-    assert upload.status == 401 and json.loads(upload.read())["code"] == "UI_AUTH_REQUIRED"
-    assert " 101 " not in websocket_handshake(port)  # refused before the upgrade
-    assert raw_request(port, "/ping").status == 200
+    status, headers, _ = http_request(port, "GET", "/runs", own(port) | {"Accept": "text/html"})
+    assert status == 303 and headers["location"] == "/login?next=/runs"
+    status, _, body = http_request(port, "POST", "/_upload", own(port))
+    assert status == 401 and json.loads(body)["code"] == "UI_AUTH_REQUIRED"
+    assert websocket_handshake(port, own(port))[0] == 401  # refused before the upgrade
+    assert http_request(port, "GET", "/ping", own(port))[0] == 200
 
 
-def test_a_user_signs_in_in_the_browser_and_the_app_works(shared):
+def sign_in_in_the_browser(page, url: str) -> None:
+    page.goto(url + "dataset")
+    assert "/login" in page.url
+    page.fill("#password", "not it")
+    page.click("#sign-in")
+    assert "Wrong password." in page.inner_text("#login-error")
+    page.fill("#password", PASSWORD)
+    page.click("#sign-in")
+    page.wait_for_url(re.compile(r".*/dataset/?$"))  # back where the user was going
+    page.wait_for_selector("#upload-button")
+
+
+def the_app_works(page, url: str, data: Path) -> None:
+    """The live parts need the event websocket (the detected format arrives through it); an upload is a POST."""
+    page.goto(url)
+    wait_for(lambda: page.query_selector("#dataset-format") and page.inner_text("#dataset-format") == "openai", 60,
+             "the dataset format, over the websocket")  # fmt: skip
+    data.write_text(DEMO_DATA.read_text())
+    upload(page, {"url": url}, data)
+    wait_for(lambda: page.query_selector("#dataset-stats") is not None, 120, "the uploaded dataset's statistics")
+
+
+def chromium(p, *extra_flags: str):
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", *extra_flags]
+    return p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
+
+
+def test_a_user_signs_in_in_the_browser_and_the_app_works(shared, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url = f"http://127.0.0.1:{shared['port']}/"
     with sync_playwright() as p:
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
+        browser = chromium(p)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(url + "dataset")
-        assert "/login" in page.url
-        page.fill("#password", "not it")
-        page.click("#sign-in")
-        assert "Wrong password." in page.inner_text("#login-error")
-        page.fill("#password", PASSWORD)
-        page.click("#sign-in")
-        page.wait_for_url(re.compile(r".*/dataset/?$"))  # back where the user was going
-        page.wait_for_selector("#upload-button")
-        page.goto(url)  # the live parts need the event websocket: the detected format arrives through it
-        wait_for(lambda: page.query_selector("#dataset-format") and page.inner_text("#dataset-format") == "openai", 60,
-                 "the dataset format, over the websocket")  # fmt: skip
+        sign_in_in_the_browser(page, url)
+        the_app_works(page, url, tmp_path / "chats.jsonl")
         cookie = next(c for c in page.context.cookies() if c["name"] == COOKIE)
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         browser.close()
-    assert " 101 " in websocket_handshake(shared["port"], f"{COOKIE}={cookie['value']}")
+    assert websocket_handshake(shared["port"], own(shared["port"], f"{COOKIE}={cookie['value']}"))[0] == 101
+
+
+def test_through_the_tunnel_s_host_a_user_signs_in_and_the_app_works(shared, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    refused: list[str] = []
+    with StandInTunnelEnd(shared["port"]), sync_playwright() as p:
+        browser = chromium(p, f"--host-resolver-rules=MAP {TUNNEL} 127.0.0.2")
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("response", lambda r: refused.append(f"{r.status} {r.url}") if r.status == 403 else None)
+        url = f"http://{TUNNEL}:{shared['port']}/"
+        sign_in_in_the_browser(page, url)
+        the_app_works(page, url, tmp_path / "chats.jsonl")
+        browser.close()
+    assert not refused
 
 
 def test_stopping_the_app_stops_the_tunnel(shared):
