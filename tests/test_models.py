@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,70 @@ def test_a_tokenizer_without_a_chat_template_gets_chatml(home, tmp_path):
     tokenizer = load_tokenizer(resolve_model(str(tmp_path / "plain")))
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def plain_model_dir(tmp_path_factory) -> Path:
+    """A real tiny Llama whose tokenizer has no chat template and no ChatML tokens, as many base models ship."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from training.demo_model import ASSETS, PRETOKENIZE_REGEX
+
+    folder = tmp_path_factory.mktemp("plain") / "plain-base"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    bpe.train_from_iterator((ASSETS / "corpus.txt").read_text(encoding="utf-8").splitlines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", model_max_length=1024)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id))  # fmt: skip
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5.0)  # as the demo model: a LoRA-trained model needs a head that can be confident
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_model_without_chatml_tokens_gets_them_with_trained_embedding_rows_and_its_adapter_exports(home, plain_model_dir):
+    """The ChatML tokens a tokenizer lacked get rows in a resized embedding and output head; those rows are trained
+    (the model learns to end its turn), saved with the adapter, and the adapter reloads, chats and exports."""
+    from conftest import DEMO_DATA
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from training import Trainer
+    from training.export import export
+    from training.generate import AdapterModel
+
+    base_size = len(AutoTokenizer.from_pretrained(plain_model_dir))
+    assert "<|im_end|>" not in AutoTokenizer.from_pretrained(plain_model_dir).get_vocab()
+    result = Trainer(str(plain_model_dir)).train(DEMO_DATA, steps=200, lr=3e-3, batch_size=2, max_seq_length=128, save_every=100)
+    assert result.status == "completed" and result.losses[-1] < 0.5 * result.losses[0]
+
+    adapter = result.adapter_path
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    new = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert len(tokenizer) == base_size + 2 and sorted(new) == [base_size, base_size + 1]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": new, "lm_head": new}
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    shapes = [tuple(t.shape) for name, t in tensors.items() if "trainable_tokens" in name]
+    assert sorted(shapes) == [(2, 128), (2, 128)]  # just the new rows, not whole embedding matrices
+
+    rows = [json.loads(line)["messages"] for line in DEMO_DATA.read_text().splitlines()[:10]]
+    with AdapterModel(adapter, home) as chat:  # an exact answer also means the reply ended at <|im_end|>
+        correct = sum(chat.reply(m[:1], max_new_tokens=40) == m[1]["content"] for m in rows)
+    assert correct >= 8, f"{correct}/10 answers reproduced"
+
+    merged = export(result.run_id, "merged", home=home)
+    assert merged.verification["ok"]  # base + adapter and the merged model predict the same
+    gguf = export(result.run_id, "gguf", quantization="f16", home=home)
+    assert gguf.verification["ok"] and gguf.verification["tokenizer_match"] and gguf.verification["greedy_match"]

@@ -43,7 +43,7 @@ def save(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: Train
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, save_embedding_layers=False)  # new tokens' rows are in the adapter's tensors
         torch.save(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng_states()},
             staging / "optimizer.pt",

@@ -212,7 +212,8 @@ def merge(src: _Source, target: Path, home: Path) -> dict[str, Any]:
     base = resolve_model(base_name, home)
     has_tokenizer = (src.adapter_dir / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(resolve_model(str(src.adapter_dir)) if has_tokenizer else base)
-    model = PeftModel.from_pretrained(load_model(base, dtype=torch.float32, device="cpu"), src.adapter_dir).eval()
+    base_model = load_model(base, dtype=torch.float32, device="cpu", tokenizer=tokenizer)  # sized for added tokens
+    model = PeftModel.from_pretrained(base_model, src.adapter_dir).eval()
     probe = tokenizer.apply_chat_template(PROBE_MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         expected = model(**probe).logits

@@ -98,7 +98,8 @@ class HFModel(ChatModel):
         from training.models import load_model, load_tokenizer, resolve_model
 
         source = resolve_model(str(model_dir), home)
-        self._setup(load_model(source, device=_default_device(device)), load_tokenizer(source))
+        tokenizer = load_tokenizer(source)  # may add ChatML tokens: the model then gets rows for them
+        self._setup(load_model(source, device=_default_device(device), tokenizer=tokenizer), tokenizer)
 
     def _setup(self, model: Any, tokenizer: Any) -> None:
         self.model = model.eval()
@@ -159,7 +160,7 @@ class AdapterModel(HFModel):
         # The trainer saves the tokenizer beside the adapter (it may have gained chat tokens); others use the base's.
         has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(resolve_model(str(adapter_dir)) if has_tokenizer else base)
-        model = PeftModel.from_pretrained(load_model(base, device=_default_device(device)), adapter_dir)
+        model = PeftModel.from_pretrained(load_model(base, device=_default_device(device), tokenizer=tokenizer), adapter_dir)
         self._setup(model, tokenizer)
 
 

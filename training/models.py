@@ -2,7 +2,8 @@
 
 `--model` takes a preset name or hub id (loaded with `from_pretrained` through the HF cache), a local HF
 folder, or `demo` (the built-in tiny model, see demo_model.py). A tokenizer without a chat template gets
-ChatML (with tool calls rendered, see chat_template.py).
+ChatML (with tool calls rendered, see chat_template.py); ChatML tokens it lacks get new embedding and output rows
+(`fit_embeddings`), which training learns and saves with the adapter.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from training.errors import BackpropError
 
 DEMO = "demo"
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 @dataclass(frozen=True)
@@ -82,16 +84,37 @@ def load_tokenizer(source: ModelSource) -> Any:
     tokenizer = _from_pretrained(AutoTokenizer, source)
     if not getattr(tokenizer, "chat_template", None):  # ChatML, which also renders tool calls
         tokenizer.chat_template = CHATML_TOOLS_TEMPLATE
-        for token in ("<|im_start|>", "<|im_end|>"):
-            if token not in tokenizer.get_vocab():
-                tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-                break
+        missing = [token for token in CHATML_TOKENS if token not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": list(CHATML_TOKENS)})
+            # The model has never seen these: training must resize its embeddings and learn their rows.
+            tokenizer.backprop_new_tokens = tokenizer.convert_tokens_to_ids(missing)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(source: ModelSource, *, dtype: Any = None, device: str = "cpu", quantization_config: Any = None):
+def new_tokens(tokenizer: Any) -> list[int]:
+    """The ids of the tokens `load_tokenizer` added (ChatML markers a model without a chat template never saw)."""
+    return list(getattr(tokenizer, "backprop_new_tokens", []))
+
+
+def fit_embeddings(model: Any, tokenizer: Any, *, for_training: bool = False) -> bool:
+    """Give the model a row of input and output embeddings for every token of the tokenizer (a tokenizer that got
+    the ChatML tokens has more than the base model); True when it resized. A trained adapter's new-token rows live
+    in the adapter, so a model that loads it needs the same size first."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return False
+    # For training, new rows start at the mean of the others (a neutral start); an adapter's rows replace them anyway.
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=for_training)
+    return True
+
+
+def load_model(
+    source: ModelSource, *, dtype: Any = None, device: str = "cpu", quantization_config: Any = None, tokenizer: Any = None
+):
+    """The base model; with `tokenizer`, its embeddings sized to fit that tokenizer (see fit_embeddings)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
@@ -99,6 +122,8 @@ def load_model(source: ModelSource, *, dtype: Any = None, device: str = "cpu", q
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
     model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     if quantization_config is None:
         model.to(device)
     return model

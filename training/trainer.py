@@ -28,7 +28,7 @@ from training.datasets import load_dataset, split
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
 from training.extras import require
-from training.models import ModelSource, load_model, load_tokenizer, resolve_model
+from training.models import ModelSource, fit_embeddings, load_model, load_tokenizer, new_tokens, resolve_model
 from training.packing import Batch, BatchPlan, ChatEncoder, collate
 from training.runs import Registry, RunRecord
 
@@ -168,7 +168,8 @@ class _Loop:
         lora, t = self.settings.lora, self.t
         use_bf16 = t.bf16 if t.bf16 is not None else (self.device == "cuda" and torch.cuda.is_bf16_supported())
         dtype = torch.bfloat16 if use_bf16 else torch.float32
-        if self.device == "cuda" and t.use_unsloth:
+        added = new_tokens(self.tokenizer)
+        if self.device == "cuda" and t.use_unsloth and not added:
             model = self._load_unsloth(source, dtype)
             if model is not None:
                 return model
@@ -176,6 +177,10 @@ class _Loop:
         if t.qlora:
             quantization = _qlora_config(self.device, dtype)
         model = load_model(source, dtype=dtype, device=self.device, quantization_config=quantization)
+        if fit_embeddings(model, self.tokenizer, for_training=True):
+            message = (f"embeddings resized to {len(self.tokenizer)} tokens for the ChatML tokens the tokenizer lacked; "
+                       "their rows are trained and saved with the adapter")  # fmt: skip
+            self.events.emit("log", level="info", message=message)
         if quantization is not None:
             from peft import prepare_model_for_kbit_training
 
@@ -183,7 +188,7 @@ class _Loop:
         model.config.use_cache = False
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            task_type="CAUSAL_LM", bias="none",
+            task_type="CAUSAL_LM", bias="none", trainable_token_indices=_token_rows(model, added) if added else None,
         )  # fmt: skip
         return get_peft_model(model, config)
 
@@ -401,7 +406,8 @@ class _Loop:
         if status == "completed":
             adapter = run_dir / "adapter"
             staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run_dir))
-            self.model.save_pretrained(staging)
+            # New tokens' rows are in the adapter already; the full (resized) embedding matrices stay out of it.
+            self.model.save_pretrained(staging, save_embedding_layers=False)
             self.tokenizer.save_pretrained(staging)
             atomic.publish_dir(staging, adapter)
             self.events.emit(
@@ -480,6 +486,17 @@ def _split(batch, parts: int) -> list:
         out.append(Batch(ids, labels, None if batch.position_ids is None else batch.position_ids[sl],
                          None if batch.attention_mask is None else batch.attention_mask[sl], int(ids.numel()), real))  # fmt: skip
     return out
+
+
+def _token_rows(model: Any, ids: list[int]) -> dict[str, list[int]]:
+    """Rows to train of the input embeddings and, unless tied to them, of the output head: the tokens the model never saw
+    need both, to read them and to predict them (the end of a turn above all)."""
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    rows = {names[id(model.get_input_embeddings())]: list(ids)}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        rows[names[id(head)]] = list(ids)
+    return rows
 
 
 def _qlora_config(device: str, dtype: Any):
