@@ -290,6 +290,19 @@ def test_the_example_script_trains_checkpoints_and_resumes_after_its_time_box(ho
     assert losses[-1] < losses[0]  # it really learns
 
 
+def test_a_script_that_never_reports_its_start_is_time_boxed_from_its_launch(home, tmp_path, monkeypatch):
+    """The time box waits for a script's first `started` or step message, but not for ever: a silent script is
+    time-boxed from its launch once the start-up allowance (here 1 s) has passed."""
+    monkeypatch.setenv("BACKPROPAGATE_SCRIPT_STARTUP_S", "1")
+    script = write_script(tmp_path / "silent.py", "import time\nwhile True:\n    time.sleep(0.05)\n")
+    out = backprop("run", str(script), "--max-run-minutes", "0.001", "--json")
+    assert out.returncode == 3, out.stderr
+    run = Registry(home).get(json.loads(out.stdout.strip().splitlines()[-1])["run_id"])
+    assert run.status == "timeboxed"
+    messages = [e.get("message", "") for e in events_of(Registry(home), run.id)]
+    assert any("sent no `started` or step message in the 1 s since its launch" in m for m in messages), messages
+
+
 @pytest.mark.slow
 def test_a_hot_gpu_pauses_a_script_with_sigstop_and_sigcont(home, sensor):
     registry = Registry(home)

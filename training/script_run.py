@@ -12,7 +12,8 @@ line by line:
     anything else                              kept in the run's log as-is
 A script that stops itself at its time box says so with `{"event": "timeboxed"}` (or exit code 3). The time box
 counts training: it starts at the script's first `started` or step message, not at its launch (imports and loading
-do not use it up). A script that sends neither is time-boxed from its launch, after at least STARTUP_ALLOWANCE_S.
+do not use it up). A script that sends neither is time-boxed from its launch, once `script_startup_s` (default two
+minutes) or a whole time box, if longer, has passed.
 Pausing is SIGSTOP/SIGCONT of its process group; stopping is SIGINT, then SIGKILL after a grace period.
 """
 
@@ -36,7 +37,6 @@ from training.runs import Registry, RunRecord
 
 SCRIPT_EVENTS = {"started", "step", "eval", "checkpoint_saved", "log", "timeboxed", "completed"}
 TIMEBOXED_EXIT_CODE = 3
-STARTUP_ALLOWANCE_S = 120  # a script silent on the protocol this long (or a whole time box, if longer) is cut off
 
 
 def run_script(run: RunRecord, registry: Registry, spec: dict[str, Any], settings: Settings, control: Control,
@@ -113,7 +113,7 @@ def _supervise(process: subprocess.Popen, run: RunRecord, registry: Registry, se
                 paused = False
                 events.emit("resumed", durable=True, reason="GPU cooled down")
                 registry.update(run.id, status="running", reason=None)
-            allowance = max(control.time_box_s or 0, STARTUP_ALLOWANCE_S)
+            allowance = max(control.time_box_s or 0, settings.script_startup_s)
             if control.deadline is None and control.time_box_s and time.monotonic() - launched >= allowance:
                 events.emit("log", level="warning", message=f"the script sent no `started` or step message in the {allowance:g} s"
                             " since its launch: its time box is counted from its launch")  # fmt: skip
