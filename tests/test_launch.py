@@ -28,11 +28,29 @@ from test_ui import CHROMIUM, browser, free_port, steps_shown  # noqa: F401 (bro
 STOP_WITHIN_S = 10  # the bound: server, workers and tunnel gone and the port free
 
 
+def refused_ui(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """`backprop ui ARGS` that should refuse to start; should it start anyway, its whole process group goes at the end."""
+    command = [sys.executable, "-m", "training.cli", "ui", "--no-browser", "--port", str(free_port()), *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **env}, start_new_session=True)  # fmt: skip
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
 def test_dev_mode_with_sign_in_is_refused_before_anything_starts(home):
     """--dev serves the pages from a second server that the gate does not cover."""
-    for args, env in (((("--dev", "--auth")), {}), (("--dev",), {"BACKPROPAGATE_UI__AUTH": "true"})):
-        result = backprop("ui", *args, "--no-browser", env={"BACKPROPAGATE_UI__PASSWORD": PASSWORD, **env}, timeout=60)
+    for args, env in ((("--dev", "--auth"), {}), (("--dev",), {"BACKPROPAGATE_UI__AUTH": "true"})):
+        result = refused_ui(*args, env={"BACKPROPAGATE_UI__PASSWORD": PASSWORD, **env})
         assert result.returncode == 1 and "UI_DEV_AUTH_UNSUPPORTED" in result.stderr and "backprop ui --auth" in result.stderr
+
+
+def test_a_malformed_allowed_host_is_refused_before_anything_starts(home):
+    result = refused_ui(env={"BACKPROPAGATE_UI__ALLOWED_HOSTS": "a/b"})
+    assert result.returncode == 1 and "CONFIG_INVALID" in result.stderr and "allowed_hosts" in result.stderr
 
 
 @contextmanager
