@@ -243,3 +243,98 @@ def test_a_hub_dataset_id_offline_is_a_clear_coded_error():
         load_dataset("someone/some-dataset")
     assert caught.value.code == "DEP_DATASET_DOWNLOAD_FAILED" and caught.value.exit_code == 2
     assert "someone/some-dataset" in caught.value.message
+
+
+# ---------------------------------------------------------------- byte-order marks and CRLF line ends
+
+BOM = b"\xef\xbb\xbf"
+QA = [("What is the capital of France?", "Paris."), ("And of Italy?", "Rome.")]
+
+
+def _file_bodies() -> dict[str, str]:
+    """The same two examples as each text file type, with LF line ends."""
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    return {
+        "data.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+        "array.json": json.dumps(rows, indent=2) + "\n",
+        "lines.json": "".join(json.dumps(r) + "\n" for r in rows),
+        "table.csv": "prompt,completion\n" + "".join(f'"{q}",{a}\n' for q, a in QA),
+        "notes.txt": "first paragraph\nstill the first\n\nsecond paragraph\n",
+        "notes.md": "# Title\nintro line\n\n- a list item\n- another\n",
+    }
+
+
+@pytest.mark.parametrize("name", list(_file_bodies()))
+def test_a_byte_order_mark_and_crlf_line_ends_read_the_same_as_plain_utf8(tmp_path, name):
+    """Windows tools and Excel save UTF-8 with a byte-order mark and CRLF; the rows, their lines and their text
+    must be exactly those of the plain file (no BOM in the first value, no carriage returns in the text)."""
+    body = _file_bodies()[name]
+    plain, windows = tmp_path / "plain", tmp_path / "windows"
+    plain.mkdir(), windows.mkdir()
+    (plain / name).write_text(body, encoding="utf-8")
+    (windows / name).write_bytes(BOM + body.replace("\n", "\r\n").encode())
+
+    expected = load_dataset(plain / name)
+    got = load_dataset(windows / name)
+    assert got.report.error_count == 0 and got.report.valid_rows == expected.report.valid_rows >= 2
+    assert [(e.line, e.messages) for e in got.examples] == [(e.line, e.messages) for e in expected.examples]
+    text = json.dumps([e.messages for e in got.examples])
+    assert "\\ufeff" not in text and "\\r" not in text
+
+
+def test_a_file_holding_only_a_byte_order_mark_is_empty_and_utf16_is_named(tmp_path):
+    only_bom = tmp_path / "bom.jsonl"
+    only_bom.write_bytes(BOM + b"\r\n")
+    with pytest.raises(BackpropError) as caught:
+        load_dataset(only_bom)
+    assert caught.value.code == "INPUT_DATASET_EMPTY"
+
+    utf16 = tmp_path / "unicode.txt"  # Notepad's and Excel's "Unicode" is UTF-16 with its own byte-order mark
+    utf16.write_bytes("first paragraph\r\n".encode("utf-16"))
+    with pytest.raises(BackpropError) as caught:
+        load_dataset(utf16)
+    assert caught.value.code == "INPUT_DATASET_ENCODING" and "UTF-16" in caught.value.message
+    assert f"{utf16}:1:" in caught.value.message
+
+
+@pytest.mark.parametrize("name", list(_file_bodies()))
+def test_backprop_validate_accepts_a_byte_order_mark_and_crlf(home, tmp_path, name):
+    """The real command, with the demo model's tokenizer counting tokens (as the Dataset page does)."""
+    from conftest import backprop
+
+    path = tmp_path / name
+    path.write_bytes(BOM + _file_bodies()[name].replace("\n", "\r\n").encode())
+    result = backprop("validate", str(path), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["invalid_rows"] == 0 and report["valid_rows"] == report["rows"] >= 2
+    assert report["tokens"]["count"] == report["valid_rows"]
+
+
+def test_the_dataset_pages_analysis_accepts_a_byte_order_mark(home, tmp_path):
+    pytest.importorskip("reflex")
+    from app.state.dataset import analyze
+
+    path = tmp_path / "excel.csv"
+    path.write_bytes(BOM + _file_bodies()["table.csv"].replace("\n", "\r\n").encode())
+    result = analyze(path, "demo")
+    assert (result["rows"], result["valid"], result["invalid"], result["errors"]) == (2, 2, 0, [])
+    assert result["preview"][0][0] == {"role": "user", "content": QA[0][0]}
+
+
+@pytest.mark.slow
+def test_training_runs_on_the_demo_dataset_saved_with_a_byte_order_mark_and_crlf(home, tmp_path):
+    from conftest import DEMO_DATA
+
+    from training import Trainer
+
+    path = tmp_path / "capitals-windows.jsonl"
+    path.write_bytes(BOM + DEMO_DATA.read_bytes().replace(b"\n", b"\r\n"))
+    result = Trainer("demo").train(path, steps=8)
+    assert result.status == "completed" and result.steps == 8
+
+    from training.events import read_events
+
+    events, _ = read_events(Path(result.run_dir) / "events.jsonl")
+    started = next(e for e in events if e["event"] == "started")
+    assert started["examples"] + started["validation_examples"] == len(DEMO_DATA.read_text().splitlines())
