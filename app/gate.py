@@ -5,8 +5,8 @@ so each check covers every route.
 
 1. HostCheck, always on, signed in or not: other websites must not drive the local app.
    - The Host (and X-Forwarded-Host, when a proxy sets one) must name this app: localhost, 127.0.0.1, [::1] or ui.host
-     on the app's port, the address the request arrived on, the tunnel's public host, or a name in ui.allowed_hosts.
-     This stops DNS rebinding (a page of evil.example whose name now resolves to 127.0.0.1).
+     on the app's port (with ui.host 0.0.0.0: any address of this machine), the tunnel's public host, or a name in
+     ui.allowed_hosts. This stops DNS rebinding (a page of evil.example whose name now resolves to 127.0.0.1).
    - An Origin, whenever a request carries one, must be the app's own (http(s)://an allowed host). Browsers send it on
      every websocket handshake (required here), every POST, and every cross-site fetch, so another site's page can
      neither open the event channel, upload, post a form nor read an answer (Reflex answers CORS with '*').
@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import html
 import logging
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+import psutil
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from app.auth import COOKIE, Auth, LoginLimiter, check_password
@@ -69,7 +71,9 @@ class AllowedHosts:
     @classmethod
     def from_settings(cls, ui: UiSettings) -> AllowedHosts:
         local = set(LOOPBACK)
-        if ui.host.strip("[]") not in ANY_ADDRESS:
+        if _name(ui.host) in ANY_ADDRESS:
+            local |= _machine_addresses()  # names, such as the machine's own, go in ui.allowed_hosts
+        else:
             local.add(_name(ui.host))
         named = set()
         for entry in ui.allowed_hosts:
@@ -83,9 +87,10 @@ class AllowedHosts:
     def allows(self, name: str, port: int | None, scope: Scope) -> bool:
         if (name, port) in self.named or (name, None) in self.named:
             return True
-        server = scope.get("server") or ("", None)
-        # The address the connection arrived on is this app's by definition (with --host 0.0.0.0: the LAN address).
-        return port in self.ports | {server[1]} and (name in self.local or name == _name(str(server[0])))
+        server = scope.get("server") or (None, None)
+        # The port the server listens on counts too: in dev mode the pages' port (ui.port) and the server's differ.
+        ports = self.ports | ({int(server[1])} if server[1] else set())
+        return name in self.local and port in ports
 
 
 class HostCheck:
@@ -132,6 +137,13 @@ def split_authority(authority: str, default_port: int | None) -> tuple[str, int 
 
 def _name(host: str) -> str:
     return host.strip("[]").rstrip(".").lower()  # 'LOCALHOST.' and 'localhost' are the same host
+
+
+def _machine_addresses() -> set[str]:
+    """Every IP address of this machine: what a browser on the network may type to reach an app on 0.0.0.0.
+    An address in the Host cannot come from DNS rebinding, which needs a name."""
+    families = (socket.AF_INET, socket.AF_INET6)
+    return {_name(a.address.split("%")[0]) for addrs in psutil.net_if_addrs().values() for a in addrs if a.family in families}
 
 
 def _forwarded_hosts(scope: Scope) -> Iterable[str]:

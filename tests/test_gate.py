@@ -17,6 +17,7 @@ import socket
 import urllib.parse
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import DEMO_DATA, wait_for
 from starlette.testclient import TestClient, WebSocketDenialResponse
@@ -193,12 +194,15 @@ def test_allowed_hosts_take_names_ports_and_pasted_addresses_and_refuse_garbage(
     assert err.value.code == "CONFIG_INVALID" and "bad host" in str(err.value)
 
 
-def test_listening_on_every_address_answers_to_the_address_a_request_arrived_on(monkeypatch):
+def test_listening_on_every_address_answers_to_this_machine_s_addresses_only(monkeypatch):
     monkeypatch.setenv("BACKPROPAGATE_UI__HOST", "0.0.0.0")
     allowed = AllowedHosts.from_settings(load_settings().ui)
-    on_lan = {"server": ("192.168.1.5", 7862)}  # a LAN address: that is this machine, whatever DNS says
-    assert allowed.allows("192.168.1.5", 7862, on_lan) and not allowed.allows("evil.example", 7862, on_lan)
-    assert not allowed.allows("0.0.0.0", 7862, {"server": ("127.0.0.1", 7862)})
+    scope = {"server": ("0.0.0.0", str(PORT))}  # as granian reports it: the bound address, the port as text
+    addresses = [a.address.split("%")[0].lower() for addrs in psutil.net_if_addrs().values() for a in addrs
+                 if a.family in (socket.AF_INET, socket.AF_INET6)]  # fmt: skip
+    assert addresses and all(allowed.allows(a, PORT, scope) for a in addresses)  # what a browser on the LAN types
+    assert not allowed.allows("evil.example", PORT, scope) and not allowed.allows("0.0.0.0", PORT, scope)
+    assert not allowed.allows(addresses[0], 22, scope)  # on the app's port only
 
 
 # --- for real: `backprop ui` over sockets, and in chromium ------------------------------------------------------------
