@@ -2,13 +2,15 @@
 
 Tried in order (or the one asked for): cloudflared (a free trycloudflare.com address, no account), ngrok (needs its
 auth token configured), or `ssh:user@host` for an SSH reverse tunnel to a host you control (or a service such as
-localhost.run that prints an address). The tunnel is a child process in a process group of its own; stopping
-`backprop ui` stops it (app/launch.py). It can open before the app is up: none of these tools needs the app to answer
-to print its address, and the app must know that address first, to answer to the tunnel's host (app/gate.py).
+localhost.run that prints an address). The tunnel is a child process in a process group of its own, which
+`backprop ui` stops with the server (app/launch.py). It opens before the app is up: none of these tools needs the
+app to answer to print its address, and the app must know that address first, to answer to the tunnel's host
+(app/gate.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -38,9 +40,6 @@ class Tunnel:
     def host(self) -> str:
         """The public host name, the Host header of every request that comes through the tunnel."""
         return urlsplit(self.url).hostname or ""
-
-    def close(self) -> None:
-        _end(self.process, signal.SIGTERM)
 
 
 def command(tool: str, port: int) -> list[str]:
@@ -82,17 +81,11 @@ def open_tunnel(port: int, how: str = "auto", wait_s: float = 30.0, start: Start
     raise BackpropError("DEP_TUNNEL_UNAVAILABLE", reason="; ".join(problems))
 
 
-def _end(process: subprocess.Popen, sig: int = signal.SIGKILL, wait_s: float = 5.0) -> None:
-    """Signal the tunnel's whole process group and reap it."""
-    try:
-        os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        process.wait(timeout=wait_s)
-    except subprocess.TimeoutExpired:
-        if sig != signal.SIGKILL:
-            _end(process)
+def _end(process: subprocess.Popen) -> None:
+    """Stop a tunnel that will not be used, its whole process group, and reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def _first_url(process: subprocess.Popen, wait_s: float) -> str | None:
