@@ -1,15 +1,29 @@
-"""The web app's state logic, without a browser: what a page shows of a run, and the geometry of its charts."""
+"""The web app's state logic, without a browser: what a page shows of a run, the geometry of its charts, how every
+handler ends and shows its errors, and what the browser may set."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
+from pathlib import Path
 
 import pytest
+import reflex as rx
+from conftest import backprop
 
+from app import folders
+from app.state.chat import ChatState
+from app.state.dataset import DatasetState
+from app.state.errors import HANDLED, handler
+from app.state.export import ExportState
 from app.state.follow import MAX_POINTS, Progress, assign_changed, loss_plot, telemetry_plot
-from app.state.multirun import heat
+from app.state.multirun import MultiRunState, heat
 from app.state.plot import BOX, Line, plot, sparkline
-from app.state.train import _targets
+from app.state.runs import RunDetailState, RunsState
+from app.state.telemetry import TelemetryState
+from app.state.train import TrainState, _targets
+from training.errors import BackpropError
 from training.events import EventWriter
 
 
@@ -152,3 +166,223 @@ def test_the_forgetting_heatmap_runs_from_green_to_red():
 )
 def test_lora_targets_are_read_from_the_form(text, targets):
     assert _targets(text) == targets
+
+
+# --- every page handler: busy flag cleared, error shown, whatever is raised -------------------------------------------
+
+
+class Probe(rx.State):
+    """A page of the shape every page has: a busy flag, an error, and handlers that fail in every way."""
+
+    busy: bool = False
+    error: str = ""
+    hint: str = ""
+    _following: str = ""
+    run_id: str = ""
+    done: list[str] = []
+
+    @handler(background=True, busy="busy")
+    async def fail(self, kind: str):
+        async with self:
+            self.done = [*self.done, "started"]
+        raise {"coded": BackpropError("INPUT_RUN_NOT_FOUND", run_id="abc"), "attribute": AttributeError("no 'inside'"),
+               "key": KeyError("stage")}[kind]  # fmt: skip
+
+    @handler(background=True, busy="busy")
+    async def wait(self, gate: asyncio.Event):
+        await gate.wait()
+        async with self:
+            self.done = [*self.done, "waited"]
+
+    @handler(background=True, busy="_following", claim=lambda state: state.run_id, hint="hint")
+    async def follow(self, gate: asyncio.Event):
+        async with self:
+            following = self._following
+        await gate.wait()
+        async with self:
+            self.done = [*self.done, f"followed {following}"]
+
+    @handler(hint="hint")
+    def submit(self, text: str):
+        raise ValueError(f"not a number: {text}")
+
+
+def probe() -> Probe:
+    return Probe(_reflex_internal_init=True)
+
+
+def run(handler_, state, *args):
+    """Run a page's event handler the way Reflex does, on a state outside any server (`async with state` is a no-op)."""
+    result = handler_.fn(state, *args)
+    return asyncio.run(result) if inspect.iscoroutine(result) else result
+
+
+@pytest.mark.parametrize(("kind", "code"), [("coded", "INPUT_RUN_NOT_FOUND"), ("attribute", "RUNTIME_UNEXPECTED"),
+                                            ("key", "RUNTIME_UNEXPECTED")])  # fmt: skip
+def test_a_background_handler_that_raises_ends_not_busy_with_its_coded_error_shown(kind, code, caplog):
+    state = probe()
+    run(Probe.fail, state, kind)
+    assert state.done == ["started"] and state.busy is False
+    assert state.error.startswith(f"[{code}] ") and " — " in state.error  # code, message — hint
+    unexpected = [r for r in caplog.records if r.name == "backprop.ui" and r.exc_info]
+    if code == "RUNTIME_UNEXPECTED":  # a bug: its traceback goes to the server's log
+        assert "Probe.fail" in state.error and "the log of `backprop ui`" in state.error
+        assert len(unexpected) == 1 and unexpected[0].exc_info[0].__name__ in ("AttributeError", "KeyError")
+    else:
+        assert not unexpected
+
+
+def test_a_busy_handler_is_refused_until_it_ends_and_a_new_attempt_clears_the_old_error():
+    state = probe()
+    state.error = "[INPUT_RUN_NOT_FOUND] from before"
+
+    async def twice():
+        gate = asyncio.Event()
+        first = asyncio.create_task(Probe.wait.fn(state, gate))
+        await asyncio.sleep(0)
+        assert state.busy and state.error == ""  # claimed; the old error is gone
+        await Probe.wait.fn(state, gate)  # refused: the first one still runs
+        gate.set()
+        await first
+
+    asyncio.run(twice())
+    assert state.done == ["waited"] and state.busy is False
+
+
+def test_a_cancelled_handler_still_clears_its_busy_flag():
+    state = probe()
+
+    async def cancel():
+        task = asyncio.create_task(Probe.wait.fn(state, asyncio.Event()))
+        await asyncio.sleep(0)
+        assert state.busy
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel())
+    assert state.busy is False and state.done == []
+
+
+def test_a_follow_loop_claims_its_run_and_frees_only_its_own_claim():
+    state = probe()
+
+    async def switch():
+        old_gate, new_gate = asyncio.Event(), asyncio.Event()
+        state.run_id = "run-a"
+        old = asyncio.create_task(Probe.follow.fn(state, old_gate))
+        await asyncio.sleep(0)
+        await Probe.follow.fn(state, asyncio.Event())  # run-a is followed already: refused at once
+        state.run_id = "run-b"  # the tab starts another run while run-a's loop winds down
+        new = asyncio.create_task(Probe.follow.fn(state, new_gate))
+        await asyncio.sleep(0)
+        assert state._following == "run-b"
+        old_gate.set()
+        await old
+        assert state._following == "run-b"  # run-a's end leaves run-b's claim alone
+        new_gate.set()
+        await new
+
+    asyncio.run(switch())
+    assert state.done == ["followed run-a", "followed run-b"] and state._following == ""
+    state.run_id = ""
+    run(Probe.follow, state, asyncio.Event())  # nothing to follow: refused at once
+    assert state.done == ["followed run-a", "followed run-b"]
+
+
+def test_a_plain_handler_shows_the_error_and_its_hint_apart():
+    state = probe()
+    run(Probe.submit, state, "abc")
+    assert state.error.startswith("[RUNTIME_UNEXPECTED] Unexpected error in Probe.submit: ValueError: not a number: abc")
+    assert "backprop ui" in state.hint
+
+
+def page_states() -> list[type]:
+    return [ChatState, DatasetState, ExportState, MultiRunState, RunDetailState, RunsState, TelemetryState, TrainState]
+
+
+def test_every_event_handler_of_every_page_goes_through_the_one_mechanism():
+    modules = {cls.__module__ for cls in page_states()}
+    assert modules == {f"app.state.{m}" for m in ("chat", "dataset", "export", "multirun", "runs", "telemetry", "train")}
+    for cls in page_states():
+        for name, event in cls.event_handlers.items():
+            if name != "setvar":  # Reflex's own; it reaches only the `set_` handlers below
+                assert getattr(event.fn, HANDLED, False), f"{cls.__name__}.{name} is not declared with app.state.errors.handler"
+
+
+def test_the_train_form_refuses_a_number_that_is_not_one_with_its_code_and_hint():
+    state = TrainState(_reflex_internal_init=True)
+    run(TrainState.set_steps, state, "twelve")
+    run(TrainState.start, state)
+    assert state.error == "[INPUT_INVALID_ARGUMENT] Steps: 'twelve' is not a whole number"
+    assert "leave it empty" in state.hint and state.run_id == ""
+
+
+# --- what the browser may set -----------------------------------------------------------------------------------------
+
+FORMS = {
+    TrainState: {"model", "dataset", "steps", "learning_rate", "batch_size", "max_run_minutes", "lora_r", "validation_split",
+                 "epochs", "gradient_accumulation", "max_seq_length", "lora_alpha", "lora_dropout", "target_modules",
+                 "packing", "response_only", "qlora", "use_unsloth"},
+    MultiRunState: {"datasets", "model", "runs", "steps", "samples", "merge_mode", "replay", "lr_schedule", "validation"},
+    ExportState: {"source", "folder", "format", "quantization", "ollama_name", "register", "hub_repo", "private"},
+    ChatState: {"source", "folder", "compare", "prompt"},
+    DatasetState: {"model", "validation"},
+    RunsState: {"status_filter", "search"},
+}  # fmt: skip
+
+
+def test_the_browser_can_set_the_form_fields_and_nothing_else():
+    for cls in page_states():
+        settable = {name.removeprefix("set_") for name in cls.event_handlers if name.startswith("set_")}
+        assert settable == FORMS.get(cls, set()), cls.__name__
+        assert "set_field" not in cls.event_handlers
+
+
+@pytest.mark.parametrize("var", ["run_id", "_following", "cuda", "models", "error", "status"])
+def test_a_client_event_setting_a_backend_or_non_form_var_is_refused(var):
+    state = TrainState(_reflex_internal_init=True)
+    before = getattr(state, var)
+    with pytest.raises(AttributeError):  # Reflex's generic setvar reaches only the `set_` handlers
+        TrainState.setvar.fn(state, var, "/tmp/elsewhere")
+    with pytest.raises(AttributeError):  # and a page cannot even be compiled with such an event
+        TrainState.setvar(var, "/tmp/elsewhere")
+    assert getattr(state, var) == before
+    TrainState.setvar.fn(state, "steps", "12")  # a form field is fine
+    assert state.steps == "12"
+
+
+def test_a_form_setter_refuses_a_value_of_another_type():
+    state = TrainState(_reflex_internal_init=True)
+    run(TrainState.set_packing, state, "yes")
+    assert state.packing is True and state.error.startswith("[UI_EVENT_REFUSED] The page cannot set 'packing'")
+
+
+# --- defect: Export crashed on runs started from the command line ------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox(home, tmp_path, monkeypatch):
+    monkeypatch.setenv("BACKPROPAGATE_UI__OUTPUT_DIR", str(tmp_path / "sandbox"))
+    folders.root.cache_clear()
+    yield tmp_path / "sandbox"
+    folders.root.cache_clear()
+
+
+def test_a_run_started_from_the_command_line_exports_into_the_sandbox(sandbox):
+    out = backprop("train", "--model", "demo", "--steps", "2", "--json", check=True)
+    run_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
+    state = ExportState(_reflex_internal_init=True)
+    state.source, state.format = run_id, "lora"
+    run(ExportState.start, state)
+    assert state.error == "" and state.busy is False
+    assert state.result["path"] == str(sandbox.resolve() / "exports" / f"{run_id}-lora")
+    assert (Path(state.result["path"]) / "adapter_model.safetensors").is_file()
+
+
+def test_a_chat_model_that_cannot_load_shows_its_code_next_to_send(sandbox, tmp_path):
+    state = ChatState(_reflex_internal_init=True)
+    state.folder, state.prompt = str(tmp_path / "nowhere"), "hello"
+    run(ChatState.send, state)
+    assert state.error.startswith("[INPUT_MODEL_NOT_FOUND]") and state.busy is False
+    assert [m["role"] for m in state.messages] == ["user", "assistant"]

@@ -34,25 +34,26 @@ def chat_page() -> rx.Component:
             color_scheme="gray")),
         rx.vstack(
             rx.hstack(
-                rx.select(ChatState.sources, value=ChatState.source, on_change=lambda v: ChatState.set_field("source", v),
+                rx.select(ChatState.sources, value=ChatState.source, on_change=ChatState.set_source,
                           id="chat-source"),
-                rx.input(value=ChatState.folder, on_change=lambda v: ChatState.set_field("folder", v),
+                rx.input(value=ChatState.folder, on_change=ChatState.set_folder,
                          placeholder="or a folder or .gguf file", width="220px", id="chat-folder"),
                 rx.checkbox("Side by side with the base model", checked=ChatState.compare,
-                            on_change=lambda v: ChatState.set_field("compare", v)),
+                            on_change=ChatState.set_compare),
                 rx.button("Clear", on_click=ChatState.clear, variant="soft"),
                 align="center", wrap="wrap",
             ),
             rx.vstack(rx.foreach(ChatState.messages, message), width="100%", id="chat-messages"),
             rx.form(
                 rx.hstack(
-                    rx.input(value=ChatState.prompt, on_change=lambda v: ChatState.set_field("prompt", v),
+                    rx.input(value=ChatState.prompt, on_change=ChatState.set_prompt,
                              placeholder="Ask something...", width="100%", id="chat-input"),
                     rx.button("Send", type="submit", loading=ChatState.busy, id="chat-send"),
                     width="100%",
                 ),
                 on_submit=lambda _: ChatState.send, reset_on_submit=False, width="100%",
             ),
+            rx.cond(ChatState.error != "", rx.callout(ChatState.error, color_scheme="red", id="chat-error")),
             width="100%",
         ),
     )  # fmt: skip

@@ -23,15 +23,15 @@ def export_page() -> rx.Component:
                 rx.vstack(
                     rx.hstack(
                         labelled("Run", rx.select(ExportState.runs, value=ExportState.source,
-                                                  on_change=lambda v: ExportState.set_field("source", v), id="export-run")),
+                                                  on_change=ExportState.set_source, id="export-run")),
                         labelled("or a folder (adapter, model or run folder)", rx.input(
-                            value=ExportState.folder, on_change=lambda v: ExportState.set_field("folder", v),
+                            value=ExportState.folder, on_change=ExportState.set_folder,
                             placeholder="/path/to/adapter", width="260px", id="export-folder")),
                         labelled("Format", rx.select(["lora", "merged", "gguf"], value=ExportState.format,
-                                                     on_change=lambda v: ExportState.set_field("format", v), id="export-format")),
+                                                     on_change=ExportState.set_format, id="export-format")),
                         rx.cond(ExportState.format == "gguf", labelled("Quantization", rx.select(
                             QUANTIZATIONS, value=ExportState.quantization,
-                            on_change=lambda v: ExportState.set_field("quantization", v), id="export-quantization"))),
+                            on_change=ExportState.set_quantization, id="export-quantization"))),
                         wrap="wrap",
                     ),
                     rx.cond(ExportState.format == "gguf", rx.vstack(
@@ -39,10 +39,10 @@ def export_page() -> rx.Component:
                                 size="1", color_scheme="gray"),
                         rx.hstack(
                             labelled("Ollama model name (optional)", rx.input(
-                                value=ExportState.ollama_name, on_change=lambda v: ExportState.set_field("ollama_name", v),
+                                value=ExportState.ollama_name, on_change=ExportState.set_ollama_name,
                                 id="export-ollama-name")),
                             rx.checkbox("Register with Ollama", checked=ExportState.register,
-                                        on_change=lambda v: ExportState.set_field("register", v), id="export-register"),
+                                        on_change=ExportState.set_register, id="export-register"),
                             align="end",
                         ),
                     )),
@@ -52,15 +52,15 @@ def export_page() -> rx.Component:
                             "write token in HF_TOKEN where `backprop ui` runs.", size="1", color_scheme="gray"),
                     rx.hstack(
                         labelled("Hugging Face repo (owner/name)", rx.input(
-                            value=ExportState.hub_repo, on_change=lambda v: ExportState.set_field("hub_repo", v),
+                            value=ExportState.hub_repo, on_change=ExportState.set_hub_repo,
                             id="export-hub-repo")),
                         rx.checkbox("Private", checked=ExportState.private,
-                                    on_change=lambda v: ExportState.set_field("private", v)),
-                        rx.button("Push to the hub", on_click=ExportState.push, variant="soft", disabled=ExportState.busy,
+                                    on_change=ExportState.set_private),
+                        rx.button("Push to the hub", on_click=ExportState.push_to_hub, variant="soft", disabled=ExportState.busy,
                                   id="export-push"),
                         align="end", wrap="wrap",
                     ),
-                    rx.cond(ExportState.stage != "", rx.hstack(rx.spinner(), rx.text(ExportState.stage, id="export-stage"))),
+                    rx.cond(ExportState.busy, rx.hstack(rx.spinner(), rx.text(ExportState.stage, id="export-stage"))),
                     rx.cond(ExportState.error != "", rx.callout(ExportState.error, color_scheme="red", id="export-error")),
                     rx.cond(ExportState.result.contains("path"), rx.card(rx.vstack(
                         rx.text("Written: ", rx.code(ExportState.result["path"]), " ", ExportState.result["size"]),

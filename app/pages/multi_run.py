@@ -11,12 +11,12 @@ from app.state.multirun import MultiRunState
 
 def field(label: str, name: str, value: rx.Var, width: str = "120px") -> rx.Component:
     return rx.vstack(rx.text(label, size="1", weight="medium"),
-                     rx.input(value=value, on_change=lambda v: MultiRunState.set_field(name, v), width=width, id=f"mr-{name}"),
+                     rx.input(value=value, on_change=getattr(MultiRunState, f"set_{name}"), width=width, id=f"mr-{name}"),
                      spacing="1")  # fmt: skip
 
 
 def choice(label: str, name: str, value: rx.Var, options: list[str]) -> rx.Component:
-    control = rx.select(options, value=value, on_change=lambda v: MultiRunState.set_field(name, v))
+    control = rx.select(options, value=value, on_change=getattr(MultiRunState, f"set_{name}"))
     return rx.vstack(rx.text(label, size="1", weight="medium"), control, spacing="1")
 
 
@@ -38,7 +38,7 @@ def multi_run_page() -> rx.Component:
         rx.card(rx.vstack(
             rx.vstack(rx.text("Datasets: one file to cut into windows, or one file per run (one per line)", size="1",
                               weight="medium"),
-                      rx.text_area(value=MultiRunState.datasets, on_change=lambda v: MultiRunState.set_field("datasets", v),
+                      rx.text_area(value=MultiRunState.datasets, on_change=MultiRunState.set_datasets,
                                    width="100%", rows="3"), width="100%", spacing="1"),
             rx.hstack(
                 field("Model", "model", MultiRunState.model, "200px"), field("Runs", "runs", MultiRunState.runs),

@@ -21,6 +21,7 @@ def runs_page() -> rx.Component:
                      debounce_timeout=50),
             rx.button("Refresh", on_click=RunsState.load, variant="soft"),
         ),
+        rx.cond(RunsState.error != "", rx.callout(RunsState.error, color_scheme="red", id="runs-error")),
         rx.cond(
             RunsState.runs.length() > 0,
             rx.table.root(
@@ -73,7 +74,7 @@ def run_detail_page() -> rx.Component:
                         ),
                     ),
                 ),
-                rx.cond(RunDetailState.error != "", rx.text(RunDetailState.error, color_scheme="red")),
+                rx.cond(RunDetailState.error != "", rx.callout(RunDetailState.error, color_scheme="red", id="run-error")),
                 line_chart(RunDetailState.loss, id="run-loss", empty="No training steps recorded."),
                 rx.cond(~RunDetailState.telemetry.empty, rx.vstack(
                     rx.heading("Telemetry during the run", size="3"),

@@ -12,7 +12,7 @@ from app.state.train import TrainState
 def field(label: str, name: str, value: rx.Var, placeholder: str = "", width: str = "160px") -> rx.Component:
     return rx.vstack(
         rx.text(label, size="1", weight="medium"),
-        rx.input(value=value, placeholder=placeholder, on_change=lambda v: TrainState.set_field(name, v), id=f"field-{name}",
+        rx.input(value=value, placeholder=placeholder, on_change=getattr(TrainState, f"set_{name}"), id=f"field-{name}",
                  width=width),
         spacing="1",
     )  # fmt: skip
@@ -58,14 +58,14 @@ def form() -> rx.Component:
                               width="220px"),
                         field("Validation split", "validation_split", TrainState.validation_split, "0: none"),
                         rx.checkbox("Packing", checked=TrainState.packing,
-                                    on_change=lambda v: TrainState.set_field("packing", v)),
+                                    on_change=TrainState.set_packing),
                         rx.checkbox("Loss on replies only", checked=TrainState.response_only,
-                                    on_change=lambda v: TrainState.set_field("response_only", v)),
+                                    on_change=TrainState.set_response_only),
                         rx.cond(TrainState.cuda, rx.hstack(
                             rx.checkbox("QLoRA (4-bit)", checked=TrainState.qlora,
-                                        on_change=lambda v: TrainState.set_field("qlora", v)),
+                                        on_change=TrainState.set_qlora),
                             rx.checkbox("unsloth when installed", checked=TrainState.use_unsloth,
-                                        on_change=lambda v: TrainState.set_field("use_unsloth", v)),
+                                        on_change=TrainState.set_use_unsloth),
                         ), rx.text("QLoRA and unsloth need an NVIDIA GPU.", size="1", color_scheme="gray")),
                         align="end", wrap="wrap",
                     ),

@@ -9,8 +9,10 @@ from typing import Any
 
 import reflex as rx
 
+from app.state.errors import handler
+from app.state.form import setter
 from training.config import load_settings
-from training.errors import BackpropError
+from training.generate import load_chat_model
 from training.runs import Registry
 
 _models: dict[tuple[str, bool], Any] = {}  # loaded once per process: (source, base?) -> ChatModel
@@ -18,22 +20,29 @@ _lock = threading.Lock()
 
 
 def _model(source: str, base: bool) -> Any:
-    from training.generate import load_chat_model
-
     with _lock:
         if (source, base) not in _models:
             _models[(source, base)] = load_chat_model(source, base=base)
         return _models[(source, base)]
 
 
-def _stream_into(pieces: list[str], done: threading.Event, source: str, base: bool, messages: list[dict]) -> None:
-    try:
-        for piece in _model(source, base).stream(messages, max_new_tokens=200):
-            pieces.append(piece)
-    except BackpropError as exc:
-        pieces.append(f"\n[{exc.code}] {exc.message}")
-    finally:
-        done.set()
+class Stream:
+    """One reply generated in a thread: its pieces so far, and how it ended (done; failed with an exception)."""
+
+    def __init__(self, source: str, base: bool, messages: list[dict]):
+        self.pieces: list[str] = []
+        self.failure: Exception | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(source, base, messages), daemon=True).start()
+
+    def _run(self, source: str, base: bool, messages: list[dict]) -> None:
+        try:
+            for piece in _model(source, base).stream(messages, max_new_tokens=200):
+                self.pieces.append(piece)
+        except Exception as exc:  # raised again in the event handler, which shows it next to Send
+            self.failure = exc
+        finally:
+            self.done.set()
 
 
 def chat_sources(registry: Registry) -> dict[str, list[str]]:
@@ -60,8 +69,9 @@ class ChatState(rx.State):
     prompt: str = ""
     messages: list[dict[str, str]] = []  # role, content, base (the base model's reply to the same prompt)
     busy: bool = False
+    error: str = ""
 
-    @rx.event
+    @handler()
     def load(self):
         self._targets = chat_sources(Registry(load_settings().home))
         self.sources = list(self._targets)
@@ -71,21 +81,22 @@ class ChatState(rx.State):
         elif self.source not in self._targets:
             self.source = self.sources[0] if self.sources else ""
 
-    @rx.event
-    def set_field(self, name: str, value: str | bool):
-        setattr(self, name, value)
+    set_source = setter("source")
+    set_folder = setter("folder")
+    set_compare = setter("compare", bool)
+    set_prompt = setter("prompt")
 
-    @rx.event
+    @handler()
     def clear(self):
-        self.messages = []
+        self.messages, self.error = [], ""
 
-    @rx.event(background=True)
+    @handler(background=True, busy="busy")
     async def send(self):
         async with self:
             prompt = self.prompt.strip()
-            if self.busy or not prompt or not (self.folder.strip() or self.source in self._targets):
+            if not prompt or not (self.folder.strip() or self.source in self._targets):
                 return
-            self.busy, self.prompt = True, ""
+            self.prompt = ""
             history = [{"role": m["role"], "content": m["content"]} for m in self.messages]
             self.messages = [*self.messages, {"role": "user", "content": prompt, "base": ""},
                              {"role": "assistant", "content": "", "base": ""}]  # fmt: skip
@@ -93,20 +104,18 @@ class ChatState(rx.State):
             source, base_of = [folder, folder] if folder else self._targets[self.source]
             compare = self.compare
         asked = [*history, {"role": "user", "content": prompt}]
-        streams = {"content": ([], threading.Event())}
+        streams = {"content": Stream(source, False, asked)}
         if compare:
-            streams["base"] = ([], threading.Event())
-        for key, (pieces, done) in streams.items():
-            model, base = (base_of, True) if key == "base" else (source, False)
-            threading.Thread(target=_stream_into, args=(pieces, done, model, base, asked), daemon=True).start()
-        while True:
+            streams["base"] = Stream(base_of, True, asked)
+        finished = False
+        while not finished:
             await asyncio.sleep(0.1)
-            finished = all(done.is_set() for _, done in streams.values())
+            finished = all(s.done.is_set() for s in streams.values())
             async with self:
                 last = dict(self.messages[-1])
-                for key, (pieces, _) in streams.items():
-                    last[key] = "".join(pieces)
+                for key, stream in streams.items():
+                    last[key] = "".join(stream.pieces)
                 self.messages = [*self.messages[:-1], last]
-                if finished:
-                    self.busy = False
-                    return
+        for stream in streams.values():
+            if stream.failure is not None:
+                raise stream.failure

@@ -10,27 +10,22 @@ from pathlib import Path
 
 import reflex as rx
 
-from app.sandbox import root
-from app.state.errors import error_text
+from app.folders import datasets_dir
+from app.state.errors import handler
+from app.state.form import setter
+from app.state.train import TrainState
 from training.config import load_settings
 from training.datasets import FILE_TYPES, Example, scan, split
 from training.errors import BackpropError
+from training.models import load_tokenizer, resolve_model
 from training.sandbox import inside, safe_name
 
 PREVIEW_ROWS = 5
 CHUNK = 1 << 20
 
 
-def datasets_dir() -> Path:
-    folder = root() / "datasets"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def analyze(path: Path, model: str) -> dict:
     """Format, counts, token lengths (with `model`'s tokenizer), duplicates, bad lines and a preview of a dataset."""
-    from training.models import load_tokenizer, resolve_model
-
     examples: list[Example] = []
     report = scan(path, tokenizer=load_tokenizer(resolve_model(model)), keep=examples)
     digests = [hashlib.sha256(json.dumps(e.messages, sort_keys=True).encode()).hexdigest() for e in examples]
@@ -69,18 +64,14 @@ class DatasetState(rx.State):
     busy: bool = False
     max_upload_bytes: int = load_settings().ui.max_upload_mb * 2**20
 
-    @rx.event
+    @handler()
     async def load(self):
-        from app.state.train import TrainState
-
         self.files = dataset_files()
         self.model = (await self.get_state(TrainState)).model.strip() or "demo"  # the model picked for training
 
-    @rx.event
-    def set_model(self, value: str):
-        self.model = value
+    set_model = setter("model")
 
-    @rx.event
+    @handler()
     async def handle_upload(self, files: list[rx.UploadFile]):
         """Store each upload in the sandbox under a safe name, refusing other file types and oversize files."""
         self.error = self.message = ""
@@ -110,7 +101,7 @@ class DatasetState(rx.State):
         if self.selected:
             return DatasetState.inspect
 
-    @rx.event
+    @handler()
     def rejected(self, rejections: list[dict]):
         """The browser refused a file (type or size) before uploading it: say which and why, with the code."""
         reasons = []
@@ -121,32 +112,25 @@ class DatasetState(rx.State):
             reasons.append(str(BackpropError("UI_UPLOAD_REJECTED", name=name, reason=why or "not accepted")))
         self.error = " ".join(reasons)
 
-    @rx.event
+    @handler()
     def select(self, name: str):
         self.selected = name
         return DatasetState.inspect
 
-    @rx.event
+    @handler()
     def set_validation(self, value: str):
         self.validation = value
         self._describe_split()
 
-    @rx.event(background=True)
+    @handler(background=True, busy="busy")
     async def inspect(self):
         async with self:
             if not self.selected:
                 return
-            self.busy, self.error = True, ""
+            self.report, self.errors, self.preview, self.histogram = {}, [], [], []
             path, model = inside(datasets_dir(), self.selected), self.model
-        try:
-            report = await asyncio.to_thread(analyze, path, model)
-        except BackpropError as exc:
-            async with self:
-                self.busy, self.report, self.errors, self.preview, self.histogram = False, {}, [], [], []
-                self.error = error_text(exc)
-            return
+        report = await asyncio.to_thread(analyze, path, model)
         async with self:
-            self.busy = False
             self.errors, self.preview, self.histogram = report.pop("errors"), report.pop("preview"), report.pop("histogram")
             turns, tokens = report.pop("turns"), report.pop("tokens")
             self.report = {k: str(v) for k, v in report.items()} | {"tokenizer": model} | {
@@ -165,10 +149,8 @@ class DatasetState(rx.State):
         except (ValueError, BackpropError) as exc:
             self.split_text = f"invalid split: {exc}"
 
-    @rx.event
+    @handler()
     async def use_for_training(self):
-        from app.state.train import TrainState
-
         train = await self.get_state(TrainState)
         train.dataset = str(inside(datasets_dir(), self.selected))
         train.validation_split = self.validation

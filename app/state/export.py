@@ -8,13 +8,18 @@ import math
 from pathlib import Path
 
 import reflex as rx
+from safetensors import safe_open
 
-from app import sandbox
-from app.state.errors import error_text
+from app.folders import exports_dir, root
+from app.state.errors import handler
+from app.state.form import setter
 from training.config import load_settings
 from training.errors import BackpropError
+from training.export import export, resolve_source
+from training.hub import push
+from training.models import resolve_model
 from training.runs import Registry
-from training.sandbox import safe_name
+from training.sandbox import inside, safe_name
 
 # Bits per weight of each GGUF quantization, for the size estimates (f16 tensors for norms are ignored).
 BITS = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69, "q4_k_m": 4.85, "q4_0": 4.55}
@@ -23,11 +28,6 @@ BITS = {"f32": 32.0, "f16": 16.0, "q8_0": 8.5, "q6_k": 6.56, "q5_k_m": 5.69, "q4
 def _parameters(source: str, home: Path) -> int:
     """Parameters of the model an export writes (a run's or adapter's base, or a model folder), from the safetensors
     headers: no weights are read."""
-    from safetensors import safe_open
-
-    from training.export import resolve_source
-    from training.models import resolve_model
-
     src = resolve_source(source, Registry(home))
     if src.adapter_dir is not None:
         base = json.loads((src.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -46,14 +46,12 @@ def _parameters(source: str, home: Path) -> int:
 def destination(source: str, fmt: str, quantization: str) -> Path | None:
     """Where the web app writes an export: a run of the sandbox keeps it in its own folder (the engine's default);
     anything else (a run started from the command line, a folder) exports into the sandbox's exports/ folder."""
-    from training.export import resolve_source
-
     src = resolve_source(source, Registry(load_settings().home))
-    if src.run is not None and src.run.path.resolve().is_relative_to(sandbox.root()):
+    if src.run is not None and src.run.path.resolve().is_relative_to(root()):
         return None
     label = src.run.id if src.run is not None else Path(str(source)).name
     name = f"{label}-{fmt}" + (f"-{quantization}" if fmt == "gguf" else "")
-    return sandbox.inside(sandbox.root(), "exports", safe_name(name))
+    return inside(exports_dir(), safe_name(name))
 
 
 class ExportState(rx.State):
@@ -72,7 +70,7 @@ class ExportState(rx.State):
     result: dict[str, str] = {}
     error: str = ""
 
-    @rx.event
+    @handler()
     def load(self):
         runs = [r for r in Registry(load_settings().home).list() if r.status == "completed" and (r.path / "adapter").exists()]
         self.runs = [r.id for r in runs]
@@ -83,11 +81,22 @@ class ExportState(rx.State):
             self.source = self.runs[0] if self.runs else ""
         self._estimate()
 
-    @rx.event
-    def set_field(self, name: str, value: str | bool):
-        setattr(self, name, value)
-        if name in ("source", "folder"):
-            self._estimate()
+    set_format = setter("format")
+    set_quantization = setter("quantization")
+    set_ollama_name = setter("ollama_name")
+    set_register = setter("register", bool)
+    set_hub_repo = setter("hub_repo")
+    set_private = setter("private", bool)
+
+    @handler()
+    def set_source(self, value: str):
+        self.source = value
+        self._estimate()
+
+    @handler()
+    def set_folder(self, value: str):
+        self.folder = value
+        self._estimate()
 
     @property
     def chosen(self) -> str:
@@ -104,22 +113,15 @@ class ExportState(rx.State):
             return
         self.estimates = [f"{q}: about {params * bits / 8 / 2**20:.1f} MiB" for q, bits in BITS.items()]
 
-    @rx.event(background=True)
+    @handler(background=True, busy="busy")
     async def start(self):
-        from training.export import export
-
         async with self:
-            if self.busy or not self.chosen:
+            if not self.chosen:
                 return
-            self.busy, self.error, self.result, self.stage = True, "", {}, "starting"
+            self.result, self.stage = {}, "starting"
             source, fmt, quantization = self.chosen, self.format, self.quantization
             name, register = self.ollama_name.strip() or None, self.register
-        try:
-            output = await asyncio.to_thread(destination, source, fmt, quantization)
-        except BackpropError as exc:
-            async with self:
-                self.busy, self.stage, self.error = False, "", error_text(exc)
-            return
+        output = await asyncio.to_thread(destination, source, fmt, quantization)
         stages: list[str] = []
         job = asyncio.create_task(asyncio.to_thread(
             export, source, fmt, quantization=quantization, output=output, ollama_name=name, register_ollama=register,
@@ -129,15 +131,10 @@ class ExportState(rx.State):
             await asyncio.sleep(0.3)
             async with self:
                 self.stage = stages[-1] if stages else self.stage
-        try:
-            result = job.result()
-        except BackpropError as exc:
-            async with self:
-                self.busy, self.stage, self.error = False, "", error_text(exc)
-            return
+        result = job.result()
         v = result.verification or {}
         async with self:
-            self.busy, self.stage = False, ""
+            self.stage = ""
             self.result = {
                 "path": result.file or result.path,
                 "size": f"{result.size_bytes / 2**20:.1f} MiB",
@@ -148,20 +145,13 @@ class ExportState(rx.State):
                 "ollama": f"registered as {result.ollama['name']}" if result.ollama else "",
             }  # fmt: skip
 
-    @rx.event(background=True)
-    async def push(self):
-        from training.hub import push
-
+    @handler(background=True, busy="busy")
+    async def push_to_hub(self):
         async with self:
-            if self.busy or not self.chosen or not self.hub_repo.strip():
+            if not self.chosen or not self.hub_repo.strip():
                 return
-            self.busy, self.error, self.stage = True, "", "uploading to the hub"
+            self.result, self.stage = {}, "uploading to the hub"
             source, repo, private, merged = self.chosen, self.hub_repo.strip(), self.private, self.format == "merged"
-        try:
-            done = await asyncio.to_thread(push, source, repo, private=private, merged=merged)
-        except BackpropError as exc:
-            async with self:
-                self.busy, self.stage, self.error = False, "", error_text(exc)
-            return
+        done = await asyncio.to_thread(push, source, repo, private=private, merged=merged)
         async with self:
-            self.busy, self.stage, self.result = False, "", {"path": done["url"], "size": "", "verification": "", "ollama": ""}
+            self.stage, self.result = "", {"path": done["url"], "size": "", "verification": "", "ollama": ""}

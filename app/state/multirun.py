@@ -6,9 +6,10 @@ import asyncio
 
 import reflex as rx
 
-from app.sandbox import runs_root
-from app.state.errors import error_text
+from app.folders import runs_root
+from app.state.errors import handler
 from app.state.follow import Progress, assign_changed
+from app.state.form import setter
 from app.state.plot import Plot
 from app.state.train import DEMO_DATASET
 from training import jobs
@@ -77,33 +78,36 @@ class MultiRunState(rx.State):
     error: str = ""
     _following: str = ""
 
-    @rx.event
-    def set_field(self, name: str, value: str):
-        setattr(self, name, value)
+    set_datasets = setter("datasets")
+    set_model = setter("model")
+    set_runs = setter("runs")
+    set_steps = setter("steps")
+    set_samples = setter("samples")
+    set_merge_mode = setter("merge_mode")
+    set_replay = setter("replay")
+    set_lr_schedule = setter("lr_schedule")
+    set_validation = setter("validation")
 
-    @rx.event
+    @handler()
     def start(self):
         self.error = ""
+        settings = load_settings(**nest_options({"model": self.model.strip() or None}))
+        files = [line.strip() for line in self.datasets.splitlines() if line.strip()]
         try:
-            settings = load_settings(**nest_options({"model": self.model.strip() or None}))
-            files = [line.strip() for line in self.datasets.splitlines() if line.strip()]
             run = jobs.submit_campaign(
                 settings, files, num_runs=int(self.runs) if len(files) == 1 else None, steps_per_run=int(self.steps),
                 samples_per_run=int(self.samples) if self.samples.strip() else None, merge_mode=self.merge_mode,
                 replay=float(self.replay or 0), lr_schedule=self.lr_schedule, validation=float(self.validation),
                 runs_root=runs_root(),
             )  # fmt: skip
-        except BackpropError as exc:
-            self.error = error_text(exc)
-            return
-        except ValueError as exc:
-            self.error = f"[INPUT_INVALID_ARGUMENT] {exc}"
-            return
+        except ValueError as exc:  # a number field that does not hold a number
+            raise BackpropError("INPUT_INVALID_ARGUMENT", reason=str(exc), hint="Type numbers in Runs, Steps per run, "
+                                "Samples per run, Replay and Validation.") from None  # fmt: skip
         self.campaign_id, self.children, self.merges, self.cells, self.bwt, self.average = run.id, [], [], [], "", ""
         self.loss = Plot()
         return MultiRunState.follow
 
-    @rx.event
+    @handler()
     def reattach(self):
         if not self.campaign_id:
             active = [r for r in Registry(load_settings().home).list(kind="multirun") if r.status in ACTIVE]
@@ -112,25 +116,19 @@ class MultiRunState(rx.State):
             self.campaign_id = active[0].id
         return MultiRunState.follow
 
-    @rx.event(background=True)
+    @handler(background=True, busy="_following", claim=lambda state: state.campaign_id)
     async def follow(self):
+        """Follow the campaign this handler claimed until it ends or the tab starts another."""
         async with self:
-            if not self.campaign_id or self._following == self.campaign_id:
-                return
-            campaign_id = self._following = self.campaign_id
+            campaign_id = self._following
         registry = Registry(load_settings().home)
         progress = Progress(registry.get(campaign_id).path / "events.jsonl")
-        try:
-            while True:
-                view = await asyncio.to_thread(campaign_view, registry, campaign_id, progress)
-                async with self:
-                    if self.campaign_id != campaign_id:
-                        return
-                    assign_changed(self, view)
-                if view["status"] not in ACTIVE:
-                    return
-                await asyncio.sleep(1.0)
-        finally:
+        while True:
+            view = await asyncio.to_thread(campaign_view, registry, campaign_id, progress)
             async with self:
-                if self._following == campaign_id:
-                    self._following = ""
+                if self.campaign_id != campaign_id:
+                    return
+                assign_changed(self, view)
+            if view["status"] not in ACTIVE:
+                return
+            await asyncio.sleep(1.0)

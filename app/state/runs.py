@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 
 import reflex as rx
 
-from app.state.errors import error_text
+from app.state.errors import handler
 from app.state.follow import Progress, assign_changed
 from app.state.plot import Plot
 from training import jobs
@@ -25,18 +26,19 @@ class RunsState(rx.State):
     runs: list[dict[str, str]] = []
     status_filter: str = "all"
     search: str = ""
+    error: str = ""
 
-    @rx.event
+    @handler()
     def set_status_filter(self, value: str):
         self.status_filter = value
         return RunsState.load
 
-    @rx.event
+    @handler()
     def set_search(self, value: str):
         self.search = value
         return RunsState.load
 
-    @rx.event
+    @handler()
     def load(self):
         rows = []
         needle = self.search.strip().lower()
@@ -84,66 +86,44 @@ class RunDetailState(rx.State):
     error: str = ""
     _following: str = ""
 
-    @rx.event
+    @handler()
     def load(self):
         self.error = ""
-        try:
-            view, _ = run_view(_registry(), self.run_id, None)
-        except BackpropError as exc:
-            self.found, self.error = False, error_text(exc)
-            return
+        self.found = False  # until the run is read
+        view, _ = run_view(_registry(), self.run_id, None)
         self.found = True
         assign_changed(self, view)
         if view["info"]["status"] in ACTIVE:
             return RunDetailState.follow
 
-    @rx.event(background=True)
+    @handler(background=True, busy="_following", claim=lambda state: state.run_id)
     async def follow(self):
-        """While the run is active: its page follows it, once a second."""
+        """While the run is active: its page follows it, once a second (a run deleted meanwhile shows its error)."""
         async with self:
-            run_id = self.run_id
-            if self._following == run_id:
-                return
-            self._following = run_id
+            run_id = self._following
         registry, progress = _registry(), None
-        try:
-            while True:
-                view, progress = await asyncio.to_thread(run_view, registry, run_id, progress)
-                async with self:
-                    if self.run_id != run_id:
-                        return
-                    assign_changed(self, view)
-                if view["info"]["status"] not in ACTIVE:
-                    return
-                await asyncio.sleep(1.0)
-        except BackpropError:
-            return  # deleted meanwhile
-        finally:
+        while True:
+            view, progress = await asyncio.to_thread(run_view, registry, run_id, progress)
             async with self:
-                if self._following == run_id:
-                    self._following = ""
+                if self.run_id != run_id:
+                    return
+                assign_changed(self, view)
+            if view["info"]["status"] not in ACTIVE:
+                return
+            await asyncio.sleep(1.0)
 
-    @rx.event
+    @handler()
     def stop(self):
-        try:
-            jobs.request_stop(_registry(), self.run_id)
-        except BackpropError as exc:
-            self.error = error_text(exc)
+        jobs.request_stop(_registry(), self.run_id)
         return RunDetailState.load
 
-    @rx.event
+    @handler()
     def delete(self):
         """Forget a finished run and delete its folder (checkpoints, exports); an active run must be stopped first."""
-        import shutil
-
         registry = _registry()
-        try:
-            run = registry.get(self.run_id)
-            if run.status in ("queued", "running", "paused"):
-                raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)
-        except BackpropError as exc:
-            self.error = error_text(exc)
-            return
+        run = registry.get(self.run_id)
+        if run.status in ("queued", "running", "paused"):
+            raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)
         for child in registry.children(run.id):
             registry.delete(child.id)
             shutil.rmtree(child.path, ignore_errors=True)
@@ -151,10 +131,7 @@ class RunDetailState(rx.State):
         shutil.rmtree(run.path, ignore_errors=True)
         return rx.redirect("/runs")
 
-    @rx.event
+    @handler()
     def resume(self):
-        try:
-            jobs.resume(_registry(), self.run_id)
-        except BackpropError as exc:
-            self.error = error_text(exc)
+        jobs.resume(_registry(), self.run_id)
         return RunDetailState.load

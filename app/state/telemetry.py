@@ -8,6 +8,7 @@ from functools import cache
 
 import reflex as rx
 
+from app.state.errors import handler
 from app.state.plot import sparkline
 from training.config import load_settings
 from training.telemetry import GpuReading, Sample, Telemetry
@@ -23,10 +24,13 @@ def _probe() -> Telemetry:
 
 # One sampler per server, shared by every tab: a tab opened now still shows the last three minutes.
 _history: deque[Sample] = deque(maxlen=HISTORY)
+_app: rx.App | None = None  # the running app, handed to its lifespan task: whose tabs are still connected
 
 
-async def sample_forever() -> None:
-    """Lifespan task of the app: one telemetry sample a second into the shared history."""
+async def sample_forever(app: rx.App) -> None:
+    """Lifespan task of the app (Reflex passes it the app): one telemetry sample a second into the shared history."""
+    global _app
+    _app = app
     while True:
         _history.append(await asyncio.to_thread(_probe().sample))
         await asyncio.sleep(1.0)
@@ -41,24 +45,16 @@ class TelemetryState(rx.State):
     gpu_note: str = ""
     _watching: bool = False
 
-    @rx.event(background=True)
+    @handler(background=True, busy="_watching", error=None)
     async def watch(self):
-        async with self:
-            if self._watching:
-                return
-            self._watching = True
-        try:
-            while True:
-                samples = list(_history)
-                async with self:
-                    if samples:
-                        self._show(samples)
-                    if self.router.session.client_token not in app_tokens():
-                        return  # the tab is gone
-                await asyncio.sleep(1.0)
-        finally:
+        while True:
+            samples = list(_history)
             async with self:
-                self._watching = False
+                if samples:
+                    self._show(samples)
+                if not tab_open(self.router.session.client_token):
+                    return
+            await asyncio.sleep(1.0)
 
     def _show(self, samples: list[Sample]) -> None:
         last = samples[-1]
@@ -91,9 +87,7 @@ class TelemetryState(rx.State):
         }  # fmt: skip
 
 
-def app_tokens() -> set[str]:
-    """Client tokens of the browser tabs connected right now."""
-    from app.app import app
-
-    namespace = app.event_namespace
-    return set(namespace.token_to_sid) if namespace is not None else set()
+def tab_open(token: str) -> bool:
+    """Whether the browser tab with this client token is still connected (assumed so before the app has started)."""
+    namespace = _app.event_namespace if _app is not None else None
+    return namespace is None or token in namespace.token_to_sid

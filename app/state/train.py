@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+from itertools import islice
 from pathlib import Path
 
 import reflex as rx
 
-from app.sandbox import runs_root
+from app.folders import datasets_dir, runs_root
+from app.state.errors import handler
 from app.state.follow import Progress, assign_changed
+from app.state.form import setter
 from app.state.plot import Plot
 from training import jobs
 from training.config import load_settings, nest_options
+from training.datasets import detect_format, iter_rows, resolve_path
 from training.errors import BackpropError
+from training.models import PRESETS
 from training.runs import ACTIVE, Registry
+from training.sandbox import inside
 
 DEMO_DATASET = str(Path(__file__).resolve().parents[2] / "assets" / "demo" / "capitals.jsonl")
 
 
 def model_choices() -> list[str]:
     """The demo model and every preset with its LoRA / QLoRA VRAM estimate, as the model picker shows them."""
-    from training.models import PRESETS
-
     return ["demo  (built-in, CPU friendly)"] + [
         f"{p.hub_id}  (~{p.vram_gb()} GB VRAM, {p.vram_gb(qlora=True)} GB with QLoRA)" for p in PRESETS.values()
     ]
@@ -29,11 +34,6 @@ def model_choices() -> list[str]:
 
 def detect(path: str) -> str:
     """The dataset's format from its first rows (cheap: the file is not read whole)."""
-    from itertools import islice
-
-    from training.datasets import detect_format, iter_rows, resolve_path
-    from training.errors import BackpropError
-
     try:
         rows = [r for _, r in islice(iter_rows(resolve_path(path)), 20) if isinstance(r, dict)]
     except BackpropError as exc:
@@ -47,8 +47,6 @@ UPDATE_EVERY_S = 1.0  # one state update a second: each one redraws the charts i
 
 def _cuda_available() -> bool:
     """QLoRA and unsloth need an NVIDIA GPU; the page offers them only then (checked without importing torch)."""
-    import shutil
-
     return shutil.which("nvidia-smi") is not None
 
 
@@ -97,59 +95,65 @@ class TrainState(rx.State):
     def percent(self) -> int:
         return int(100 * self.step / self.max_steps) if self.max_steps else 0
 
-    @rx.event
-    def set_field(self, name: str, value: str | bool):
-        setattr(self, name, value)
+    set_model = setter("model")
+    set_dataset = setter("dataset")
+    set_steps = setter("steps")
+    set_learning_rate = setter("learning_rate")
+    set_batch_size = setter("batch_size")
+    set_max_run_minutes = setter("max_run_minutes")
+    set_lora_r = setter("lora_r")
+    set_validation_split = setter("validation_split")
+    set_epochs = setter("epochs")
+    set_gradient_accumulation = setter("gradient_accumulation")
+    set_max_seq_length = setter("max_seq_length")
+    set_lora_alpha = setter("lora_alpha")
+    set_lora_dropout = setter("lora_dropout")
+    set_target_modules = setter("target_modules")
+    set_packing = setter("packing", bool)
+    set_response_only = setter("response_only", bool)
+    set_qlora = setter("qlora", bool)
+    set_use_unsloth = setter("use_unsloth", bool)
 
-    @rx.event
+    @handler(hint="hint")
     def pick_model(self, label: str):
         self.model = label.split("  ")[0]
 
-    @rx.event
+    @handler(hint="hint")
     def pick_dataset(self, name: str):
-        from app.state.dataset import datasets_dir
-
-        self.dataset = str(datasets_dir() / name)
+        self.dataset = str(inside(datasets_dir(), name))
         self.dataset_format = detect(self.dataset)
 
-    @rx.event
+    @handler(hint="hint")
     def check_dataset(self):
         self.dataset_format = detect(self.dataset.strip()) if self.dataset.strip() else ""
 
-    @rx.event
+    @handler(hint="hint")
     def start(self):
         self.error = self.hint = ""
-        options = {"model": self.model.strip() or None, "steps": _int(self.steps), "lr": _float(self.learning_rate),
-                   "batch_size": _int(self.batch_size), "max_run_minutes": _float(self.max_run_minutes),
-                   "lora_r": _int(self.lora_r), "packing": self.packing, "response_only": self.response_only,
-                   "validation_split": _float(self.validation_split), "epochs": _float(self.epochs),
-                   "gradient_accumulation": _int(self.gradient_accumulation), "max_seq_length": _int(self.max_seq_length),
-                   "lora_alpha": _int(self.lora_alpha), "lora_dropout": _float(self.lora_dropout),
+        options = {"model": self.model.strip() or None, "steps": _int(self.steps, "Steps"),
+                   "lr": _float(self.learning_rate, "Learning rate"), "batch_size": _int(self.batch_size, "Batch size"),
+                   "max_run_minutes": _float(self.max_run_minutes, "Time box"), "lora_r": _int(self.lora_r, "LoRA rank"),
+                   "packing": self.packing, "response_only": self.response_only,
+                   "validation_split": _float(self.validation_split, "Validation split"),
+                   "epochs": _float(self.epochs, "Epochs"),
+                   "gradient_accumulation": _int(self.gradient_accumulation, "Gradient accumulation"),
+                   "max_seq_length": _int(self.max_seq_length, "Max length"),
+                   "lora_alpha": _int(self.lora_alpha, "LoRA alpha"), "lora_dropout": _float(self.lora_dropout, "LoRA dropout"),
                    "target_modules": _targets(self.target_modules), "qlora": self.qlora if self.cuda else None,
                    "use_unsloth": self.use_unsloth if self.cuda else None}  # fmt: skip
-        try:
-            settings = load_settings(**nest_options(options))
-            run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root())
-        except (BackpropError, ValueError) as exc:
-            self.error = f"[{exc.code}] {exc.message}" if isinstance(exc, BackpropError) else str(exc)
-            self.hint = exc.hint if isinstance(exc, BackpropError) else ""
-            return
+        settings = load_settings(**nest_options(options))
+        run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root())
         self._attach(run.id)
         return TrainState.follow
 
-    @rx.event
+    @handler(hint="hint")
     def stop(self):
         if self.run_id:
-            try:
-                jobs.request_stop(Registry(load_settings().home), self.run_id)
-            except BackpropError as exc:
-                self.error, self.hint = f"[{exc.code}] {exc.message}", exc.hint
+            jobs.request_stop(Registry(load_settings().home), self.run_id)
 
-    @rx.event
+    @handler(hint="hint")
     def reattach(self):
         """On page load: follow this tab's run, or the newest training run still active (started anywhere)."""
-        from app.state.dataset import datasets_dir
-
         self.sandbox_datasets = sorted(p.name for p in datasets_dir().iterdir() if not p.name.startswith("."))
         self.check_dataset()
         if not self.run_id:
@@ -163,33 +167,27 @@ class TrainState(rx.State):
         self.run_id, self.status, self.step, self.max_steps = run_id, "queued", 0, 0
         self.loss, self.log, self.adapter, self.tokens_per_s, self.eta = Plot(), [], "", "", ""
 
-    @rx.event(background=True)
+    @handler(background=True, busy="_following", claim=lambda state: state.run_id, hint="hint")
     async def follow(self):
+        """Follow the tab's run (the id this handler claimed) until it ends or the tab moves on to another run."""
         async with self:
-            if self._following == self.run_id or not self.run_id:
-                return
-            run_id = self._following = self.run_id
+            run_id = self._following
         registry = Registry(load_settings().home)
         progress = Progress(registry.get(run_id).path / "events.jsonl")
-        try:
-            while True:
-                changed = await asyncio.to_thread(progress.read)
-                ended = (await asyncio.to_thread(registry.get, run_id)).status not in ACTIVE
-                if ended:
-                    await asyncio.to_thread(progress.read)  # the last words
-                    progress.status = (await asyncio.to_thread(registry.get, run_id)).status
-                async with self:
-                    if self.run_id != run_id:
-                        return  # the tab moved on to another run
-                    if changed or ended:
-                        self._show(progress)
-                if ended:
-                    return
-                await asyncio.sleep(UPDATE_EVERY_S)
-        finally:
+        while True:
+            changed = await asyncio.to_thread(progress.read)
+            ended = (await asyncio.to_thread(registry.get, run_id)).status not in ACTIVE
+            if ended:
+                await asyncio.to_thread(progress.read)  # the last words
+                progress.status = (await asyncio.to_thread(registry.get, run_id)).status
             async with self:
-                if self._following == run_id:
-                    self._following = ""
+                if self.run_id != run_id:
+                    return  # the tab moved on to another run
+                if changed or ended:
+                    self._show(progress)
+            if ended:
+                return
+            await asyncio.sleep(UPDATE_EVERY_S)
 
     def _show(self, progress: Progress) -> None:
         shown = {"status": progress.status, "step": progress.step, "max_steps": progress.max_steps,
@@ -207,9 +205,20 @@ def _targets(text: str) -> list[str] | str | None:
     return text if text == "all-linear" else [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _int(text: str) -> int | None:
-    return int(text) if text.strip() else None
+def _int(text: str, label: str) -> int | None:
+    return _number(text, label, int, "a whole number")
 
 
-def _float(text: str) -> float | None:
-    return float(text) if text.strip() else None
+def _float(text: str, label: str) -> float | None:
+    return _number(text, label, float, "a number")
+
+
+def _number(text: str, label: str, kind: type, what: str):
+    """A number typed in a form field, None when left empty; anything else is INPUT_INVALID_ARGUMENT."""
+    if not text.strip():
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"{label}: '{text.strip()}' is not {what}",
+                            hint=f"Type {what} in {label}, or leave it empty for the default.") from None  # fmt: skip
