@@ -436,3 +436,39 @@ def test_concurrent_resumes_start_exactly_one_worker_and_the_others_get_a_coded_
 
     started_events = [e for e in events_of(registry, run_id) if e["event"] == "started"]
     assert len(started_events) == 1 + 3  # the first start and one per round: never two workers on the run
+
+
+def test_a_run_taken_for_dead_while_its_worker_lives_is_not_resumed_twice(home, tmp_path):
+    """A worker whose heartbeat went silent is marked interrupted by whoever looks, but while it lives a resume would
+    start a second worker on the same run: refused, with its pid."""
+    import time
+
+    release = tmp_path / "release"
+    script = write_script(
+        tmp_path / "holds.py",
+        f"""
+        import json, pathlib, time
+        print(json.dumps({{"event": "started"}}), flush=True)
+        while not pathlib.Path({str(release)!r}).exists():
+            time.sleep(0.02)
+    """,
+    )
+    registry = Registry(home)
+    run_id = jobs.submit_script(load_settings(), str(script)).id
+    try:
+        wait_for(lambda: registry.get(run_id).status == "running", what="the script to run")
+        worker = registry.get(run_id).pid
+
+        def silent() -> bool:  # a heartbeat older than STALE_HEARTBEAT_S, as from a hung worker
+            registry.update(run_id, heartbeat=time.time() - 3600)
+            return registry.get(run_id).status == "interrupted"
+
+        wait_for(silent, what="the run to be taken for dead")
+        with pytest.raises(BackpropError) as caught:
+            jobs.resume(registry, run_id)
+        assert caught.value.code == "STATE_RUN_ACTIVE" and f"worker (pid {worker}) is still alive" in caught.value.message
+        assert f"kill {worker}" in caught.value.hint
+    finally:
+        release.touch()
+    assert wait_for(lambda: not pid_alive(worker), what="the worker to exit")
+    assert len([e for e in events_of(registry, run_id) if e["event"] == "started"]) == 1

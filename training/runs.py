@@ -337,8 +337,13 @@ class Registry:
             if row is None:
                 raise BackpropError("INPUT_RUN_NOT_FOUND", run_id=run_id)
             run = self._record(row)
-            if _held(run):
+            held = _held(run)
+            if held and run.status in ACTIVE:
                 raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)
+            if held:  # its status says it ended, but its worker lives on (finishing, or hung)
+                raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid,
+                                    message=f"Run {run.id} is {run.status}, but its worker (pid {run.pid}) is still alive",
+                                    hint=f"Wait for it to exit, or end it with `kill {run.pid}`, then resume.")  # fmt: skip
             status = "interrupted" if run.status in ACTIVE else run.status  # its holder is gone
             if status not in RESUMABLE:
                 raise BackpropError("STATE_NOT_RESUMABLE", run_id=run.id, reason=f"it is {status}")
