@@ -9,7 +9,11 @@ import sys
 import pytest
 from conftest import DEMO_DATA, backprop, write_lines
 
+from training.config import load_settings, nest_options
+from training.control import Control
 from training.errors import CATALOGUE, BackpropError, redact
+from training.runs import Registry
+from training.trainer import new_train_run, run_training
 
 
 def test_help_is_fast_and_never_imports_torch():
@@ -105,3 +109,19 @@ def test_every_error_code_has_a_hint_and_an_exit_code():
 def test_secrets_are_redacted():
     text = redact("token=hf_abcdefghijklmnop password: hunter2 Authorization: Bearer xyz.abc")
     assert "hf_abcdefghijklmnop" not in text and "hunter2" not in text and "xyz.abc" not in text
+
+
+def test_resume_refuses_changed_data_unless_the_user_allows_it(home, tmp_path):
+    data = tmp_path / "capitals.jsonl"
+    data.write_text(DEMO_DATA.read_text())
+    registry = Registry(home)
+    run = new_train_run(registry, load_settings(**nest_options({"model": "demo", "steps": 6, "save_every": 2})), str(data))
+    stop = Control()
+    run_training(run, registry, control=stop, on_event=lambda e: e["event"] == "step" and e["step"] == 2 and stop.stop.set())
+    data.write_text("\n".join(DEMO_DATA.read_text().splitlines()[::-1]) + "\n")
+
+    refused = backprop("resume", run.id)
+    assert refused.returncode == 1 and "[INPUT_DATASET_CHANGED]" in refused.stderr and "--allow-changed-data" in refused.stderr
+    allowed = backprop("resume", run.id, "--allow-changed-data", "--json")
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout.strip().splitlines()[-1])["status"] == "completed"

@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
     resume = sub.add_parser("resume", parents=[common], help="continue a run from its last checkpoint")
     resume.add_argument("run_id", help="run id or unambiguous prefix")
+    resume.add_argument("--allow-changed-data", action="store_true",
+                        help="continue although the dataset file changed since the run started "
+                             "(its batches then hold other rows)")  # fmt: skip
     add_governor_flags(resume)
     add_job_flags(resume)
     resume.set_defaults(handler=cmd_resume)
@@ -90,5 +93,5 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     registry = open_registry()
     overrides = nest_options(governor_options(args))
-    run = jobs.resume(registry, args.run_id, overrides)
+    run = jobs.resume(registry, args.run_id, overrides, allow_changed_data=args.allow_changed_data)
     return follow_in_foreground(run.id, args)
