@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -54,35 +53,6 @@ def test_a_tokenizer_without_a_chat_template_gets_chatml(home, tmp_path):
     tokenizer = load_tokenizer(resolve_model(str(tmp_path / "plain")))
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-
-
-@pytest.fixture(scope="module")
-def plain_model_dir(tmp_path_factory) -> Path:
-    """A real tiny Llama whose tokenizer has no chat template and no ChatML tokens, as many base models ship."""
-    import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from training.demo_model import ASSETS, PRETOKENIZE_REGEX
-
-    folder = tmp_path_factory.mktemp("plain") / "plain-base"
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    bpe.train_from_iterator((ASSETS / "corpus.txt").read_text(encoding="utf-8").splitlines(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", model_max_length=1024)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id))  # fmt: skip
-    with torch.no_grad():
-        model.lm_head.weight.mul_(5.0)  # as the demo model: a LoRA-trained model needs a head that can be confident
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.slow

@@ -241,3 +241,13 @@ def test_a_paused_child_keeps_its_heartbeat_and_is_never_taken_for_dead(home, tm
     assert registry.get(run_id).status == "paused"
     assert jobs.stop(registry, run_id).status == "stopped"
     assert registry.get(child.id).status == "stopped"  # stopped with a checkpoint, never interrupted
+
+
+def test_a_model_without_a_chat_template_is_refused_before_any_run(home, plain_model_dir):
+    run = jobs.submit_campaign(load_settings(model=str(plain_model_dir), max_run_minutes=0), [str(DEMO_DATA)], num_runs=2,
+                               steps_per_run=2)  # fmt: skip
+    events = list(jobs.follow(Registry(home), run.id))
+    final = Registry(home).get(run.id)
+    assert (final.status, final.error_code) == ("failed", "INPUT_MODEL_NO_CHAT_TEMPLATE")
+    assert Registry(home).children(run.id) == []
+    assert [e["code"] for e in events if e["event"] == "failed"] == ["INPUT_MODEL_NO_CHAT_TEMPLATE"]

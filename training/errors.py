@@ -96,6 +96,11 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Give a preset name (`backprop info` lists them), a hub id like 'Qwen/Qwen2.5-0.5B-Instruct', "
         "a local folder with config.json, or 'demo'.",
     ),
+    "INPUT_MODEL_NO_CHAT_TEMPLATE": ErrorSpec(
+        "{model}'s tokenizer has no chat template: a multi-run cannot carry the chat tokens it would add across its merges",
+        "Use a model with a chat template (every preset has one, as do Instruct models), or train this one with "
+        "`backprop train`, which adds and trains the chat tokens.",
+    ),
     "INPUT_INVALID_ARGUMENT": ErrorSpec("{reason}", "{hint}"),
     # The web app.
     "UI_OUTPUT_DIR_FORBIDDEN": ErrorSpec(

@@ -160,12 +160,22 @@ def run_campaign(run: RunRecord, registry: Registry, control: Control, events: E
                 tasks=[{"name": t.name, "train": len(t.train), "validation": len(t.val)} for t in tasks])  # fmt: skip
     _rewrite_records(run, registry, events, state)
     try:
+        _check_mergeable(settings)
         return _runs(run, registry, control, events, spec, settings, state_dir, state, tasks, run_training, new_train_run)
     except BackpropError as exc:
         events.emit("failed", durable=True, code=exc.code, message=exc.message, hint=exc.hint)
         registry.update(run.id, error_code=exc.code, error_message=exc.message[:500])
         _end(registry, run, events, "failed", None)
         raise
+
+
+def _check_mergeable(settings: Settings) -> None:
+    """SLAO merges LoRA A/B pairs only. A tokenizer without a chat template gets ChatML tokens whose embedding rows
+    are trained too, and no merge carries those across runs: refuse such a model before any run starts."""
+    from training.models import load_tokenizer, new_tokens, resolve_model
+
+    if new_tokens(load_tokenizer(resolve_model(settings.model, settings.home))):
+        raise BackpropError("INPUT_MODEL_NO_CHAT_TEMPLATE", model=settings.model)
 
 
 def _runs(run: RunRecord, registry: Registry, control: Control, events: EventWriter, spec: dict, settings: Settings,

@@ -68,12 +68,13 @@ def main() -> int:
         say(event="checkpoint_saved", path=str(path), step=step)
 
     say(event="started", max_steps=args.steps)
+    first_step = step
     generator = torch.Generator().manual_seed(step)
     while step < args.steps:
         if stop_requested:
             save()
             return 0
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and time.monotonic() >= deadline and step > first_step:  # every session makes a step
             save()
             say(event="timeboxed")
             return 3
