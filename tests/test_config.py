@@ -49,6 +49,12 @@ def test_bad_settings_are_coded_errors(clean_env, monkeypatch):
     assert caught.value.code == "CONFIG_INVALID" and "lora.r" in caught.value.message and caught.value.exit_code == 1
     monkeypatch.delenv("BACKPROPAGATE_LORA__R")
 
+    monkeypatch.setenv("BACKPROPAGATE_LORA", "{not json")  # a section given whole must be JSON
+    with pytest.raises(BackpropError) as caught:
+        load_settings()
+    assert caught.value.code == "CONFIG_INVALID" and "lora" in caught.value.message
+    monkeypatch.delenv("BACKPROPAGATE_LORA")
+
     (clean_env / "backprop.config.json").write_text("{not json")
     with pytest.raises(BackpropError) as caught:
         load_settings()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from training.errors import BackpropError
 
@@ -169,6 +169,8 @@ def load_settings(**overrides: Any) -> Settings:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise BackpropError("CONFIG_INVALID", reason=f"{where}: {first['msg']}") from exc
+    except SettingsError as exc:  # an environment variable that should hold JSON does not
+        raise BackpropError("CONFIG_INVALID", reason=str(exc)) from exc
 
 
 def _drop_none(value: Any) -> Any:
