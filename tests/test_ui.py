@@ -280,6 +280,32 @@ def test_a_bad_upload_shows_every_bad_line(server, page, tmp_path):
     shot(page, "dataset-errors")
 
 
+def dataset_stats(page) -> dict[str, str]:
+    words = page.inner_text("#dataset-stats").split()
+    return dict(zip(words[::2], words[1::2], strict=False))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_a_dataset_saved_by_windows_tools_with_a_byte_order_mark_and_crlf_line_ends_is_read(server, page, tmp_path, kind):
+    questions = [json.loads(line)["messages"] for line in DEMO_DATA.read_text().splitlines()[:12]]
+    if kind == "jsonl":
+        lines = [json.dumps({"messages": m}) for m in questions]
+    else:
+        lines = ["prompt,completion"] + [f'"{m[-2]["content"]}","{m[-1]["content"]}"' for m in questions]
+    data = tmp_path / f"from-windows.{kind}"
+    data.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    upload(page, server, data)
+    wait_for(lambda: page.query_selector("#dataset-stats") or page.query_selector("#dataset-error"), 120, "the statistics")
+    assert page.query_selector("#dataset-error") is None, page.inner_text("#dataset-error")
+    stats = dataset_stats(page)
+    assert stats["format"] == ("openai" if kind == "jsonl" else "prompt_completion")
+    assert (stats["rows"], stats["valid"], stats["invalid"]) == ("12", "12", "0")
+    assert page.query_selector("#dataset-bad-lines") is None
+    assert questions[0][-2]["content"] in page.inner_text("#dataset-preview")
+    assert "\r" not in page.locator("#dataset-preview").text_content()
+    shot(page, f"dataset-bom-{kind}")
+
+
 def test_a_file_that_is_not_a_dataset_is_refused(server, page, tmp_path):
     script = tmp_path / "evil.sh"
     script.write_text("rm -rf /\n")
@@ -315,8 +341,8 @@ def test_the_trained_run_exports_to_gguf_verified_by_llama_cpp_and_answers_in_ch
     # The hub needs a token: none is set, so the push is refused next to the button, with its code, before any upload.
     page.fill("#export-hub-repo", "me/capitals")
     page.click("#export-push")
-    wait_for(lambda: page.query_selector("#export-error") is not None, 60, "the hub refusal")
-    assert "DEP_HUB_AUTH_FAILED" in page.inner_text("#export-error")
+    wait_for(lambda: page.query_selector("#export-hub-error") is not None, 60, "the hub refusal")
+    assert "DEP_HUB_AUTH_FAILED" in page.inner_text("#export-hub-error")
 
     page.goto(server["url"] + "chat")
     page.wait_for_selector("#chat-input")
@@ -346,6 +372,70 @@ def test_the_trained_run_exports_to_gguf_verified_by_llama_cpp_and_answers_in_ch
              "a reply from the GGUF")  # fmt: skip
     wait_for(lambda: page.is_enabled("#chat-send"), 180, "the GGUF reply to finish")
     assert "capital" in page.locator(".reply").last.inner_text()
+
+
+def cli_run(server, name: str) -> dict:
+    """A run trained by the real `backprop train` command, in the Backprop home the web app uses."""
+    out = backprop("train", "--model", "demo", "--steps", "3", "--name", name, "--json", env=server["env"], check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def export_from_the_page(page) -> str:
+    """Press Export and wait until it ends (a result or an error) and the button is back; the result's text."""
+    page.click("#export-start")
+    wait_for(lambda: page.query_selector("#export-result") or page.query_selector("#export-error"), 300, "the export")
+    wait_for(lambda: page.is_enabled("#export-start") and page.query_selector("#export-stage") is None, 60,
+             "the Export button to come back")  # fmt: skip
+    assert page.query_selector("#export-error") is None, page.inner_text("#export-error")
+    return page.inner_text("#export-result")
+
+
+def test_a_run_started_from_the_command_line_exports_to_gguf_from_the_export_page(server, page):
+    run = cli_run(server, "cli-export")
+    page.goto(server["url"] + f"export?run={run['run_id']}")  # the run page's Export button opens this
+    wait_for(lambda: page.query_selector("#export-run") and page.inner_text("#export-run") == run["run_id"], 30,
+             "the run to be picked")  # fmt: skip
+    result = export_from_the_page(page)  # GGUF q8_0, the defaults
+    assert "verification: passed" in result and "tokenizer_match True" in result
+    # A run of the command line keeps its folder as it is: the export goes to the web app's sandbox.
+    written = next((server["sandbox"] / "exports" / f"{run['run_id']}-gguf-q8_0").glob("*.q8_0.gguf"))
+    assert str(written) in result and not (Path(run["run_dir"]) / "exports").exists()
+    shot(page, "export-cli-run")
+
+
+def test_an_adapter_folder_exports_to_gguf_from_the_export_page(server, page):
+    run = cli_run(server, "folder-export")
+    page.goto(server["url"] + "export")
+    page.wait_for_selector("#export-folder")
+    page.fill("#export-folder", run["adapter"])
+    result = export_from_the_page(page)
+    assert "verification: passed" in result and "tokenizer_match True" in result
+    written = next((server["sandbox"] / "exports" / f"{run['run_id']}-adapter-gguf-q8_0").glob("*.q8_0.gguf"))
+    assert str(written) in result
+
+
+def test_an_export_that_fails_shows_its_code_next_to_the_button_and_the_button_comes_back(server, page, tmp_path):
+    run = cli_run(server, "broken-export")
+    broken = tmp_path / "broken-adapter"  # an adapter whose base model cannot be found
+    shutil.copytree(run["adapter"], broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "no-such/base-model"}))
+    page.goto(server["url"] + "export")
+    page.wait_for_selector("#export-folder")
+    page.fill("#export-folder", str(broken))
+    page.click("#export-start")
+    wait_for(lambda: page.query_selector("#export-error") is not None, 300, "the export's error")
+    error = page.inner_text("#export-error")
+    assert "[DEP_MODEL_LOAD_FAILED]" in error and "no-such/base-model" in error and " — " in error  # code, message — hint
+    wait_for(lambda: page.is_enabled("#export-start"), 30, "the Export button to come back")
+    assert page.query_selector("#export-stage") is None and page.query_selector("#export-result") is None
+    shot(page, "export-failed")
+    # The page is usable again: the same button exports the real adapter.
+    page.fill("#export-folder", run["adapter"])
+    page.click("#export-format")
+    page.get_by_role("option", name="lora", exact=True).click()
+    result = export_from_the_page(page)
+    assert "verification: not applicable" in result and page.query_selector("#export-error") is None
 
 
 def test_a_multi_run_campaign_shows_its_runs_merges_and_forgetting_heatmap(server, page):

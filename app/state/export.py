@@ -49,7 +49,10 @@ def destination(source: str, fmt: str, quantization: str) -> Path | None:
     src = resolve_source(source, Registry(load_settings().home))
     if src.run is not None and src.run.path.resolve().is_relative_to(root()):
         return None
-    label = src.run.id if src.run is not None else Path(str(source)).name
+    folder = Path(str(source)).expanduser().resolve()
+    label = src.run.id if src.run is not None else folder.name
+    if src.run is None and folder.name == "adapter":  # a run's adapter/ folder: named after its run folder
+        label = f"{folder.parent.name}-adapter"
     name = f"{label}-{fmt}" + (f"-{quantization}" if fmt == "gguf" else "")
     return inside(exports_dir(), safe_name(name))
 
@@ -68,7 +71,8 @@ class ExportState(rx.State):
     busy: bool = False
     stage: str = ""
     result: dict[str, str] = {}
-    error: str = ""
+    error: str = ""  # shown under Export
+    hub_error: str = ""  # shown under Push to the hub
 
     @handler()
     def load(self):
@@ -111,6 +115,8 @@ class ExportState(rx.State):
             params = _parameters(self.chosen, load_settings().home)
         except (BackpropError, OSError, KeyError, json.JSONDecodeError):
             return
+        if not params:  # no weights found (a base model not downloaded): no estimate rather than zeros
+            return
         self.estimates = [f"{q}: about {params * bits / 8 / 2**20:.1f} MiB" for q, bits in BITS.items()]
 
     @handler(background=True, busy="busy")
@@ -145,7 +151,7 @@ class ExportState(rx.State):
                 "ollama": f"registered as {result.ollama['name']}" if result.ollama else "",
             }  # fmt: skip
 
-    @handler(background=True, busy="busy")
+    @handler(background=True, busy="busy", error="hub_error")
     async def push_to_hub(self):
         async with self:
             if not self.chosen or not self.hub_repo.strip():
