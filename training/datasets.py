@@ -27,6 +27,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -448,8 +449,6 @@ def _hub_rows(hub: HubDataset) -> Iterator[tuple[int, Any]]:
 
 
 def _open_hub(hub: HubDataset) -> Any:
-    import os
-
     # An unreachable hub must fail in seconds, not after minutes of retries.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
@@ -470,8 +469,8 @@ def _open_hub(hub: HubDataset) -> Any:
 
 def _stream_window(split: str) -> tuple[str, tuple[int, int | None]]:
     name, _, spec = split.partition("[")
-    start, _, stop = spec.rstrip("]").partition(":")
-    if "%" in spec or not _ or not all(x.strip().isdigit() for x in (start, stop) if x.strip()):
+    start, colon, stop = spec.rstrip("]").partition(":")
+    if "%" in spec or not colon or not all(x.strip().isdigit() for x in (start, stop) if x.strip()):
         raise BackpropError("INPUT_DATASET_HUB_SELECTION", dataset=split,
                             reason="a streamed split takes row slices only, like train[:1000] or train[100:200]")  # fmt: skip
     return name, (int(start or 0), int(stop) if stop.strip() else None)
@@ -500,8 +499,6 @@ def _hub_errors(hub: HubDataset) -> Iterator[None]:
 
 
 def _offline() -> bool:
-    import os
-
     return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
