@@ -219,12 +219,12 @@ def test_tokenizers_without_a_template_get_chatml_that_renders_tools_and_plain_c
 
     example = load_dataset(jsonl(tmp_path / "agent.jsonl", [tool_row("Paris", 18)])).examples[0]
     pieces = segments(tokenizer, example.messages, example.tools)
-    assert [text for text, trained in pieces if trained] == [
+    assert [text for text, kind in pieces if kind == "assistant"] == [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n',
         "It is 18 degrees in Paris.<|im_end|>\n",
     ]
-    untrained = "".join(text for text, trained in pieces if not trained)
-    assert '"name": "get_weather", "description"' in untrained and '<|im_start|>tool\n{"temp_c": 18}<|im_end|>' in untrained
+    assert [text for text, kind in pieces if kind == "tool"] == ['<|im_start|>tool\n{"temp_c": 18}<|im_end|>\n']
+    assert '"name": "get_weather", "description"' in "".join(text for text, kind in pieces if kind == "prompt")
 
 
 # ---------------------------------------------------------------- masks, token by token
@@ -301,3 +301,18 @@ def test_training_on_a_tool_call_dataset_with_a_tool_capable_template(home, tmp_
     with pytest.raises(BackpropError) as caught:  # the demo model's plain ChatML: refused before any training
         Trainer("demo").train(data, steps=2)
     assert caught.value.code == "INPUT_DATASET_TOOLS_UNSUPPORTED" and f"{data}:1:" in caught.value.message
+
+
+def test_training_on_every_token_still_leaves_the_tool_results_out(tmp_path, qwen_tokenizer):
+    """response_only off trains the prompts too; tool results stay masked: they are the world's words, not the model's."""
+    example = load_dataset(jsonl(tmp_path / "agent.jsonl", [tool_row("Rome", 25)]), tokenizer=qwen_tokenizer).examples[0]
+    encoded = ChatEncoder(qwen_tokenizer, 4096, response_only=False)(example)
+    text = qwen_tokenizer.decode(encoded.input_ids)
+    results = '<|im_start|>user\n<tool_response>\n{"temp_c": 25}\n</tool_response><|im_end|>\n'
+    results_span = (text.index(results), text.index(results) + len(results))
+    for (start, end), token, label in zip(_char_spans(encoded.input_ids, qwen_tokenizer), encoded.input_ids, encoded.labels,
+                                          strict=True):  # fmt: skip
+        inside_results = results_span[0] <= start and end <= results_span[1]
+        assert label == (IGNORE if inside_results else token), (text[start:end], label)
+    trained = qwen_tokenizer.decode([t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE])
+    assert trained == text.replace(results, "") and "What is the weather in Rome?" in trained

@@ -8,7 +8,7 @@ conversation whose tool parts the template would drop, and says which.
 
     support = tool_support(tokenizer)            # probed once per template: calls, results, definitions
     problem(tokenizer, messages, tools)          # None, or (code, reason) for this conversation
-    segments(tokenizer, messages, tools)         # [(text, trained), ...]; assistant turns are trained
+    segments(tokenizer, messages, tools)         # [(text, kind), ...]: "assistant", "tool" or "prompt" pieces
 """
 
 from __future__ import annotations
@@ -159,30 +159,43 @@ def render(
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
-def segments(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, trained) pieces: each assistant turn (its tool calls included) is trained,
-    everything else (system, user, tool results, the header that opens an assistant turn) is not.
+def segments(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[tuple[str, str]]:
+    """The rendered conversation as (text, kind) pieces, kind one of: "assistant" (a reply, its tool calls included, up
+    to its end-of-turn marker), "tool" (a run of tool results with the markers around them) and "prompt" (everything
+    else: system and user turns, the header that opens an assistant turn).
 
-    Cuts are taken only just before and after assistant turns: templates that group consecutive tool results in
-    one block (Qwen2.5) close that block only when the next turn is not a tool result, so a cut between two tool
-    results would not be stable. Raises NotPrefixStable when a cut does not line up.
+    Cuts are taken only around assistant turns and around whole runs of tool results: templates that group
+    consecutive tool results in one block (Qwen2.5) close that block only when the next turn is not a tool result,
+    so a cut between two tool results would not be stable. Raises NotPrefixStable when a cut does not line up.
     """
-    pieces: list[tuple[str, bool]] = []
+    pieces: list[tuple[str, str]] = []
     done = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        head = render(tokenizer, messages[:i], tools, add_generation_prompt=True)
-        body = render(tokenizer, messages[: i + 1], tools)
-        if not (head.startswith(done) and body.startswith(head)):
+
+    def upto(text: str, kind: str) -> None:
+        nonlocal done
+        if not text.startswith(done):
             raise NotPrefixStable(f"turn {i + 1}")
-        pieces += [(head[len(done) :], False), (body[len(head) :], True)]
-        done = body
-    whole = render(tokenizer, messages, tools)
-    if not whole.startswith(done):
-        raise NotPrefixStable("the end")
-    pieces.append((whole[len(done) :], False))
-    return [(text, trained) for text, trained in pieces if text]
+        pieces.append((text[len(done) :], kind))
+        done = text
+
+    i = 0
+    while i < len(messages):
+        role = messages[i]["role"]
+        if role == "assistant":
+            upto(render(tokenizer, messages[:i], tools, add_generation_prompt=True), "prompt")
+            upto(render(tokenizer, messages[: i + 1], tools), "assistant")
+            i += 1
+        elif role == "tool":
+            end = i + 1
+            while end < len(messages) and messages[end]["role"] == "tool":
+                end += 1
+            upto(render(tokenizer, messages[:i], tools), "prompt")
+            upto(render(tokenizer, messages[:end], tools), "tool")
+            i = end
+        else:
+            i += 1
+    upto(render(tokenizer, messages, tools), "prompt")
+    return [(text, kind) for text, kind in pieces if text]
 
 
 def _first_line(exc: Exception) -> str:

@@ -45,9 +45,9 @@ class Batch:
 class ChatEncoder:
     """Token ids and labels for one example; only assistant turns carry loss when `response_only`.
 
-    Tool results never carry loss: a conversation with tool parts that the template drops, or whose turns cannot
-    be cut apart, is refused with a coded error naming its file and line (`backprop validate --model M` lists
-    them all; the trainer validates with the tokenizer before encoding).
+    Tool results never carry loss, `response_only` or not: a conversation with tool parts that the template drops,
+    or whose turns cannot be cut apart, is refused with a coded error naming its file and line (`backprop validate
+    --model M` lists them all; the trainer validates with the tokenizer before encoding).
     """
 
     def __init__(self, tokenizer: Any, max_seq_length: int, response_only: bool = True):
@@ -63,11 +63,10 @@ class ChatEncoder:
             if self.tokenizer.eos_token_id is not None:
                 ids.append(self.tokenizer.eos_token_id)
             encoded = Encoded(ids, list(ids))
-        elif self.response_only:
+        elif self.response_only or example.uses_tools:
             encoded = self._masked(example)
         else:
-            self._refuse_unrenderable(example)
-            ids = self._ids(chat_template.render(self.tokenizer, example.messages, example.tools))
+            ids = self._ids(chat_template.render(self.tokenizer, example.messages))
             encoded = Encoded(ids, list(ids))
         if len(encoded) > self.max_seq_length:
             self.truncated += 1
@@ -75,8 +74,8 @@ class ChatEncoder:
         return encoded
 
     def _masked(self, example: Example) -> Encoded:
-        # Each new piece of rendered text is one segment, trained on only when it is an assistant reply (the
-        # "<|im_start|>assistant\n" header itself is not).
+        # Each new piece of rendered text is one segment, trained on when it is an assistant reply (the
+        # "<|im_start|>assistant\n" header itself is not), or, without `response_only`, when it is no tool result.
         self._refuse_unrenderable(example)
         try:
             segments = chat_template.segments(self.tokenizer, example.messages, example.tools)
@@ -91,10 +90,11 @@ class ChatEncoder:
             return Encoded(ids, list(ids))
         ids: list[int] = []
         labels: list[int] = []
-        for text, trained in segments:
+        trained = {"assistant"} if self.response_only else {"assistant", "prompt"}
+        for text, kind in segments:
             piece = self._ids(text)
             ids += piece
-            labels += piece if trained else [IGNORE] * len(piece)
+            labels += piece if kind in trained else [IGNORE] * len(piece)
         return Encoded(ids, labels)
 
     def _refuse_unrenderable(self, example: Example) -> None:
