@@ -464,6 +464,73 @@ def test_an_engine_error_shows_next_to_start_with_its_code_and_hint(server, page
     assert len(error.splitlines()) >= 2  # the hint, under the message
 
 
+class EventSocket:
+    """The page's event websocket, passed through a Playwright route: the test sees the events the page sends, and
+    sends events of its own on the page's connection, as a page tampered with in the browser could."""
+
+    def __init__(self, page):
+        self.page, self.sent, self.upstream = page, [], None
+        page.route_web_socket(re.compile(r"/_event"), self._route)
+
+    def _route(self, ws) -> None:
+        self.upstream = ws.connect_to_server()  # the server's messages reach the page unchanged
+        ws.on_message(self._forward)
+
+    def _forward(self, message) -> None:
+        self.sent.append(message)
+        self.upstream.send(message)
+
+    def handler(self, suffix: str) -> str:
+        """The full name of an event the page has sent, ending in `suffix` (e.g. `train_state.set_steps`)."""
+        names = lambda: [e["name"] for m in self.sent if m.startswith("42") for e in json.loads(m.split(",", 1)[1])[1:]]  # noqa: E731
+        return wait_for(lambda: self.page.evaluate("1") and next((n for n in names() if n.endswith(suffix)), None), 30,
+                        f"the page to send {suffix}")  # fmt: skip
+
+    def send(self, name: str, payload: dict, path: str = "/") -> None:
+        event = {"name": name, "payload": payload, "router_data": {"pathname": path, "asPath": path}}
+        self.upstream.send("42/_event," + json.dumps(["event", event]))
+
+
+def test_a_tampered_page_can_set_its_form_fields_and_nothing_else(server, page):
+    socket = EventSocket(page)
+    page.goto(server["url"])
+    page.wait_for_selector("#start:not([disabled])")
+    page.fill("#field-steps", "12")
+    train = socket.handler("train_state.set_steps").rpartition(".")[0]
+    socket.send(f"{train}.setvar", {"var_name": "run_id", "value": "0123456789ab"})  # not a form field
+    socket.send(f"{train}.setvar", {"var_name": "_following", "value": "0123456789ab"})  # a backend var
+    socket.send(f"{train}.setvar", {"var_name": "cuda", "value": True})  # what the server found, not the user's to say
+    socket.send(f"{train}.set_field", {"name": "cuda", "value": True})  # the generic setter there was
+    socket.send(f"{train}.setvar", {"var_name": "steps", "value": "77"})  # a form field: fine
+    wait_for(lambda: page.input_value("#field-steps") == "77", 30, "the form field the page may set")
+    socket.send(f"{train}.set_packing", {"value": "yes"})  # a form field, with a value of another type
+    wait_for(lambda: page.query_selector("#train-error") is not None, 30, "the refusal")
+    assert "[UI_EVENT_REFUSED] The page cannot set 'packing'" in page.inner_text("#train-error")
+    assert page.query_selector("#train-run-id") is None  # no run attached
+    page.get_by_text("Advanced").click()
+    wait_for(lambda: "QLoRA and unsloth need an NVIDIA GPU." in page.inner_text("body"), 30, "the Advanced settings")
+    assert page.get_by_text("QLoRA (4-bit)").count() == 0  # still no GPU as far as the page knows
+
+
+def test_an_unexpected_exception_shows_a_runtime_code_next_to_the_control_and_its_traceback_in_the_server_log(server, page):
+    socket = EventSocket(page)
+    page.goto(server["url"])
+    page.wait_for_selector("#start:not([disabled])")
+    page.fill("#field-steps", "12")
+    train = socket.handler("train_state.set_steps").rpartition(".")[0]
+    socket.send(f"{train}.pick_model", {"label": 5})  # a number where the picker sends a label: a bug's stand-in
+    wait_for(lambda: page.query_selector("#train-error") is not None, 30, "the error")
+    error = page.inner_text("#train-error")
+    assert "[RUNTIME_UNEXPECTED] Unexpected error in TrainState.pick_model: AttributeError" in error
+    assert "the log of `backprop ui`" in error
+    log = server["ui"].base / "ui.log"
+    wait_for(lambda: page.evaluate("1") and "Unexpected error in TrainState.pick_model" in log.read_text(), 30, "the log")
+    logged = log.read_text().split("Unexpected error in TrainState.pick_model", 1)[1]
+    assert "Traceback (most recent call last)" in logged and "AttributeError: 'int' object has no attribute 'split'" in logged
+    assert page.is_enabled("#start")  # the page goes on working
+    shot(page, "train-unexpected-error")
+
+
 def test_dark_mode_at_1024_pixels(server, browser):
     context = browser.new_context(viewport={"width": 1024, "height": 800})
     page = context.new_page()
