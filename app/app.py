@@ -14,7 +14,7 @@ from app.pages.train import train_page
 from app.state.chat import ChatState
 from app.state.dataset import DatasetState
 from app.state.export import ExportState
-from app.state.multirun import MultiRunState
+from app.state.multi_run import MultiRunState
 from app.state.runs import RunDetailState, RunsState
 from app.state.telemetry import sample_forever
 from app.state.train import TrainState

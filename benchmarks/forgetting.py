@@ -7,7 +7,7 @@ with row-level repetition so that every task's validation slice asks mappings it
     letters     "Which letter follows k?"          -> "l."
     plurals     "What is the plural of apple?"     -> "apples."
 
-The same campaign (same data, steps, seeds, learning rate) runs twice, `--merge-mode slao` and `sequential`.
+The same multi-run (same data, steps, seeds, learning rate) runs twice, `--merge-mode slao` and `sequential`.
 Printed for each: the forgetting matrix (eval loss of task j after run i), BWT on loss (mean over the earlier
 tasks of L[T][j] − L[j][j]; above 0 means forgetting) and the final average loss over the three tasks.
 
@@ -67,7 +67,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="backprop-forgetting-"))
     os.environ.update(BACKPROPAGATE_HOME=str(work / "home"), BACKPROPAGATE_MIN_FREE_RAM_GB="0.25",
                       BACKPROPAGATE_MAX_CPU_PERCENT="100")  # fmt: skip
-    from training.multirun import forgetting_metrics
+    from training.multi_run import forgetting_metrics
 
     files = []
     for i, name in enumerate(("successor", "letters", "plurals")):

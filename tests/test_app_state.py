@@ -18,7 +18,7 @@ from app.state.dataset import DatasetState
 from app.state.errors import HANDLED, handler
 from app.state.export import ExportState
 from app.state.follow import MAX_POINTS, Progress, assign_changed, loss_plot, telemetry_plot
-from app.state.multirun import MultiRunState, heat
+from app.state.multi_run import MultiRunState, heat
 from app.state.plot import BOX, Line, plot, sparkline
 from app.state.runs import RunDetailState, RunsState
 from app.state.telemetry import TelemetryState
@@ -303,7 +303,7 @@ def page_states() -> list[type]:
 
 def test_every_event_handler_of_every_page_goes_through_the_one_mechanism():
     modules = {cls.__module__ for cls in page_states()}
-    assert modules == {f"app.state.{m}" for m in ("chat", "dataset", "export", "multirun", "runs", "telemetry", "train")}
+    assert modules == {f"app.state.{m}" for m in ("chat", "dataset", "export", "multi_run", "runs", "telemetry", "train")}
     for cls in page_states():
         for name, event in cls.event_handlers.items():
             if name != "setvar":  # Reflex's own; it reaches only the `set_` handlers below

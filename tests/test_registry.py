@@ -156,3 +156,26 @@ def test_a_registry_newer_than_this_code_is_a_coded_error(tmp_path):
         Registry(tmp_path)
     assert caught.value.code == "STATE_REGISTRY_TOO_NEW" and str(SCHEMA_VERSION + 1) in caught.value.message
     assert caught.value.hint and caught.value.exit_code == 2
+
+
+def test_a_registry_from_before_the_one_name_for_multi_runs_keeps_its_multi_runs(tmp_path):
+    """Version 4 called a multi-run 'multirun' (its kind) and 'campaign' (the forgetting matrix's column)."""
+    import sqlite3
+
+    from training.runs import MIGRATIONS
+
+    home = tmp_path / "v4"
+    home.mkdir()
+    db = sqlite3.connect(home / "runs.db")
+    for migration in MIGRATIONS[:4]:
+        migration(db)
+    db.execute("INSERT INTO runs (id, kind, status, created_at, run_dir) VALUES ('m1', 'multirun', 'completed', 1.0, ?)",
+               (str(home / "runs" / "m1"),))  # fmt: skip
+    db.execute("INSERT INTO forgetting (campaign_id, after_run, task, eval_loss) VALUES ('m1', 1, 1, 0.5)")
+    db.execute("PRAGMA user_version = 4")
+    db.commit()
+    db.close()
+
+    registry = Registry(home)
+    assert registry.get("m1").kind == "multi-run" and registry.list(kind="multi-run")[0].id == "m1"
+    assert registry.forgetting("m1") == [[0.5]]

@@ -47,7 +47,7 @@ def test_the_b_merge_moves_lambda_of_the_way_to_the_new_b():
     assert torch.allclose(slao.merge_b(b_merge, b_ft, 3), expected)
 
 
-def test_a_campaign_of_three_merges_follows_the_formula():
+def test_three_merges_follows_the_formula():
     ft1, ft2, ft3 = adapter(1), adapter(2), adapter(3)
     merged, stats1 = slao.merge(None, ft1, 1)
     assert all(torch.equal(merged[k], ft1[k]) for k in ft1) and stats1.lam == 1.0

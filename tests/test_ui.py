@@ -438,13 +438,13 @@ def test_an_export_that_fails_shows_its_code_next_to_the_button_and_the_button_c
     assert "verification: not applicable" in result and page.query_selector("#export-error") is None
 
 
-def test_a_multi_run_campaign_shows_its_runs_merges_and_forgetting_heatmap(server, page):
+def test_a_multi_run_shows_its_runs_merges_and_forgetting_heatmap(server, page):
     page.goto(server["url"] + "multi-run")
     page.wait_for_selector("#mr-start")
     page.fill("#mr-steps", "15")
     page.click("#mr-start")
-    wait_for(lambda: page.query_selector("#mr-status") is not None, 60, "the campaign to start")
-    wait_for(lambda: page.inner_text("#mr-status") == "completed", 400, "the campaign to complete")
+    wait_for(lambda: page.query_selector("#mr-status") is not None, 60, "the multi-run to start")
+    wait_for(lambda: page.inner_text("#mr-status") == "completed", 400, "the multi-run to complete")
     wait_for(lambda: page.query_selector("#mr-bwt") is not None, 30, "the BWT")
     cells = [c.strip() for c in page.locator("#mr-heatmap > div").all_inner_texts()]
     assert len(cells) == 9 and sum(bool(c) for c in cells) == 6  # lower triangle of a 3x3 matrix

@@ -69,15 +69,15 @@ class Trainer:
         on_event: EventSink | None = None,
         **options: Any,
     ) -> TrainResult:
-        """A continual-training campaign (like `backprop multi-run`); the result's adapter is the SLAO-merged one.
+        """A continual-training multi-run (like `backprop multi-run`); the result's adapter is the SLAO-merged one.
 
-        Campaign options: replay, lr_schedule, validation, early_stopping, name; the rest are training options."""
-        campaign_keys = ("replay", "lr_schedule", "validation", "early_stopping", "name", "fmt")
-        campaign = {k: options.pop(k) for k in campaign_keys if k in options}
+        Multi-run options: replay, lr_schedule, validation, early_stopping, name; the rest are training options."""
+        multi_run_keys = ("replay", "lr_schedule", "validation", "early_stopping", "name", "fmt")
+        multi_run = {k: options.pop(k) for k in multi_run_keys if k in options}
         settings = load_settings(**nest_options({**self.options, **options}))
         datasets = [str(d) for d in dataset] if isinstance(dataset, list) else [str(dataset)]
-        run = jobs.submit_campaign(settings, datasets, num_runs=num_runs, steps_per_run=steps_per_run,
-                                   samples_per_run=samples_per_run, merge_mode=merge_mode, **campaign)  # fmt: skip
+        run = jobs.submit_multi_run(settings, datasets, num_runs=num_runs, steps_per_run=steps_per_run,
+                                   samples_per_run=samples_per_run, merge_mode=merge_mode, **multi_run)  # fmt: skip
         self.last_run = _wait(Registry(settings.home), run.id, on_event)
         return self.last_run
 

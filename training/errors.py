@@ -154,7 +154,7 @@ CATALOGUE: dict[str, ErrorSpec] = {
     ),
     "INPUT_ADAPTER_MISMATCH": ErrorSpec(
         "The LoRA adapters do not match: {reason}",
-        "Every run of a campaign must use the same base model, LoRA rank and target modules.",
+        "Every run of a multi-run must use the same base model, LoRA rank and target modules.",
     ),
     "INPUT_OUTPUT_NOT_WRITABLE": ErrorSpec(
         "Cannot write to {path}: {reason}",
@@ -288,7 +288,7 @@ CATALOGUE: dict[str, ErrorSpec] = {
     "STATE_ADAPTER_MISMATCH": ErrorSpec(
         "The adapter {path} does not fit this run's model: {reason}",
         "A run can start only from LoRA weights of the same base model, LoRA rank and target modules; "
-        "start a new campaign (or run) instead of resuming this one.",
+        "start a new multi-run (or run) instead of resuming this one.",
     ),
     "STATE_CHECKPOINT_CORRUPT": ErrorSpec(
         "Checkpoint {path} is unreadable: {reason}",

@@ -27,7 +27,7 @@ from training.telemetry import GpuReading, Sample, Telemetry
 
 POLL_S = 0.5  # how often a queued job looks again
 HEARTBEAT_S = 5.0
-# Runs this worker process serves besides its own job (a campaign's current child): the watcher beats them too,
+# Runs this worker process serves besides its own job (a multi-run's current child): the watcher beats them too,
 # so a child held in a pause or a long eval is never taken for dead.
 _also_beat: dict[str, Callable[[], None]] = {}
 

@@ -50,12 +50,12 @@ def submit_train(
     return start(registry, run)
 
 
-def submit_campaign(settings: Settings, datasets: list[str], **options: Any) -> RunRecord:
-    """Register a multi-run campaign (see training/multirun.py for the options) and start its worker."""
-    from training.multirun import new_campaign
+def submit_multi_run(settings: Settings, datasets: list[str], **options: Any) -> RunRecord:
+    """Register a multi-run multi-run (see training/multi_run.py for the options) and start its worker."""
+    from training.multi_run import new_multi_run
 
     registry = Registry(settings.home)
-    return start(registry, new_campaign(registry, settings, datasets, **options))
+    return start(registry, new_multi_run(registry, settings, datasets, **options))
 
 
 def submit_script(

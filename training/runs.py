@@ -91,6 +91,10 @@ CREATE TABLE IF NOT EXISTS forgetting (
     PRIMARY KEY (campaign_id, after_run, task)
 );
 """
+_ONE_NAME_FOR_MULTI_RUNS = """
+UPDATE runs SET kind = 'multi-run' WHERE kind = 'multirun';
+ALTER TABLE forgetting RENAME COLUMN campaign_id TO multi_run_id;
+"""
 
 
 def _statements(script: str) -> list[str]:
@@ -117,7 +121,8 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _create(_BASE_TABLES),  # 1: runs and their checkpoints
     lambda db: _add_columns(db, "runs", {"reason": "TEXT", "queued_at": "REAL", "gpu_index": "INTEGER"}),  # 2: the queue
     _create(_EXPORTS_TABLE),  # 3: exports
-    _create(_FORGETTING_TABLE),  # 4: the forgetting matrix of multi-run campaigns
+    _create(_FORGETTING_TABLE),  # 4: the forgetting matrix of multi-runs
+    _create(_ONE_NAME_FOR_MULTI_RUNS),  # 5: "campaign"/"multirun" became "multi-run" everywhere
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -377,21 +382,21 @@ class Registry:
             rows = db.execute("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step", (run_id,)).fetchall()
         return [Checkpoint(**dict(r)) for r in rows]
 
-    # ------------------------------------------------------------ multi-run campaigns
+    # ------------------------------------------------------------ multi-runs
 
-    def record_forgetting(self, campaign_id: str, after_run: int, eval_losses: list[float | None]) -> None:
-        """One row of a campaign's forgetting matrix: eval loss on each task seen so far, after run `after_run`."""
+    def record_forgetting(self, multi_run_id: str, after_run: int, eval_losses: list[float | None]) -> None:
+        """One row of a multi-run's forgetting matrix: eval loss on each task seen so far, after run `after_run`."""
         with self._write() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO forgetting (campaign_id, after_run, task, eval_loss) VALUES (?, ?, ?, ?)",
-                [(campaign_id, after_run, task, loss) for task, loss in enumerate(eval_losses, 1) if loss is not None],
+                "INSERT OR REPLACE INTO forgetting (multi_run_id, after_run, task, eval_loss) VALUES (?, ?, ?, ?)",
+                [(multi_run_id, after_run, task, loss) for task, loss in enumerate(eval_losses, 1) if loss is not None],
             )
 
-    def forgetting(self, campaign_id: str) -> list[list[float | None]]:
+    def forgetting(self, multi_run_id: str) -> list[list[float | None]]:
         """The forgetting matrix: row i after run i+1, column j for task j+1 (None where not yet seen)."""
         with self._connect() as db:
-            query = "SELECT after_run, task, eval_loss FROM forgetting WHERE campaign_id = ?"
-            rows = db.execute(query, (campaign_id,)).fetchall()
+            query = "SELECT after_run, task, eval_loss FROM forgetting WHERE multi_run_id = ?"
+            rows = db.execute(query, (multi_run_id,)).fetchall()
         if not rows:
             return []
         size = max(max(r["after_run"], r["task"]) for r in rows)

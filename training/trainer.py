@@ -117,7 +117,7 @@ class _Loop:
                              skipped=[e.describe(dataset.report.path) for e in dataset.report.errors[:50]])  # fmt: skip
         self._check_dataset(dataset.report.path, dataset.sha256, resuming=bool(self._saved_checkpoints()))
         train_examples, val_examples = split(dataset.examples, t.validation_split, t.seed)
-        if self.spec.get("validation_data"):  # a held-out set given with the run (multi-run campaigns do this)
+        if self.spec.get("validation_data"):  # a held-out set given with the run (multi-runs do this)
             val_examples = load_dataset(self.spec["validation_data"], fmt, tokenizer=self.tokenizer).examples
 
         self.model = self._load_lora_model(source)

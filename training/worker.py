@@ -96,11 +96,11 @@ def _run_job(run: RunRecord, registry: Registry, spec: dict, settings: Settings,
         from training.script_run import run_script
 
         return run_script(registry.get(run.id), registry, spec, settings, control, events)
-    if run.kind == "multirun":
+    if run.kind == "multi-run":
         _cap_cuda_memory()
-        from training.multirun import run_campaign
+        from training.multi_run import run_multi_run
 
-        return run_campaign(registry.get(run.id), registry, control, events)
+        return run_multi_run(registry.get(run.id), registry, control, events)
     if run.kind == "train":
         _cap_cuda_memory()
         from training.trainer import run_training

@@ -1,4 +1,4 @@
-"""Multi-Run: a continual campaign (one dataset in windows, or one file per run); runs, merges, forgetting heatmap."""
+"""Multi-Run: a continual multi-run (one dataset in windows, or one file per run); runs, merges, forgetting heatmap."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import reflex as rx
 
 from app.components.charts import line_chart, status_pill
 from app.components.layout import page
-from app.state.multirun import MultiRunState
+from app.state.multi_run import MultiRunState
 
 
 def field(label: str, name: str, value: rx.Var, width: str = "120px") -> rx.Component:
@@ -49,14 +49,14 @@ def multi_run_page() -> rx.Component:
                 field("Validation", "validation", MultiRunState.validation),
                 wrap="wrap",
             ),
-            rx.button("Start campaign", on_click=MultiRunState.start, id="mr-start"),
+            rx.button("Start multi-run", on_click=MultiRunState.start, id="mr-start"),
             rx.cond(MultiRunState.error != "", rx.callout(MultiRunState.error, color_scheme="red", id="mr-error")),
             width="100%",
         ), width="100%"),
         rx.cond(
-            MultiRunState.campaign_id != "",
+            MultiRunState.multi_run_id != "",
             rx.vstack(
-                rx.hstack(rx.text("Campaign ", rx.link(MultiRunState.campaign_id, href="/runs/" + MultiRunState.campaign_id)),
+                rx.hstack(rx.text("Multi-run ", rx.link(MultiRunState.multi_run_id, href="/runs/" + MultiRunState.multi_run_id)),
                           status_pill(MultiRunState.status, id="mr-status"), rx.text(MultiRunState.step, " steps"),
                           align="center"),
                 line_chart(MultiRunState.loss, height="200px", id="mr-loss", empty="The loss appears with the first steps."),
@@ -71,6 +71,6 @@ def multi_run_page() -> rx.Component:
                                                          " · average loss ", MultiRunState.average, id="mr-bwt")),
                 width="100%", align="start",
             ),
-            rx.text("Start a campaign to see its runs, the merges and the forgetting matrix here.", color_scheme="gray"),
+            rx.text("Start a multi-run to see its runs, the merges and the forgetting matrix here.", color_scheme="gray"),
         ),
     )  # fmt: skip

@@ -31,7 +31,7 @@ class Progress:
     hint: str = ""
     adapter: str = ""
     telemetry: list[dict] = field(default_factory=list)  # {"t", "cpu", "ram", "gpu_util", "gpu_temp"} per sample
-    merges: list[dict] = field(default_factory=list)  # a campaign's `merge` events
+    merges: list[dict] = field(default_factory=list)  # a multi-run's `merge` events
 
     def read(self) -> bool:
         """Take in the events written since the last call; True if anything changed."""

@@ -111,8 +111,8 @@ class TrainingProgress:
         elif kind == "started":
             self.progress.start_task(self.task)
             self.progress.update(self.task, total=event.get("max_steps"), completed=event.get("resumed_from") or 0)
-            if event.get("campaign"):
-                self.say(f"campaign: {event['runs']} runs, {event['merge_mode']} merging"
+            if event.get("multi_run"):
+                self.say(f"multi-run: {event['runs']} runs, {event['merge_mode']} merging"
                          + (f", continuing after run {event['resumed_from']}" if event.get("resumed_from") else ""))  # fmt: skip
             elif "model" in event:
                 self.say(f"training {event['model']} on {event['examples']} examples ({event['device']})")

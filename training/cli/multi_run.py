@@ -43,7 +43,7 @@ def cmd_multi_run(args: argparse.Namespace) -> int:
 
     options = {key: getattr(args, key) for key in ("model", "lr", "seed", "lora_r", *GOVERNOR_OPTIONS)}
     settings = load_settings(**nest_options(options))
-    run = jobs.submit_campaign(settings, args.data, num_runs=args.runs, steps_per_run=args.steps,
+    run = jobs.submit_multi_run(settings, args.data, num_runs=args.runs, steps_per_run=args.steps,
                                samples_per_run=args.samples, merge_mode=args.merge_mode, replay=args.replay,
                                lr_schedule=args.lr_schedule, validation=args.validation, early_stopping=args.early_stopping,
                                name=args.name, fmt=args.format)  # fmt: skip
@@ -60,13 +60,13 @@ def cmd_multi_run(args: argparse.Namespace) -> int:
 def print_multi_run(run) -> None:
     from rich.console import Console
 
-    from training.multirun import forgetting_metrics
+    from training.multi_run import forgetting_metrics
 
     registry = open_registry()
     console = Console(highlight=False, soft_wrap=True)
     matrix = registry.forgetting(run.id)
     children = registry.children(run.id)
-    console.print(f"[bold]campaign {run.id}[/] {run.name or ''}  {status_markup(run.status)}  "
+    console.print(f"[bold]multi-run {run.id}[/] {run.name or ''}  {status_markup(run.status)}  "
                   f"{run.params.get('merge_mode')}, {len(children)}/{run.params.get('runs')} runs")  # fmt: skip
     for i, child in enumerate(children, 1):
         loss = f"{child.final_loss:.4f}" if child.final_loss is not None else "-"

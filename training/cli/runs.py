@@ -53,7 +53,7 @@ def cmd_show_run(args: argparse.Namespace) -> int:
 
     registry = open_registry()
     run = registry.get(args.run_id)
-    if run.kind == "multirun" and not args.json:
+    if run.kind == "multi-run" and not args.json:
         print_multi_run(run)
         return 0
     events, _ = read_events(run.path / "events.jsonl")
@@ -66,8 +66,8 @@ def cmd_show_run(args: argparse.Namespace) -> int:
     losses = [steps[s] for s in sorted(steps)]
     if args.json:
         details = {**run.to_dict(), "losses": losses, "evals": evals, "checkpoints": checkpoints}
-        if run.kind == "multirun":
-            from training.multirun import forgetting_metrics
+        if run.kind == "multi-run":
+            from training.multi_run import forgetting_metrics
 
             matrix = registry.forgetting(run.id)
             details.update(forgetting=matrix, **forgetting_metrics(matrix), children=[c.id for c in registry.children(run.id)],

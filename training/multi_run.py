@@ -1,6 +1,6 @@
-"""Multi-run continual training: one LoRA adapter carried through a campaign of runs, merged with SLAO between them.
+"""Multi-run continual training: one LoRA adapter carried through a multi-run of runs, merged with SLAO between them.
 
-A campaign is a job of kind `multirun` with one child `train` run per step:
+A multi-run is a job of kind `multi-run` with one child `train` run per step:
 
     tasks    one dataset cut into windows of `samples_per_run` rows (in file order: data that arrives over
              time), or one dataset per run; each task keeps a seeded validation slice; runs ≥ 2 may replay a
@@ -11,7 +11,7 @@ A campaign is a job of kind `multirun` with one child `train` run per step:
     measure  the merged adapter's eval loss on the validation slice of every task seen so far: one row of the
              forgetting matrix; backward transfer (BWT) and average loss come from it
 
-After every run the campaign's state is committed in one step: the tensors go to new files named by run index
+After every run the multi-run's state is committed in one step: the tensors go to new files named by run index
 (`state/merged-0003.safetensors`, `state/init-0004.safetensors`), then `state/state.json`, written atomically and
 last, points at them; older versions are deleted only after that. A crash at any moment leaves the previous
 state whole, so `backprop resume` merges each run exactly once, continuing at the run that was cut short (from
@@ -50,8 +50,8 @@ _VERSIONED = re.compile(r"(merged|init)-(\d{4})\.safetensors")
 
 
 @dataclass
-class CampaignState:
-    """Everything a resumed campaign needs, saved after each run (the tensors live beside it as safetensors)."""
+class MultiRunProgress:
+    """Everything a resumed multi-run needs, saved after each run (the tensors live beside it as safetensors)."""
 
     next_run: int = 1
     merged: str | None = None  # the file in state/ with the merged adapter after run next_run - 1
@@ -71,7 +71,7 @@ class Task:
 # ---------------------------------------------------------------------------- submitting
 
 
-def new_campaign(
+def new_multi_run(
     registry: Registry,
     settings: Settings,
     datasets: list[str],
@@ -88,7 +88,7 @@ def new_campaign(
     fmt: str | None = None,
     runs_root: Path | None = None,
 ) -> RunRecord:
-    """Check the campaign's inputs and register it (its worker plans the tasks again, from the same seed)."""
+    """Check the multi-run's inputs and register it (its worker plans the tasks again, from the same seed)."""
     from training.models import apply_model_defaults
 
     if merge_mode not in MERGE_MODES:
@@ -105,7 +105,7 @@ def new_campaign(
                             hint="With several --data files there is one run per file; leave --runs out.")  # fmt: skip
     num_runs = len(paths) if len(paths) > 1 else num_runs
     if not num_runs or num_runs < 1:
-        raise BackpropError("INPUT_INVALID_ARGUMENT", reason="a campaign needs at least one run",
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason="a multi-run needs at least one run",
                             hint="Pass --runs N (N >= 1), or several --data files.")  # fmt: skip
     settings = apply_model_defaults(settings)
     spec = {
@@ -119,11 +119,11 @@ def new_campaign(
     }  # fmt: skip
     plan_tasks(spec)  # bad data fails now, in the caller's terminal, not later in the worker
     datasets_label = ", ".join(Path(p).name for p in paths)
-    return registry.create("multirun", spec, model=settings.model, dataset=datasets_label, name=name, runs_root=runs_root)
+    return registry.create("multi-run", spec, model=settings.model, dataset=datasets_label, name=name, runs_root=runs_root)
 
 
 def plan_tasks(spec: dict[str, Any]) -> list[Task]:
-    """The campaign's tasks, the same every time for the same spec (resume depends on it)."""
+    """The multi-run's tasks, the same every time for the same spec (resume depends on it)."""
     seed = spec["settings"]["training"]["seed"]
     if len(spec["datasets"]) > 1:
         chunks = [(Path(p).stem, load_dataset(p, spec.get("format")).examples) for p in spec["datasets"]]
@@ -144,7 +144,7 @@ def plan_tasks(spec: dict[str, Any]) -> list[Task]:
 # ---------------------------------------------------------------------------- running (in the worker)
 
 
-def run_campaign(run: RunRecord, registry: Registry, control: Control, events: EventWriter) -> str:
+def run_multi_run(run: RunRecord, registry: Registry, control: Control, events: EventWriter) -> str:
     from training.trainer import new_train_run, run_training
 
     spec = json.loads((run.path / "spec.json").read_text())
@@ -154,7 +154,7 @@ def run_campaign(run: RunRecord, registry: Registry, control: Control, events: E
     tasks = plan_tasks(spec)
     total = spec["num_runs"]
     registry.update(run.id, status="running", started_at=run.started_at or time.time(), max_steps=total * spec["steps_per_run"])
-    events.emit("started", durable=True, campaign=True, runs=total, merge_mode=spec["merge_mode"],
+    events.emit("started", durable=True, multi_run=True, runs=total, merge_mode=spec["merge_mode"],
                 max_steps=total * spec["steps_per_run"],
                 resumed_from=state.next_run - 1 or None,
                 tasks=[{"name": t.name, "train": len(t.train), "validation": len(t.val)} for t in tasks])  # fmt: skip
@@ -179,8 +179,8 @@ def _check_mergeable(settings: Settings) -> None:
 
 
 def _runs(run: RunRecord, registry: Registry, control: Control, events: EventWriter, spec: dict, settings: Settings,
-          state_dir: Path, state: CampaignState, tasks: list[Task], run_training: Any, new_train_run: Any) -> str:  # fmt: skip
-    """Run i = next_run..T: train (or finish) the child, merge, measure forgetting, save the campaign's state."""
+          state_dir: Path, state: MultiRunProgress, tasks: list[Task], run_training: Any, new_train_run: Any) -> str:  # fmt: skip
+    """Run i = next_run..T: train (or finish) the child, merge, measure forgetting, save the multi-run's state."""
     total = spec["num_runs"]
     evaluator = None
     for i in range(state.next_run, total + 1):
@@ -230,13 +230,13 @@ def _runs(run: RunRecord, registry: Registry, control: Control, events: EventWri
     return _end(registry, run, events, "completed", None)
 
 
-def _child_run(registry: Registry, campaign: RunRecord, spec: dict, settings: Settings, state: CampaignState,
+def _child_run(registry: Registry, multi_run: RunRecord, spec: dict, settings: Settings, state: MultiRunProgress,
                tasks: list[Task], i: int, new_train_run: Any) -> RunRecord:  # fmt: skip
-    """Run i's child: the one a crashed campaign already made, or a new one with its data, LR and initialisation."""
+    """Run i's child: the one a crashed multi-run already made, or a new one with its data, LR and initialisation."""
     if str(i) in state.children:
         return registry.get(state.children[str(i)])
-    data_dir = campaign.path / "data"
-    state_dir = campaign.path / "state"
+    data_dir = multi_run.path / "data"
+    state_dir = multi_run.path / "state"
     train = list(tasks[i - 1].train)
     if i > 1 and spec["replay"]:
         earlier = [e for t in tasks[: i - 1] for e in t.train]
@@ -250,13 +250,13 @@ def _child_run(registry: Registry, campaign: RunRecord, spec: dict, settings: Se
                  "early_stopping_patience": 2 if spec["early_stopping"] else 0}  # fmt: skip
     child_settings = settings.model_copy(update={"training": settings.training.model_copy(update=overrides)})
     init = state_dir / _init_name(i)
-    if i > 1 and not init.exists():  # a campaign saved by a version with one unversioned file
+    if i > 1 and not init.exists():  # a multi-run saved by a version with one unversioned file
         init = state_dir / "next_init.safetensors"
     child = new_train_run(registry, child_settings, str(data_dir / f"run-{i}.train.jsonl"),
-                          name=f"{campaign.name or campaign.id} run {i}/{spec['num_runs']}", parent_id=campaign.id,
+                          name=f"{multi_run.name or multi_run.id} run {i}/{spec['num_runs']}", parent_id=multi_run.id,
                           extra={"validation_data": str(data_dir / f"run-{i}.val.jsonl"),
                                  "init_adapter": str(init) if i > 1 else None},
-                          runs_root=campaign.path.parent)  # fmt: skip
+                          runs_root=multi_run.path.parent)  # fmt: skip
     state.children[str(i)] = child.id
     return child
 
@@ -272,7 +272,7 @@ def lr_factor(schedule: str, i: int, total: int) -> float:
 
 
 def forgetting_metrics(matrix: list[list[float | None]]) -> dict[str, float | None]:
-    """BWT on loss: mean over earlier tasks j of (L[T][j] − L[j][j]); positive means the campaign forgot."""
+    """BWT on loss: mean over earlier tasks j of (L[T][j] − L[j][j]); positive means the multi-run forgot."""
     if not matrix:
         return {"bwt": None, "average_loss": None}
     last = [v for v in matrix[-1] if v is not None]
@@ -281,8 +281,8 @@ def forgetting_metrics(matrix: list[list[float | None]]) -> dict[str, float | No
     return {"bwt": sum(earlier) / len(earlier) if earlier else 0.0, "average_loss": sum(last) / len(last)}
 
 
-def _relay(events: EventWriter, i: int, offset: int, registry: Registry, campaign_id: str):
-    """Copy a child's progress into the campaign's own events, on one step axis across runs."""
+def _relay(events: EventWriter, i: int, offset: int, registry: Registry, multi_run_id: str):
+    """Copy a child's progress into the multi-run's own events, on one step axis across runs."""
     last_write = [0.0]
 
     def relay(event: dict[str, Any]) -> None:
@@ -290,17 +290,17 @@ def _relay(events: EventWriter, i: int, offset: int, registry: Registry, campaig
             fields = {k: v for k, v in event.items() if k not in ("t", "event", "step", "max_steps")}
             events.emit(event["event"], run=i, step=offset + event["step"], run_step=event["step"], **fields)
             if time.time() - last_write[0] > 1.0 and event["event"] == "step":
-                registry.update(campaign_id, step=offset + event["step"], loss=event["loss"], heartbeat=time.time())
+                registry.update(multi_run_id, step=offset + event["step"], loss=event["loss"], heartbeat=time.time())
                 last_write[0] = time.time()
         elif event["event"] in ("paused", "resumed"):
             events.emit(event["event"], **{k: v for k, v in event.items() if k not in ("t", "event")})
-            registry.update(campaign_id, status="paused" if event["event"] == "paused" else "running",
+            registry.update(multi_run_id, status="paused" if event["event"] == "paused" else "running",
                             reason=event.get("reason") if event["event"] == "paused" else None)  # fmt: skip
 
     return relay
 
 
-def _rewrite_records(run: RunRecord, registry: Registry, events: EventWriter, state: CampaignState) -> None:
+def _rewrite_records(run: RunRecord, registry: Registry, events: EventWriter, state: MultiRunProgress) -> None:
     """The registry's forgetting rows and the merge events follow a state commit: write any a crash lost."""
     for i, row in enumerate(state.forgetting, 1):
         registry.record_forgetting(run.id, i, row)  # idempotent
@@ -312,13 +312,15 @@ def _rewrite_records(run: RunRecord, registry: Registry, events: EventWriter, st
 
 def _end(registry: Registry, run: RunRecord, events: EventWriter, status: str, message: str | None) -> str:
     if message:
-        events.emit("log", durable=True, level="warning", message=f"{message}; `backprop resume {run.id}` continues the campaign")
+        events.emit(
+            "log", durable=True, level="warning", message=f"{message}; `backprop resume {run.id}` continues the multi-run"
+        )
     registry.update(run.id, status=status, ended_at=time.time(), reason=None, heartbeat=time.time())
     return status
 
 
 class _Evaluator:
-    """The base model with the campaign's LoRA layout: loss of any adapter weights on any examples."""
+    """The base model with the multi-run's LoRA layout: loss of any adapter weights on any examples."""
 
     def __init__(self, settings: Settings, adapter_dir: Path, spec: dict[str, Any]):
         import torch
@@ -383,9 +385,9 @@ def _save_tensors(path: Path, tensors: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _load_state(state_dir: Path) -> CampaignState:
+def _load_state(state_dir: Path) -> MultiRunProgress:
     path = state_dir / "state.json"
-    state = CampaignState(**json.loads(path.read_text())) if path.exists() else CampaignState()
+    state = MultiRunProgress(**json.loads(path.read_text())) if path.exists() else MultiRunProgress()
     if state.next_run > 1 and state.merged is None:  # saved by a version with one unversioned file
         state.merged = "merged.safetensors"
     return state
@@ -400,7 +402,7 @@ def _init_name(i: int) -> str:
     return f"init-{i:04d}.safetensors"
 
 
-def _drop_old_versions(state_dir: Path, state: CampaignState) -> None:
+def _drop_old_versions(state_dir: Path, state: MultiRunProgress) -> None:
     """After a commit: merged adapters other than the current one, and the initialisations of finished runs."""
     for path in state_dir.iterdir():
         match = _VERSIONED.fullmatch(path.name)

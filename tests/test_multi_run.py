@@ -1,7 +1,7 @@
-"""Multi-run campaigns for real on the tiny model: SLAO merges, the forgetting matrix, crash-safe resume.
+"""Multi-run multi-runs for real on the tiny model: SLAO merges, the forgetting matrix, crash-safe resume.
 
 Crashes are real: the worker is SIGKILLed, by the test or at a named point of its own (CRASH_AT_ENV, the
-campaign's one fault-injection hook). A simulated sensor file stands in for GPU readings to pause a child.
+multi-run's one fault-injection hook). A simulated sensor file stands in for GPU readings to pause a child.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from training import jobs, runs, slao
 from training.config import load_settings, nest_options
 from training.errors import BackpropError
 from training.events import read_events
-from training.multirun import CRASH_AT_ENV, forgetting_metrics, lr_factor
+from training.multi_run import CRASH_AT_ENV, forgetting_metrics, lr_factor
 from training.runs import Registry
 
 
-def campaign(**options) -> str:
+def multi_run(**options) -> str:
     settings = load_settings(**nest_options({"model": "demo", "save_every": 10, "seed": 7}))
     defaults = {"num_runs": 3, "steps_per_run": 30, "samples_per_run": 13, "validation": 0.25}
-    return jobs.submit_campaign(settings, [str(DEMO_DATA)], **{**defaults, **options}).id
+    return jobs.submit_multi_run(settings, [str(DEMO_DATA)], **{**defaults, **options}).id
 
 
 def finished(registry: Registry, run_id: str, timeout: float = 400):
@@ -35,7 +35,7 @@ def finished(registry: Registry, run_id: str, timeout: float = 400):
         run = registry.get(run_id)
         return run if run.status not in ("queued", "running", "paused") else None
 
-    return wait_for(ended, timeout, "the campaign")
+    return wait_for(ended, timeout, "the multi-run")
 
 
 def merge_events(registry: Registry, run_id: str) -> list[dict]:
@@ -64,10 +64,10 @@ def test_learning_rate_schedules_across_runs():
 
 
 @pytest.mark.slow
-def test_a_three_run_campaign_merges_with_slao_and_measures_forgetting(home):
+def test_a_three_run_multi_run_merges_with_slao_and_measures_forgetting(home):
     registry = Registry(home)
-    run = finished(registry, campaign())
-    assert run.status == "completed" and run.kind == "multirun"
+    run = finished(registry, multi_run())
+    assert run.status == "completed" and run.kind == "multi-run"
     children = registry.children(run.id)
     assert [c.status for c in children] == ["completed"] * 3 and all(c.step == 30 for c in children)
 
@@ -103,12 +103,12 @@ def test_a_three_run_campaign_merges_with_slao_and_measures_forgetting(home):
 
 
 @pytest.mark.slow
-def test_a_campaign_killed_in_its_last_run_resumes_to_the_same_adapter(home):
+def test_a_multi_run_killed_in_its_last_run_resumes_to_the_same_adapter(home):
     registry = Registry(home)
-    reference = finished(registry, campaign(name="reference"))
+    reference = finished(registry, multi_run(name="reference"))
     assert reference.status == "completed"
 
-    run_id = campaign(name="killed")
+    run_id = multi_run(name="killed")
 
     def third_run_checkpointed():
         children = registry.children(run_id)
@@ -116,7 +116,7 @@ def test_a_campaign_killed_in_its_last_run_resumes_to_the_same_adapter(home):
 
     wait_for(third_run_checkpointed, 400, "a checkpoint in run 3")
     os.killpg(registry.get(run_id).pid, signal.SIGKILL)
-    wait_for(lambda: registry.get(run_id).status == "interrupted", 30, "the campaign to show interrupted")
+    wait_for(lambda: registry.get(run_id).status == "interrupted", 30, "the multi-run to show interrupted")
     assert registry.children(run_id)[2].status == "interrupted"
 
     out = backprop("resume", run_id, "--json", timeout=400)
@@ -131,10 +131,10 @@ def test_a_campaign_killed_in_its_last_run_resumes_to_the_same_adapter(home):
     assert flat[0] == pytest.approx(flat[1], rel=1e-3)
 
 
-def test_bad_campaign_inputs_are_coded_errors(home, tmp_path):
+def test_bad_multi_run_inputs_are_coded_errors(home, tmp_path):
     settings = load_settings(model="demo")
     with pytest.raises(BackpropError) as error:
-        jobs.submit_campaign(settings, [str(DEMO_DATA)], num_runs=0)
+        jobs.submit_multi_run(settings, [str(DEMO_DATA)], num_runs=0)
     assert error.value.code == "INPUT_INVALID_ARGUMENT" and "at least one run" in error.value.message
     out = backprop("multi-run", "--model", "demo", "--data", str(DEMO_DATA), "--runs", "4", "--samples", "20")
     assert out.returncode == 1 and "INPUT_DATASET_TOO_SMALL" in out.stderr and "need 80 rows" in out.stderr
@@ -144,10 +144,10 @@ def test_bad_campaign_inputs_are_coded_errors(home, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_campaign_killed_between_its_tensors_and_its_state_merges_every_run_exactly_once(home, monkeypatch):
+def test_a_multi_run_killed_between_its_tensors_and_its_state_merges_every_run_exactly_once(home, monkeypatch):
     registry = Registry(home)
     options = {"num_runs": 2, "steps_per_run": 10}
-    reference = finished(registry, campaign(name="reference", **options))
+    reference = finished(registry, multi_run(name="reference", **options))
     assert reference.status == "completed"
 
     def killed(run_id: str):
@@ -155,7 +155,7 @@ def test_a_campaign_killed_between_its_tensors_and_its_state_merges_every_run_ex
 
     # Killed right after run 1's state was committed, before its merge event and forgetting row were written.
     monkeypatch.setenv(CRASH_AT_ENV, "committed:1")
-    run = killed(campaign(name="killed", **options))
+    run = killed(multi_run(name="killed", **options))
     state_dir = run.path / "state"
     state = json.loads((state_dir / "state.json").read_text())
     assert (state["next_run"], state["merged"]) == (2, "merged-0001.safetensors")
@@ -227,7 +227,7 @@ def test_a_paused_child_keeps_its_heartbeat_and_is_never_taken_for_dead(home, tm
     # This test's registry takes 15 s of silence for a dead worker (the watcher beats every 5 s).
     monkeypatch.setattr(runs, "STALE_HEARTBEAT_S", 15)
     registry = Registry(home)
-    run_id = campaign(num_runs=2, steps_per_run=5000)
+    run_id = multi_run(num_runs=2, steps_per_run=5000)
     child = wait_for(lambda: (c := registry.children(run_id)) and c[0].step >= 2 and c[0], 400, "run 1 to train")
     write_sensor(sensor, temp=95)
     paused = wait_for(lambda: registry.get(child.id).status == "paused" and registry.get(child.id), 120, "the pause")
@@ -244,7 +244,7 @@ def test_a_paused_child_keeps_its_heartbeat_and_is_never_taken_for_dead(home, tm
 
 
 def test_a_model_without_a_chat_template_is_refused_before_any_run(home, plain_model_dir):
-    run = jobs.submit_campaign(load_settings(model=str(plain_model_dir), max_run_minutes=0), [str(DEMO_DATA)], num_runs=2,
+    run = jobs.submit_multi_run(load_settings(model=str(plain_model_dir), max_run_minutes=0), [str(DEMO_DATA)], num_runs=2,
                                steps_per_run=2)  # fmt: skip
     events = list(jobs.follow(Registry(home), run.id))
     final = Registry(home).get(run.id)

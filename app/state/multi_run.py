@@ -1,4 +1,4 @@
-"""The Multi-Run page: a continual-training campaign with SLAO merging, its runs, merges and forgetting matrix, live."""
+"""The Multi-Run page: a continual-training multi-run with SLAO merging, its runs, merges and forgetting matrix, live."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from app.state.train import DEMO_DATASET
 from training import jobs
 from training.config import load_settings, nest_options
 from training.errors import BackpropError
-from training.multirun import forgetting_metrics
+from training.multi_run import forgetting_metrics
 from training.runs import ACTIVE, Registry
 
 
@@ -27,9 +27,9 @@ def heat(value: float | None, low: float, high: float) -> str:
     return f"hsl({round(120 * (1 - share))}, 65%, 55%)"
 
 
-def campaign_view(registry: Registry, campaign_id: str, progress: Progress) -> dict:
-    """Everything the page shows of a campaign, as plain strings (and the loss plot), its events read up to now."""
-    run = registry.get(campaign_id)
+def multi_run_view(registry: Registry, multi_run_id: str, progress: Progress) -> dict:
+    """Everything the page shows of a multi-run, as plain strings (and the loss plot), its events read up to now."""
+    run = registry.get(multi_run_id)
     children = registry.children(run.id)
     progress.read()
     merges = progress.merges
@@ -65,7 +65,7 @@ class MultiRunState(rx.State):
     lr_schedule: str = "constant"
     validation: str = "0.25"
 
-    campaign_id: str = ""
+    multi_run_id: str = ""
     status: str = ""
     step: str = ""
     loss: Plot = Plot()
@@ -94,7 +94,7 @@ class MultiRunState(rx.State):
         settings = load_settings(**nest_options({"model": self.model.strip() or None}))
         files = [line.strip() for line in self.datasets.splitlines() if line.strip()]
         try:
-            run = jobs.submit_campaign(
+            run = jobs.submit_multi_run(
                 settings, files, num_runs=int(self.runs) if len(files) == 1 else None, steps_per_run=int(self.steps),
                 samples_per_run=int(self.samples) if self.samples.strip() else None, merge_mode=self.merge_mode,
                 replay=float(self.replay or 0), lr_schedule=self.lr_schedule, validation=float(self.validation),
@@ -103,30 +103,30 @@ class MultiRunState(rx.State):
         except ValueError as exc:  # a number field that does not hold a number
             raise BackpropError("INPUT_INVALID_ARGUMENT", reason=str(exc), hint="Type numbers in Runs, Steps per run, "
                                 "Samples per run, Replay and Validation.") from None  # fmt: skip
-        self.campaign_id, self.children, self.merges, self.cells, self.bwt, self.average = run.id, [], [], [], "", ""
+        self.multi_run_id, self.children, self.merges, self.cells, self.bwt, self.average = run.id, [], [], [], "", ""
         self.loss = Plot()
         return MultiRunState.follow
 
     @handler()
     def reattach(self):
-        if not self.campaign_id:
-            active = [r for r in Registry(load_settings().home).list(kind="multirun") if r.status in ACTIVE]
+        if not self.multi_run_id:
+            active = [r for r in Registry(load_settings().home).list(kind="multi-run") if r.status in ACTIVE]
             if not active:
                 return
-            self.campaign_id = active[0].id
+            self.multi_run_id = active[0].id
         return MultiRunState.follow
 
-    @handler(background=True, busy="_following", claim=lambda state: state.campaign_id)
+    @handler(background=True, busy="_following", claim=lambda state: state.multi_run_id)
     async def follow(self):
-        """Follow the campaign this handler claimed until it ends or the tab starts another."""
+        """Follow the multi-run this handler claimed until it ends or the tab starts another."""
         async with self:
-            campaign_id = self._following
+            multi_run_id = self._following
         registry = Registry(load_settings().home)
-        progress = Progress(registry.get(campaign_id).path / "events.jsonl")
+        progress = Progress(registry.get(multi_run_id).path / "events.jsonl")
         while True:
-            view = await asyncio.to_thread(campaign_view, registry, campaign_id, progress)
+            view = await asyncio.to_thread(multi_run_view, registry, multi_run_id, progress)
             async with self:
-                if self.campaign_id != campaign_id:
+                if self.multi_run_id != multi_run_id:
                     return
                 assign_changed(self, view)
             if view["status"] not in ACTIVE:
