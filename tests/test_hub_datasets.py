@@ -166,6 +166,8 @@ def test_backprop_validate_reads_every_shard_of_a_hub_dataset(repo, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert (report["file_type"], report["rows"], report["valid_rows"], report["format"]) == ("hub", 6, 6, "alpaca")
+    streamed = backprop("validate", "owner/agent-set:alpaca@train", "--no-tokens", "--json", "--streaming", env=env)
+    assert streamed.returncode == 0 and json.loads(streamed.stdout)["rows"] == 6, streamed.stderr
 
     offline = backprop("validate", "someone/not-cached", "--no-tokens", env=env)
     assert offline.returncode == 2 and "[DEP_DATASET_DOWNLOAD_FAILED]" in offline.stdout + offline.stderr

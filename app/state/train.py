@@ -35,7 +35,7 @@ def model_choices() -> list[str]:
 def detect(path: str) -> str:
     """The dataset's format from its first rows (cheap: the file is not read whole)."""
     try:
-        rows = [r for _, r in islice(iter_rows(resolve_path(path)), 20) if isinstance(r, dict)]
+        rows = [r for _, r in islice(iter_rows(resolve_path(path, streaming=True)), 20) if isinstance(r, dict)]
     except BackpropError as exc:
         return f"[{exc.code}] {exc.message}"
     formats = {f for f in (detect_format(r) for r in rows) if f}

@@ -13,8 +13,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                               description="Exit 0: all rows valid; 3: some rows invalid; 1: unusable.")  # fmt: skip
     validate.add_argument("data")
     validate.add_argument("--format", choices=DATASET_FORMATS)
-    validate.add_argument("--model", "-m", default="demo", help="tokenizer for token-length stats (default: demo)")
+    validate.add_argument("--model", "-m", default="demo", help="tokenizer: token lengths, template check (default demo)")
     validate.add_argument("--no-tokens", action="store_true", help="skip token-length stats (fastest)")
+    validate.add_argument("--streaming", action="store_true",
+                          help="hub datasets: read rows over the network, no download of the split")  # fmt: skip
     validate.add_argument("--json", action="store_true")
     validate.set_defaults(handler=cmd_validate)
 
@@ -27,7 +29,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from training.models import load_tokenizer, resolve_model
 
         tokenizer = load_tokenizer(resolve_model(args.model))
-    report = scan(args.data, args.format, tokenizer=tokenizer)
+    report = scan(args.data, args.format, tokenizer=tokenizer, streaming=args.streaming)
     code = 1 if not report.usable else (3 if report.error_count else 0)
     if args.json:
         print(json.dumps({**report.to_dict(), "tokenizer": None if args.no_tokens else args.model}))
