@@ -48,6 +48,12 @@ def test_the_loss_axis_spans_the_whole_run_so_the_curve_grows_across_it():
     assert [t.label for t in early.x_ticks] == ["0", "25", "50", "75", "100"]
 
 
+def test_a_short_run_labels_each_step_once_where_it_is():
+    short = loss_plot([{"step": 1, "loss": 3.0}, {"step": 3, "loss": 2.0}], max_steps=3)
+    assert [t.label for t in short.x_ticks] == ["0", "1", "2", "3"]
+    assert [t.at for t in short.x_ticks] == ["0.0%", "33.3%", "66.7%", "100.0%"]
+
+
 def test_losses_are_never_drawn_below_zero_and_eval_points_get_dots():
     shown = loss_plot([{"step": 1, "loss": 0.01}, {"step": 2, "loss": 0.02}, {"step": 2, "eval_loss": 0.03}], max_steps=2)
     assert float(shown.y_ticks[-1].label) >= 0  # the bottom tick (5% padding would go negative)

@@ -75,7 +75,9 @@ def plot(lines: list[Line], x_range: tuple[float, float] | None = None, y_range:
             last=_label(last) if last is not None else "",
         ))  # fmt: skip
     y_ticks = [Tick(f"{100 * i / ticks:.1f}%", _label(y1 - (y1 - y0) * i / ticks)) for i in range(ticks + 1)]
-    x_ticks = [Tick(f"{100 * i / ticks:.1f}%", _label(x0 + (x1 - x0) * i / ticks, integer=True)) for i in range(ticks + 1)]
+    # The x axis counts steps (or seconds): whole numbers only, each once, placed where it really is.
+    whole = sorted({round(x0 + (x1 - x0) * i / ticks) for i in range(ticks + 1)} & set(range(math.ceil(x0), math.floor(x1) + 1)))
+    x_ticks = [Tick(f"{100 * (x - x0) / (x1 - x0):.1f}%", _label(x, integer=True)) for x in whole]
     return Plot(series=series, y_ticks=y_ticks, x_ticks=x_ticks, empty=False)
 
 
