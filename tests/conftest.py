@@ -97,3 +97,15 @@ def wait_for(predicate, timeout: float = 180, what: str = "condition"):
 def write_lines(path: Path, lines: list[str | bytes]) -> Path:
     path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
     return path
+
+
+async def inside_app(scope, receive, send):
+    """A tiny ASGI app for gate tests: answers 'inside' over HTTP, accepts websockets."""
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": "inside"})
+        await send({"type": "websocket.close", "code": 1000})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"inside"})

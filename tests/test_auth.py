@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DATA, backprop, wait_for
+from conftest import DEMO_DATA, backprop, inside_app, wait_for
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from test_gate import OWN_NAME, TUNNEL, http_request, real_matrix, websocket_handshake
 from test_ui import free_port, upload
@@ -110,22 +110,10 @@ def test_auth_without_a_password_is_a_coded_error(home, monkeypatch):
 # --- the gate, in process ---------------------------------------------------------------------------------------------
 
 
-async def inner_app(scope, receive, send):
-    """What the gate protects: answers 'inside' over HTTP, accepts websockets."""
-    if scope["type"] == "websocket":
-        await receive()
-        await send({"type": "websocket.accept"})
-        await send({"type": "websocket.send", "text": "inside"})
-        await send({"type": "websocket.close", "code": 1000})
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": b"inside"})
-
-
 @pytest.fixture
 def gate(tmp_path):
     auth = Auth(True, hash_password(PASSWORD), session_secret(tmp_path), session_hours=1, max_failed_logins=3)
-    return TestClient(AuthGate(inner_app, auth), base_url="http://127.0.0.1", follow_redirects=False)
+    return TestClient(AuthGate(inside_app, auth), base_url="http://127.0.0.1", follow_redirects=False)
 
 
 def sign_in(client: TestClient, password: str = PASSWORD, next: str = "/") -> object:
@@ -173,7 +161,7 @@ def test_sign_in_never_redirects_to_another_site(gate, target):
 
 def test_with_auth_off_only_the_host_and_origin_check_stands_in_front_of_the_app(home, monkeypatch):
     monkeypatch.setenv("BACKPROPAGATE_UI__AUTH", "false")
-    client = TestClient(protect(inner_app, load_settings()), base_url="http://127.0.0.1:7862")
+    client = TestClient(protect(inside_app, load_settings()), base_url="http://127.0.0.1:7862")
     own = {"origin": "http://127.0.0.1:7862"}
     assert client.get("/runs").text == "inside" and client.post("/_upload", headers=own).text == "inside"
     assert client.get("/login").text == "inside"  # no sign-in form: the app's own routes

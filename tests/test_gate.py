@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DEMO_DATA, wait_for
+from conftest import DEMO_DATA, inside_app, wait_for
 from starlette.testclient import TestClient, WebSocketDenialResponse
 from test_ui import CHROMIUM, Server, browser, upload  # noqa: F401 (browser: chromium, a fixture)
 
@@ -83,18 +83,6 @@ def table(results: dict[tuple[str, str | None, str], str], port: int) -> str:
 # --- in process: the ASGI gate with a tiny app behind it ---------------------------------------------------------------
 
 
-async def tiny_app(scope, receive, send):
-    """What the gate protects: answers over HTTP, accepts websockets."""
-    if scope["type"] == "websocket":
-        await receive()
-        await send({"type": "websocket.accept"})
-        await send({"type": "websocket.send", "text": "inside"})
-        await send({"type": "websocket.close", "code": 1000})
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": b"inside"})
-
-
 def gate_settings(monkeypatch, home: Path, auth: bool):
     monkeypatch.setenv("BACKPROPAGATE_HOME", str(home))
     monkeypatch.setenv("BACKPROPAGATE_UI__PORT", str(PORT))
@@ -108,7 +96,7 @@ def gate_settings(monkeypatch, home: Path, auth: bool):
 def clients(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         home = tmp_path_factory.mktemp("gate")
-        return {auth: TestClient(protect(tiny_app, gate_settings(monkeypatch, home, auth)), base_url=f"http://127.0.0.1:{PORT}",
+        return {auth: TestClient(protect(inside_app, gate_settings(monkeypatch, home, auth)), base_url=f"http://127.0.0.1:{PORT}",
                                  follow_redirects=False) for auth in (False, True)}  # fmt: skip
 
 
