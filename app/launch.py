@@ -134,6 +134,7 @@ class Children:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._pending = self._pending or -1  # from here a signal only waits: the clean-up below must run whole
         for sig in self._previous:
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C does not cut the clean-up short
         try:

@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     telemetry_file: Path | None = Field(None, description="simulated sensor readings (testing and demos)")
     stop_grace_seconds: float = Field(30, ge=0, description="graceful stop, then forced after this long")
     script_startup_s: float = Field(
-        120, ge=0, description="a script that sends no started/step message this long (or a time box, if longer) is time-boxed"
+        120, ge=0, description="a script that sends no step message this long (or a time box, if longer) is time-boxed"
     )
 
     @classmethod

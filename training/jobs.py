@@ -26,7 +26,7 @@ from training import atomic
 from training.config import Settings
 from training.errors import BackpropError
 from training.events import Event, read_events
-from training.runs import ACTIVE, Registry, RunRecord, pid_alive, worker_alive
+from training.runs import ACTIVE, Registry, RunRecord, pid_alive, refuse_unless_resumable, worker_alive
 
 FOLLOW_POLL_S = 0.2
 WORKER_EXIT_WAIT_S = 30  # a worker that has written its final status exits within moments
@@ -51,7 +51,7 @@ def submit_train(
 
 
 def submit_multi_run(settings: Settings, datasets: list[str], **options: Any) -> RunRecord:
-    """Register a multi-run multi-run (see training/multi_run.py for the options) and start its worker."""
+    """Register a multi-run (see training/multi_run.py for the options) and start its worker."""
     from training.multi_run import new_multi_run
 
     registry = Registry(settings.home)
@@ -116,6 +116,8 @@ def resume(
         deadline = time.monotonic() + WORKER_EXIT_WAIT_S
         while worker_alive(run.pid, run.path) and time.monotonic() < deadline:
             time.sleep(0.05)
+    run = registry.get(run.id)
+    refuse_unless_resumable(run)  # first: a run that cannot resume anyway is not worth hashing its data
     if run.kind == "train" and not allow_changed_data:
         _refuse_changed_dataset(registry, run)
     run = registry.claim_for_resume(run.id, os.getpid())

@@ -383,6 +383,7 @@ def _save_tensors(path: Path, tensors: dict[str, Any]) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     tmp.replace(path)
+    atomic.fsync_dir(path.parent)  # the rename itself must be on disk before state.json names the file
 
 
 def _load_state(state_dir: Path) -> MultiRunProgress:

@@ -342,16 +342,7 @@ class Registry:
             if row is None:
                 raise BackpropError("INPUT_RUN_NOT_FOUND", run_id=run_id)
             run = self._record(row)
-            held = _held(run)
-            if held and run.status in ACTIVE:
-                raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)
-            if held:  # its status says it ended, but its worker lives on (finishing, or hung)
-                raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid,
-                                    message=f"Run {run.id} is {run.status}, but its worker (pid {run.pid}) is still alive",
-                                    hint=f"Wait for it to exit, or end it with `kill {run.pid}`, then resume.")  # fmt: skip
-            status = "interrupted" if run.status in ACTIVE else run.status  # its holder is gone
-            if status not in RESUMABLE:
-                raise BackpropError("STATE_NOT_RESUMABLE", run_id=run.id, reason=f"it is {status}")
+            refuse_unless_resumable(run)
             now = time.time()
             db.execute(
                 "UPDATE runs SET status = 'queued', queued_at = ?, reason = NULL, pid = ?, heartbeat = ?, ended_at = NULL,"
@@ -481,6 +472,24 @@ def worker_alive(pid: int, run_dir: Path) -> bool:
     except psutil.Error:
         return False
     return "training.worker" in command and str(run_dir) in command
+
+
+def refuse_unless_resumable(run: RunRecord) -> None:
+    """STATE_* unless `run` may be resumed now: not held by a live worker, resumable, and not a multi-run's child
+    (its multi-run's worker trains it: resuming the child alone would put two trainers on it)."""
+    if run.parent_id:
+        raise BackpropError("STATE_NOT_RESUMABLE", run_id=run.id, reason=f"it is a run of multi-run {run.parent_id}",
+                            hint=f"Resume the multi-run: backprop resume {run.parent_id}")  # fmt: skip
+    held = _held(run)
+    if held and run.status in ACTIVE:
+        raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid)
+    if held:  # its status says it ended, but its worker lives on (finishing, or hung)
+        raise BackpropError("STATE_RUN_ACTIVE", run_id=run.id, status=run.status, pid=run.pid,
+                            message=f"Run {run.id} is {run.status}, but its worker (pid {run.pid}) is still alive",
+                            hint=f"Wait for it to exit, or end it with `kill {run.pid}`, then resume.")  # fmt: skip
+    status = "interrupted" if run.status in ACTIVE else run.status  # its holder is gone
+    if status not in RESUMABLE:
+        raise BackpropError("STATE_NOT_RESUMABLE", run_id=run.id, reason=f"it is {status}")
 
 
 def pid_alive(pid: int) -> bool:

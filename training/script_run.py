@@ -11,9 +11,9 @@ line by line:
     {"event": "checkpoint_saved", "path": "ckpt/step_10.pt", "step": 10}
     anything else                              kept in the run's log as-is
 A script that stops itself at its time box says so with `{"event": "timeboxed"}` (or exit code 3). The time box
-counts training: it starts at the script's first `started` or step message, not at its launch (imports and loading
-do not use it up). A script that sends neither is time-boxed from its launch, once `script_startup_s` (default two
-minutes) or a whole time box, if longer, has passed.
+counts training: it starts at the script's first step message, not at its launch (imports, loading and a slow first
+step do not use it up), so every session makes a step. A script that sends no step is time-boxed from its launch,
+once `script_startup_s` (default two minutes) or a whole time box, if longer, has passed.
 Pausing is SIGSTOP/SIGCONT of its process group; stopping is SIGINT, then SIGKILL after a grace period.
 """
 
@@ -115,7 +115,7 @@ def _supervise(process: subprocess.Popen, run: RunRecord, registry: Registry, se
                 registry.update(run.id, status="running", reason=None)
             allowance = max(control.time_box_s or 0, settings.script_startup_s)
             if control.deadline is None and control.time_box_s and time.monotonic() - launched >= allowance:
-                events.emit("log", level="warning", message=f"the script sent no `started` or step message in the {allowance:g} s"
+                events.emit("log", level="warning", message=f"the script sent no step message in the {allowance:g} s"
                             " since its launch: its time box is counted from its launch")  # fmt: skip
                 control.deadline = time.monotonic()
             if control.stop.is_set() or control.timed_out():
@@ -177,7 +177,7 @@ class _OutputReader(threading.Thread):
             return
         kind = message.pop("event", "step")
         message.pop("t", None)
-        if kind in ("started", "step") and self.control.start_clock():
+        if kind == "step" and self.control.start_clock():
             self.events.emit("log", level="info", message=f"time box: {self.control.time_box_s / 60:g} min of training from now")
         if kind not in SCRIPT_EVENTS:
             self.events.emit("log", level="info", message=line[:2000], source="script")

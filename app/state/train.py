@@ -33,7 +33,7 @@ def model_choices() -> list[str]:
 
 
 def detect(path: str) -> str:
-    """The dataset's format from its first rows (cheap: the file is not read whole)."""
+    """The dataset's format from its first rows (a .jsonl file or a hub dataset is not read whole)."""
     try:
         rows = [r for _, r in islice(iter_rows(resolve_path(path, streaming=True)), 20) if isinstance(r, dict)]
     except BackpropError as exc:
