@@ -51,6 +51,18 @@ class TrainingSettings(BaseModel):
     qlora: bool = False
     use_unsloth: bool = True
     bf16: bool | None = None  # None: bf16 on CUDA when supported, fp32 on CPU
+    loss_kernel: str = Field(
+        "auto", pattern="^(auto|liger|chunked|plain)$",
+        description="auto: liger-kernel's fused linear cross-entropy on CUDA when installed, else chunked (never all logits "
+        "at once); plain: all logits (used anyway when the output head is trained)",
+    )  # fmt: skip
+    attention: str = Field(
+        "auto", pattern="^(auto|sdpa|eager|flash_attention_2)$",
+        description="auto: flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed, else sdpa",
+    )  # fmt: skip
+    gradient_checkpointing: bool | None = Field(
+        None, description="None: on when a micro-batch's estimated activations would not fit in free VRAM (CUDA only)"
+    )
 
 
 class UiSettings(BaseModel):

@@ -374,14 +374,14 @@ class _Loop:
                 )
 
     def _loss(self, batch) -> Any:
-        return target_loss(self.model, batch, self.device)
+        return target_loss(self.model, batch, self.device, self.t.loss_kernel)
 
     def _evaluate(self, step: int) -> float | None:
         if not self.val_encoded:
             return None
         self.model.eval()
         eval_loss = mean_loss(self.model, self.val_encoded, self.plan.batch_size, self.t.max_seq_length, self.t.packing,
-                              self.tokenizer.pad_token_id, self.device)  # fmt: skip
+                              self.tokenizer.pad_token_id, self.device, self.t.loss_kernel)  # fmt: skip
         self.model.train()
         self.events.emit("eval", step=step, eval_loss=round(eval_loss, 5))
         self.registry.update(self.run_record.id, eval_loss=eval_loss)
@@ -436,9 +436,10 @@ def check_dataset_unchanged(run: RunRecord, path: str, sha256: str | None, resum
         raise BackpropError("INPUT_DATASET_CHANGED", path=path, run_id=run.id, recorded=run.dataset_sha256, current=sha256)
 
 
-def target_loss(model: Any, batch: Batch, device: str) -> Any:
-    """Summed cross-entropy over the tokens that carry loss; logits only where they are needed."""
-    import torch.nn.functional as F
+def target_loss(model: Any, batch: Batch, device: str, kernel: str = "auto") -> Any:
+    """Summed cross-entropy over the tokens that carry loss; logits only where they are needed, a chunk at a time
+    (training/loss.py; `kernel` is the `training.loss_kernel` setting)."""
+    from training.loss import head_loss, loss_kernel
 
     base = model.get_base_model()
     decoder, head = base.get_decoder(), base.get_output_embeddings()
@@ -450,11 +451,12 @@ def target_loss(model: Any, batch: Batch, device: str) -> Any:
     ).last_hidden_state
     labels = batch.labels.to(device)[:, 1:]
     keep = labels != -100
-    logits = head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    return head_loss(hidden[:, :-1][keep], head, labels[keep], loss_kernel(head, device, kernel))
 
 
-def mean_loss(model: Any, encoded: list, batch_size: int, max_len: int, packing: bool, pad_id: int, device: str) -> float:
+def mean_loss(
+    model: Any, encoded: list, batch_size: int, max_len: int, packing: bool, pad_id: int, device: str, kernel: str = "auto"
+) -> float:
     """Loss per target token over a set of encoded examples, in a fixed order (no gradients)."""
     import torch
 
@@ -463,7 +465,7 @@ def mean_loss(model: Any, encoded: list, batch_size: int, max_len: int, packing:
     with torch.no_grad():
         for rows in plan.epoch(0):
             batch = collate(rows, pad_id, packing)
-            total += float(target_loss(model, batch, device))
+            total += float(target_loss(model, batch, device, kernel))
             targets += batch.target_tokens
     return total / max(1, targets)
 
