@@ -150,9 +150,7 @@ class _Loop:
 
         self.plan = BatchPlan(train_encoded, self._batch_size(), t.max_seq_length, t.packing, t.seed, self.tokenizer.pad_token_id)
         self.max_steps = t.steps or max(1, math.ceil(t.epochs * self.plan.batches_per_epoch / t.gradient_accumulation))
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay
-        )
+        self.optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], t.learning_rate, t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         state = self._resume_state() or TrainerState(step=0, micro_batch=0, tokens_seen=0, loss=None)
         self.registry.update(self.run_record.id, max_steps=self.max_steps)
@@ -267,6 +265,7 @@ class _Loop:
             return None
         latest = Path(saved[-1].path)
         state = checkpoints.load(latest, self.model, self.optimizer, self.scheduler)
+        fit_optimizer_state(self.optimizer)  # saved on another machine (fused on CUDA, or not): step as this one does
         self.events.emit("log", level="info", message=f"resumed from checkpoint at step {state.step}")
         return state
 
@@ -468,6 +467,33 @@ def mean_loss(
             total += float(target_loss(model, batch, device, kernel))
             targets += batch.target_tokens
     return total / max(1, targets)
+
+
+def adamw(params: list, lr: float, weight_decay: float, fused: bool | None = None) -> Any:
+    """AdamW; fused (one kernel for all parameters) when they are all on CUDA, torch's default (foreach) otherwise."""
+    import torch
+
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
+def fit_optimizer_state(optimizer: Any) -> None:
+    """After loading a state dict saved by an optimizer fused or not: its groups' `fused` flag comes back with it, and
+    the step counters where that flag kept them (the fused kernel wants them on the parameters' device, the others on
+    the CPU). Make both as this machine's optimizer would have them."""
+    import torch
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    fused = bool(params) and all(p.is_cuda for p in params)
+    for group in optimizer.param_groups:
+        group["fused"] = True if fused else None
+        if fused:
+            group["foreach"] = None
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=p.device if fused else "cpu", dtype=torch.float32)
 
 
 def _split(batch, parts: int) -> list:
