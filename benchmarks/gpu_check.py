@@ -344,8 +344,8 @@ def run_plain_hf(work: Workload, plan: Plan) -> dict[str, Any]:
     model = get_peft_model(model, lora_config())
     timer = step_timer()
     # Newer transformers name length grouping a sampling strategy.
-    grouping = ({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__
-                else {"group_by_length": True})  # fmt: skip
+    new_style = "train_sampling_strategy" in TrainingArguments.__dataclass_fields__
+    grouping = {"train_sampling_strategy": "group_by_length"} if new_style else {"group_by_length": True}
     args = TrainingArguments(**hf_args(plan, plan.padded_rows, remove_unused_columns=False, **grouping))
     trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": r} for r in rows], data_collator=collate,
                       callbacks=[timer])  # fmt: skip
