@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -20,6 +21,9 @@ class Control:
     pause_reason: str = ""
     stop_code: str | None = None  # an error code when the governor (not the user) stopped the job
     stop_message: str = ""
+    # Fault injection (tests): called before every forward pass of a training step with (step, micro-batch index in the
+    # step, rows in the pass); raising torch.OutOfMemoryError there drives OOM recovery on any machine.
+    before_forward: Callable[[int, int, int], None] | None = None
 
     def request_stop(self, code: str | None = None, message: str = "") -> None:
         if code and not self.stop.is_set():

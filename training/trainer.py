@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training import atomic, checkpoints, slao
+from training import atomic, checkpoints, memory, slao
 from training.checkpoints import TrainerState
 from training.config import Settings, load_settings
 from training.control import Control
@@ -210,24 +210,38 @@ class _Loop:
         return FastLanguageModel.get_peft_model(model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                 target_modules=targets, use_gradient_checkpointing="unsloth")  # fmt: skip
 
-    def _batch_size(self) -> int:
-        """The configured batch size; on CUDA, when not given, one that fits the free VRAM.
+    def _batch_size(self, free_bytes: float | None = None) -> int:
+        """The configured batch size; on CUDA, when not given, the one that fits the free VRAM (training/memory.py).
 
-        The choice is written into spec.json so that a resumed run reads the same batches."""
+        `free_bytes` (free VRAM with the model loaded) is read from CUDA unless given. The choice is said in a `log`
+        event and written into spec.json, so that a resumed run reads the same batches."""
         t = self.t
-        if self.spec.get("batch_size_given", True) or self.device != "cuda":
+        if self.spec.get("batch_size_given", True) or (self.device != "cuda" and free_bytes is None):
             return t.batch_size
         if self.spec.get("auto_batch_size"):
             return int(self.spec["auto_batch_size"])
         import torch
 
-        free, _total = torch.cuda.mem_get_info()
-        cfg = self.model.config
-        # Activation bytes per token, roughly: ~34 hidden-size vectors per layer in bf16, plus logits.
-        per_token = cfg.num_hidden_layers * cfg.hidden_size * 34 * 2 + cfg.vocab_size * 4
-        rows = int(free * 0.7 // (per_token * t.max_seq_length))
-        size = 1 << max(0, min(rows, 64).bit_length() - 1)
-        self.events.emit("log", level="info", message=f"auto batch size {size} from {free / 2**30:.1f} GiB free VRAM")
+        if free_bytes is None:
+            free_bytes, _total = torch.cuda.mem_get_info()
+        model = self.model
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        shape = memory.DecoderShape.from_config(config)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        frozen = next((p for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+        adapter = next((p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n), None)
+        head = model.get_output_embeddings()
+        chunked = type(head) is torch.nn.Linear and not head.weight.requires_grad  # else the loss takes all logits at once
+        step = dict(element_bytes=frozen.element_size() if frozen is not None else 2,
+                    adapter_bytes=adapter.element_size() if adapter is not None else 4, lora_r=self.settings.lora.r,
+                    trainable_params=sum(p.numel() for p in trainable),
+                    logit_chunk_rows=memory.LOGIT_CHUNK_ROWS if chunked else None)  # fmt: skip
+        size = memory.auto_batch_size(free_bytes, shape, t.max_seq_length, **step)
+        needs = memory.step_bytes(shape, size, t.max_seq_length, **step)
+        self.events.emit("log", level="info", batch_size=size, free_vram_gb=round(free_bytes / memory.GIB, 2),
+                         estimated_gb=round(needs / memory.GIB, 2),
+                         message=f"auto batch size {size} from {free_bytes / memory.GIB:.1f} GiB free VRAM "
+                         f"(~{needs / memory.GIB:.1f} GiB estimated for {size} x {t.max_seq_length} tokens)")  # fmt: skip
         self.spec["auto_batch_size"] = size
         atomic.write_json(self.run_record.path / "spec.json", self.spec)
         return size
@@ -299,7 +313,7 @@ class _Loop:
             micro = [next(batches) for _ in range(t.gradient_accumulation)]
             targets = sum(b.target_tokens for b in micro)
             tokens = sum(b.tokens for b in micro)
-            loss_sum = self._accumulate(micro, max(1, targets))
+            loss_sum = self._accumulate(micro, max(1, targets), state)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
@@ -345,32 +359,47 @@ class _Loop:
         if not self.control.stop.is_set() and not self.control.timed_out():
             self.events.emit("resumed", durable=True, step=state.step, reason="GPU cooled down")
 
-    def _accumulate(self, micro: list, targets: int) -> float:
-        """Forward and backward over a step's micro-batches; on CUDA OOM split them and retry."""
+    def _accumulate(self, micro: list, targets: int, state: TrainerState) -> float:
+        """Forward and backward over a step's micro-batches; out of memory, split them in halves and retry the step.
+
+        After MAX_OOM_SPLITS halvings the run ends with RUNTIME_OOM_RECOVERY_EXHAUSTED and a checkpoint of the last
+        completed step (`state`): nothing of the failed step has reached the weights or the optimizer."""
         import torch
 
+        step = state.step + 1
         while True:
             try:
-                total = 0.0
-                for batch in micro:
-                    for part in _split(batch, 2**self.oom_splits):
-                        loss = self._loss(part) / targets
-                        loss.backward()
-                        total += float(loss.detach()) * targets
-                return total
+                return self._forward_backward(micro, targets, step)
             except torch.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
+                pass  # recover outside the handler: its traceback still holds the failed pass's activations
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device == "cuda":
                 torch.cuda.empty_cache()
-                if self.oom_splits >= MAX_OOM_SPLITS:
-                    raise BackpropError(
-                        "RUNTIME_OOM_RECOVERY_EXHAUSTED", batch_size=max(1, self.plan.batch_size >> self.oom_splits)
-                    ) from None
-                self.oom_splits += 1
-                self.events.emit(
-                    "log",
-                    level="warning",
-                    message=f"CUDA out of memory: batch halved, accumulation doubled (x{2**self.oom_splits})",
-                )
+            rows = max(1, self.plan.batch_size >> self.oom_splits)
+            if self.oom_splits >= MAX_OOM_SPLITS:
+                if state.step > 0 and not any(c.step == state.step for c in self.registry.checkpoints(self.run_record.id)):
+                    self._checkpoint(state)
+                kept = f"; the checkpoint of step {state.step} is kept" if state.step > 0 else ""
+                raise BackpropError("RUNTIME_OOM_RECOVERY_EXHAUSTED", batch_size=rows,
+                                    message=f"Out of GPU memory at step {step} even at batch size {rows}{kept}")  # fmt: skip
+            self.oom_splits += 1
+            rows = max(1, self.plan.batch_size >> self.oom_splits)
+            self.events.emit("log", level="warning", step=step, oom_splits=self.oom_splits, rows=rows,
+                             message=f"out of memory at step {step}: batch halved to {rows} rows a pass, "
+                             f"accumulation doubled (x{2**self.oom_splits}); the step is retried")  # fmt: skip
+
+    def _forward_backward(self, micro: list, targets: int, step: int) -> float:
+        """The step's summed loss, gradients accumulated; each micro-batch in 2**oom_splits parts. Its own frame, so that
+        an out-of-memory error leaves nothing of the pass alive once handled."""
+        total = 0.0
+        for index, batch in enumerate(micro):
+            for part in _split(batch, 2**self.oom_splits):
+                if self.control.before_forward is not None:
+                    self.control.before_forward(step, index, int(part.input_ids.shape[0]))
+                loss = self._loss(part) / targets
+                loss.backward()
+                total += float(loss.detach()) * targets
+        return total
 
     def _loss(self, batch) -> Any:
         return target_loss(self.model, batch, self.device, self.t.loss_kernel)
