@@ -40,3 +40,61 @@ def test_an_optimizer_state_saved_fused_or_not_resumes_into_this_machines_optimi
     _train(resumed, resumed_params, 2)
     for a, b in zip(params, resumed_params, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def _qwen_config(hidden: int, intermediate: int, layers: int, heads: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=2, vocab_size=151_936)  # fmt: skip
+
+
+def test_gradient_checkpointing_is_needed_when_the_estimated_activations_exceed_free_vram():
+    from training.models import activation_bytes, needs_gradient_checkpointing
+
+    qwen_1_5b = _qwen_config(1536, 8960, 28, 12)  # Qwen2.5-1.5B's public shape
+    gb = 10**9
+    # (16 h + 4 kv + 4 i) x 2 bytes x 8 x 2048 tokens x 28 layers + a 4096-row chunk of logits: ~62.6 GB
+    assert 62 * gb < activation_bytes(qwen_1_5b, 8, 2048) < 63 * gb
+    assert needs_gradient_checkpointing(qwen_1_5b, 8, 2048, free_bytes=20 * gb)
+    assert not needs_gradient_checkpointing(qwen_1_5b, 8, 2048, free_bytes=80 * gb)
+    assert not needs_gradient_checkpointing(qwen_1_5b, 1, 2048, free_bytes=20 * gb)  # one row fits
+    qwen_0_5b = _qwen_config(896, 4864, 24, 14)
+    assert activation_bytes(qwen_0_5b, 8, 2048) < activation_bytes(qwen_1_5b, 8, 2048) / 1.5
+
+
+def test_attention_is_sdpa_on_cpu_and_flash_attention_is_refused_there():
+    from training.errors import BackpropError
+    from training.models import attention_implementation
+
+    assert attention_implementation("auto", "cpu", torch.float32) == "sdpa"
+    assert attention_implementation("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert attention_implementation("eager", "cpu", torch.float32) == "eager"
+    with pytest.raises(BackpropError) as err:
+        attention_implementation("flash_attention_2", "cpu", torch.bfloat16)
+    assert err.value.code == "INPUT_INVALID_ARGUMENT"
+
+
+def test_a_run_with_gradient_checkpointing_forced_on_trains_with_the_same_losses(home):
+    from conftest import DEMO_DATA
+
+    from training import Trainer
+    from training.events import read_events
+
+    def run(**options):
+        result = Trainer("demo").train(DEMO_DATA, steps=3, **options)
+        assert result.status == "completed"
+        events, _ = read_events(result.run_dir / "events.jsonl")
+        return result, events
+
+    plain, plain_events = run(gradient_checkpointing=False)
+    checkpointed, events = run(gradient_checkpointing=True)
+    started = next(e for e in events if e["event"] == "started")
+    assert started["gradient_checkpointing"] is True and started["attention"] == "sdpa"
+    assert started["loss_kernel"] == "chunked"
+    assert any(e["event"] == "log" and e["message"].startswith("gradient checkpointing on") for e in events)
+    assert next(e for e in plain_events if e["event"] == "started")["gradient_checkpointing"] is False
+    assert next(e for e in events if e["event"] == "completed")["peak_vram_mb"] is None  # no CUDA here
+    # Step 1 is computed before any update; later steps show that the recomputed backward gave the same gradients.
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-4)
+    assert checkpointed.losses[0] != checkpointed.losses[-1]

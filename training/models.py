@@ -112,12 +112,20 @@ def fit_embeddings(model: Any, tokenizer: Any, *, for_training: bool = False) ->
 
 
 def load_model(
-    source: ModelSource, *, dtype: Any = None, device: str = "cpu", quantization_config: Any = None, tokenizer: Any = None
+    source: ModelSource,
+    *,
+    dtype: Any = None,
+    device: str = "cpu",
+    quantization_config: Any = None,
+    tokenizer: Any = None,
+    attn_implementation: str | None = None,
 ):
     """The base model; with `tokenizer`, its embeddings sized to fit that tokenizer (see fit_embeddings)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
@@ -127,6 +135,54 @@ def load_model(
     if quantization_config is None:
         model.to(device)
     return model
+
+
+def attention_implementation(setting: str, device: str, dtype: Any) -> str:
+    """The attention kernel to load the model with (`training.attention`): auto is flash_attention_2 on CUDA in bf16 or
+    fp16 when flash-attn imports, else sdpa. Packed rows stay apart under each: their position ids restart at every
+    example, which transformers turns into block-diagonal masks (sdpa, eager) or varlen sequence starts (flash)."""
+    import torch
+
+    half = dtype in (torch.bfloat16, torch.float16)
+    if setting == "auto":
+        return "flash_attention_2" if device == "cuda" and half and _flash_attn_imports() else "sdpa"
+    if setting == "flash_attention_2" and not (device == "cuda" and half and _flash_attn_imports()):
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason="attention flash_attention_2 needs CUDA, bf16 or fp16, and "
+                            "the flash-attn package", hint="Use --attention auto (or sdpa).")  # fmt: skip
+    return setting
+
+
+def activation_bytes(config: Any, rows: int, seq_len: int, dtype_bytes: int = 2) -> int:
+    """Estimated activations one micro-batch keeps for the backward pass of a LoRA decoder, in bytes.
+
+    Per token and layer, the tensors autograd saves, in elements: the attention block keeps its input, the RMSNorm's
+    float32 working copies (4 h in 16-bit units) and output, q, k, v after RoPE and the attention output (~9 h + 4 kv);
+    the MLP keeps its input, the norm's copies and output, and gate, up, act(gate), act(gate) * up (~7 h + 4 i). So
+    ~(16 h + 4 kv + 4 i) x dtype_bytes x tokens x layers; the attention kernels (sdpa, flash) keep no seq x seq scores.
+    The loss adds one chunk of float32 logits and its softmax (training/loss.py). Qwen2.5-1.5B, 8 x 2048 tokens: ~63 GB."""
+    from training.loss import CHUNK_ROWS
+
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = head_dim * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    tokens = rows * seq_len
+    per_token_layer = (16 * h + 4 * kv + 4 * i) * dtype_bytes
+    loss_chunk = min(tokens, CHUNK_ROWS) * config.vocab_size * (dtype_bytes + 4 + 4)
+    return tokens * layers * per_token_layer + loss_chunk
+
+
+def needs_gradient_checkpointing(config: Any, rows: int, seq_len: int, free_bytes: int, dtype_bytes: int = 2) -> bool:
+    """True when a micro-batch's estimated activations would not fit in 80% of the VRAM free next to the weights (the
+    rest: the allocator's fragmentation, LoRA gradients and optimizer state, CUDA kernels' workspaces)."""
+    return activation_bytes(config, rows, seq_len, dtype_bytes) > 0.8 * free_bytes
+
+
+def _flash_attn_imports() -> bool:
+    try:
+        import flash_attn  # type: ignore[import-not-found]  # noqa: F401
+    except Exception:  # not installed, or built for another torch/CUDA
+        return False
+    return True
 
 
 def _from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:

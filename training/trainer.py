@@ -28,7 +28,17 @@ from training.datasets import load_dataset, split
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
 from training.extras import require
-from training.models import ModelSource, fit_embeddings, load_model, load_tokenizer, new_tokens, resolve_model
+from training.models import (
+    ModelSource,
+    activation_bytes,
+    attention_implementation,
+    fit_embeddings,
+    load_model,
+    load_tokenizer,
+    needs_gradient_checkpointing,
+    new_tokens,
+    resolve_model,
+)
 from training.packing import Batch, BatchPlan, ChatEncoder, collate
 from training.runs import Registry, RunRecord
 
@@ -105,6 +115,8 @@ class _Loop:
     def run(self) -> TrainResult:
         import torch
 
+        from training.loss import loss_kernel
+
         t = self.t
         torch.manual_seed(t.seed)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,6 +161,7 @@ class _Loop:
             )
 
         self.plan = BatchPlan(train_encoded, self._batch_size(), t.max_seq_length, t.packing, t.seed, self.tokenizer.pad_token_id)
+        self._use_gradient_checkpointing()
         self.max_steps = t.steps or max(1, math.ceil(t.epochs * self.plan.batches_per_epoch / t.gradient_accumulation))
         self.optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], t.learning_rate, t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -156,7 +169,10 @@ class _Loop:
         self.registry.update(self.run_record.id, max_steps=self.max_steps)
         self.events.emit("started", durable=True, model=self.settings.model, dataset=dataset.report.path,
                          examples=len(train_encoded), validation_examples=len(self.val_encoded), max_steps=self.max_steps,
-                         resumed_from=state.step or None, device=self.device, trainable_params=self._trainable())  # fmt: skip
+                         resumed_from=state.step or None, device=self.device, trainable_params=self._trainable(),
+                         attention=self.attention, gradient_checkpointing=self.gradient_checkpointing,
+                         loss_kernel=loss_kernel(self.model.get_base_model().get_output_embeddings(), self.device,
+                                                 t.loss_kernel))  # fmt: skip
         return self._train(state)
 
     def _load_lora_model(self, source: ModelSource):
@@ -165,16 +181,20 @@ class _Loop:
 
         lora, t = self.settings.lora, self.t
         use_bf16 = t.bf16 if t.bf16 is not None else (self.device == "cuda" and torch.cuda.is_bf16_supported())
-        dtype = torch.bfloat16 if use_bf16 else torch.float32
+        dtype = self.dtype = torch.bfloat16 if use_bf16 else torch.float32
         added = new_tokens(self.tokenizer)
         if self.device == "cuda" and t.use_unsloth and not added:
             model = self._load_unsloth(source, dtype)
             if model is not None:
+                self.attention, self.gradient_checkpointing = "unsloth", True  # its own kernels and offloaded checkpointing
                 return model
         quantization = None
         if t.qlora:
             quantization = _qlora_config(self.device, dtype)
-        model = load_model(source, dtype=dtype, device=self.device, quantization_config=quantization)
+        self.attention = attention_implementation(t.attention, self.device, dtype)
+        self.gradient_checkpointing = quantization is not None  # prepare_model_for_kbit_training below turns it on
+        model = load_model(source, dtype=dtype, device=self.device, quantization_config=quantization,
+                           attn_implementation=self.attention)  # fmt: skip
         if fit_embeddings(model, self.tokenizer, for_training=True):
             message = (f"embeddings resized to {len(self.tokenizer)} tokens for the ChatML tokens the tokenizer lacked; "
                        "their rows are trained and saved with the adapter")  # fmt: skip
@@ -189,6 +209,31 @@ class _Loop:
             task_type="CAUSAL_LM", bias="none", trainable_token_indices=_token_rows(model, added) if added else None,
         )  # fmt: skip
         return get_peft_model(model, config)
+
+    def _use_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward instead of keeping them: when `training.gradient_checkpointing` says so, or
+        (unset, on CUDA) when a micro-batch's estimated activations would not fit in the VRAM free next to the weights."""
+        wanted, reason = self.t.gradient_checkpointing, "training.gradient_checkpointing is on"
+        if self.gradient_checkpointing or wanted is False:  # QLoRA and unsloth set up their own
+            return
+        if wanted is None:
+            if self.device != "cuda":
+                return
+            import torch
+
+            free, _total = torch.cuda.mem_get_info()
+            config, rows, length = self.model.get_base_model().config, self.plan.batch_size, self.t.max_seq_length
+            wanted = needs_gradient_checkpointing(config, rows, length, free, self.dtype.itemsize)
+            need = activation_bytes(config, rows, length, self.dtype.itemsize)
+            reason = (f"a micro-batch of {rows} x {length} tokens needs ~{need / 2**30:.1f} GiB of activations, "
+                      f"{free / 2**30:.1f} GiB VRAM is free")  # fmt: skip
+            if not wanted:
+                return
+        # Non-reentrant checkpointing works with frozen inputs; the input hook keeps peft's LoRA-only graphs connected.
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.enable_input_require_grads()
+        self.gradient_checkpointing = True
+        self.events.emit("log", level="info", message=f"gradient checkpointing on: {reason}")
 
     def _load_unsloth(self, source: ModelSource, dtype: Any):
         """The unsloth fast path, when its extra is installed; otherwise say so and use transformers."""
@@ -438,9 +483,8 @@ class _Loop:
             self.model.save_pretrained(staging, save_embedding_layers=False)
             self.tokenizer.save_pretrained(staging)
             atomic.publish_dir(staging, adapter)
-            self.events.emit(
-                "completed", durable=True, step=state.step, final_loss=state.loss, eval_loss=eval_loss, adapter=str(adapter)
-            )
+            self.events.emit("completed", durable=True, step=state.step, final_loss=state.loss, eval_loss=eval_loss,
+                             adapter=str(adapter), peak_vram_mb=_peak_vram_mb(self.device))  # fmt: skip
         else:
             self.events.emit(
                 "log",
@@ -496,6 +540,15 @@ def mean_loss(
             total += float(target_loss(model, batch, device, kernel))
             targets += batch.target_tokens
     return total / max(1, targets)
+
+
+def _peak_vram_mb(device: str) -> int | None:
+    """The most CUDA memory this process's tensors held at once, in MiB; None off CUDA."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20)
 
 
 def adamw(params: list, lr: float, weight_decay: float, fused: bool | None = None) -> Any:

@@ -13,6 +13,7 @@ DEMO_DATASET = Path(__file__).resolve().parents[2] / "assets" / "demo" / "capita
 DATASET_FORMATS = ["sharegpt", "openai", "alpaca", "prompt_completion", "chatml", "text"]
 GOVERNOR_OPTIONS = ("max_run_minutes", "max_parallel", "min_free_ram_gb", "gpu_memory_limit", "gpu_probe", "gpu_min_vram",
                     "gpu_max_temp")  # fmt: skip
+SPEED_OPTIONS = ("gradient_checkpointing", "attention", "loss_kernel")
 
 
 def add_governor_flags(parser: argparse.ArgumentParser, short: bool = False) -> None:
@@ -26,6 +27,17 @@ def add_governor_flags(parser: argparse.ArgumentParser, short: bool = False) -> 
     group.add_argument("--gpu-probe", choices=["auto", "nvml", "nvidia-smi", "none"], help="how GPUs are read (default auto)")
     group.add_argument("--gpu-min-vram", type=int, help="MB of free VRAM to start (default 2500)")
     group.add_argument("--gpu-max-temp", type=float, help="pause above this GPU temperature in °C (default 85)")
+
+
+def add_speed_flags(parser: argparse.ArgumentParser) -> None:
+    """Memory and speed on CUDA; unset ones are chosen per machine."""
+    group = parser.add_argument_group("memory and speed")
+    group.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute activations in backward (default: on when they would not fit in free VRAM)")  # fmt: skip
+    group.add_argument("--attention", choices=["auto", "sdpa", "eager", "flash_attention_2"],
+                       help="attention kernel (default auto: flash_attention_2 on CUDA when installed, else sdpa)")  # fmt: skip
+    group.add_argument("--loss-kernel", choices=["auto", "liger", "chunked", "plain"],
+                       help="cross-entropy over the vocabulary (default auto: liger on CUDA, else chunked)")  # fmt: skip
 
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:
