@@ -42,25 +42,22 @@ def test_an_optimizer_state_saved_fused_or_not_resumes_into_this_machines_optimi
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def _qwen_config(hidden: int, intermediate: int, layers: int, heads: int):
-    from transformers import Qwen2Config
+def test_gradient_checkpointing_is_needed_when_a_micro_batch_would_not_fit_in_free_vram():
+    from training.memory import DecoderShape
+    from training.models import needs_gradient_checkpointing
 
-    return Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=2, vocab_size=151_936)  # fmt: skip
-
-
-def test_gradient_checkpointing_is_needed_when_the_estimated_activations_exceed_free_vram():
-    from training.models import activation_bytes, needs_gradient_checkpointing
-
-    qwen_1_5b = _qwen_config(1536, 8960, 28, 12)  # Qwen2.5-1.5B's public shape
+    # Qwen2.5-1.5B's public shape (layers, hidden, intermediate, vocabulary, key/value width); LoRA r=16, bf16 weights
+    qwen_1_5b = DecoderShape(28, 1536, 8960, 151_936, 256)
+    step = dict(element_bytes=2, adapter_bytes=4, lora_r=16, trainable_params=18_464_768)
     gb = 10**9
-    # (16 h + 4 kv + 4 i) x 2 bytes x 8 x 2048 tokens x 28 layers + a 4096-row chunk of logits: ~62.6 GB
-    assert 62 * gb < activation_bytes(qwen_1_5b, 8, 2048) < 63 * gb
-    assert needs_gradient_checkpointing(qwen_1_5b, 8, 2048, free_bytes=20 * gb)
-    assert not needs_gradient_checkpointing(qwen_1_5b, 8, 2048, free_bytes=80 * gb)
-    assert not needs_gradient_checkpointing(qwen_1_5b, 1, 2048, free_bytes=20 * gb)  # one row fits
-    qwen_0_5b = _qwen_config(896, 4864, 24, 14)
-    assert activation_bytes(qwen_0_5b, 8, 2048) < activation_bytes(qwen_1_5b, 8, 2048) / 1.5
+    assert needs_gradient_checkpointing(20 * gb, qwen_1_5b, 8, 2048, **step)  # ~72.6 GB needed
+    assert not needs_gradient_checkpointing(141 * gb, qwen_1_5b, 8, 2048, **step)  # an H200
+    assert not needs_gradient_checkpointing(20 * gb, qwen_1_5b, 1, 2048, **step)  # one row fits
+    # At 80 GB free the float32 adapters' saved inputs decide it: bf16 adapters fit, float32 ones do not.
+    assert needs_gradient_checkpointing(80 * gb, qwen_1_5b, 8, 2048, **step)
+    assert not needs_gradient_checkpointing(80 * gb, qwen_1_5b, 8, 2048, **{**step, "adapter_bytes": 2})
+    qwen_0_5b = DecoderShape(24, 896, 4864, 151_936, 128)
+    assert not needs_gradient_checkpointing(80 * gb, qwen_0_5b, 8, 2048, **step)
 
 
 def test_attention_is_sdpa_on_cpu_and_flash_attention_is_refused_there():

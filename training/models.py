@@ -152,29 +152,16 @@ def attention_implementation(setting: str, device: str, dtype: Any) -> str:
     return setting
 
 
-def activation_bytes(config: Any, rows: int, seq_len: int, dtype_bytes: int = 2) -> int:
-    """Estimated activations one micro-batch keeps for the backward pass of a LoRA decoder, in bytes.
+def needs_gradient_checkpointing(free_bytes: float, shape: Any, rows: int, max_seq_length: int, **step: Any) -> bool:
+    """True when one micro-batch of `rows` x `max_seq_length` tokens would not fit in the VRAM free next to the weights.
 
-    Per token and layer, the tensors autograd saves, in elements: the attention block keeps its input, the RMSNorm's
-    float32 working copies (4 h in 16-bit units) and output, q, k, v after RoPE and the attention output (~9 h + 4 kv);
-    the MLP keeps its input, the norm's copies and output, and gate, up, act(gate), act(gate) * up (~7 h + 4 i). So
-    ~(16 h + 4 kv + 4 i) x dtype_bytes x tokens x layers; the attention kernels (sdpa, flash) keep no seq x seq scores.
-    The loss adds one chunk of float32 logits and its softmax (training/loss.py). Qwen2.5-1.5B, 8 x 2048 tokens: ~63 GB."""
-    from training.loss import CHUNK_ROWS
+    The estimate is training/memory.py's (activations per token and layer as measured on an H100, one chunk of logits,
+    AdamW state; `step` as for `memory.step_bytes`), against the same budget as the automatic batch size: 90% of the
+    free bytes less 1 GiB. Qwen2.5-1.5B's shape, 8 x 2048 tokens, float32 adapters: ~72.6 GB, so on below ~82 GB free."""
+    from training import memory
 
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    kv = head_dim * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    tokens = rows * seq_len
-    per_token_layer = (16 * h + 4 * kv + 4 * i) * dtype_bytes
-    loss_chunk = min(tokens, CHUNK_ROWS) * config.vocab_size * (dtype_bytes + 4 + 4)
-    return tokens * layers * per_token_layer + loss_chunk
-
-
-def needs_gradient_checkpointing(config: Any, rows: int, seq_len: int, free_bytes: int, dtype_bytes: int = 2) -> bool:
-    """True when a micro-batch's estimated activations would not fit in 80% of the VRAM free next to the weights (the
-    rest: the allocator's fragmentation, LoRA gradients and optimizer state, CUDA kernels' workspaces)."""
-    return activation_bytes(config, rows, seq_len, dtype_bytes) > 0.8 * free_bytes
+    budget = free_bytes * (1 - memory.HEADROOM_FRACTION) - memory.HEADROOM_BYTES
+    return memory.step_bytes(shape, rows, max_seq_length, **step) > budget
 
 
 def _flash_attn_imports() -> bool:

@@ -30,7 +30,6 @@ from training.events import EventSink, EventWriter
 from training.extras import require
 from training.models import (
     ModelSource,
-    activation_bytes,
     attention_implementation,
     fit_embeddings,
     load_model,
@@ -222,13 +221,13 @@ class _Loop:
             import torch
 
             free, _total = torch.cuda.mem_get_info()
-            config, rows, length = self.model.get_base_model().config, self.plan.batch_size, self.t.max_seq_length
-            wanted = needs_gradient_checkpointing(config, rows, length, free, self.dtype.itemsize)
-            need = activation_bytes(config, rows, length, self.dtype.itemsize)
-            reason = (f"a micro-batch of {rows} x {length} tokens needs ~{need / 2**30:.1f} GiB of activations, "
-                      f"{free / 2**30:.1f} GiB VRAM is free")  # fmt: skip
-            if not wanted:
+            shape, step = _step_estimate(self.model, self.settings.lora.r)
+            rows, length = self.plan.batch_size, self.t.max_seq_length
+            if not needs_gradient_checkpointing(free, shape, rows, length, **step):
                 return
+            need = memory.step_bytes(shape, rows, length, **step)
+            reason = (f"a micro-batch of {rows} x {length} tokens needs ~{need / memory.GIB:.1f} GiB, "
+                      f"{free / memory.GIB:.1f} GiB VRAM is free next to the weights")  # fmt: skip
         # Non-reentrant checkpointing works with frozen inputs; the input hook keeps peft's LoRA-only graphs connected.
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.enable_input_require_grads()
@@ -540,6 +539,23 @@ def mean_loss(
             total += float(target_loss(model, batch, device, kernel))
             targets += batch.target_tokens
     return total / max(1, targets)
+
+
+def _step_estimate(model: Any, lora_r: int) -> tuple[memory.DecoderShape, dict[str, Any]]:
+    """The model's shape and the keyword arguments of `memory.step_bytes` that describe its LoRA training step."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    frozen = next((p for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    adapter = next((p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n), None)
+    head = model.get_output_embeddings()
+    chunked = type(head) is torch.nn.Linear and not head.weight.requires_grad  # else the loss takes all logits at once
+    return memory.DecoderShape.from_config(config), dict(
+        element_bytes=frozen.element_size() if frozen is not None else 2,
+        adapter_bytes=adapter.element_size() if adapter is not None else 4, lora_r=lora_r,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        logit_chunk_rows=memory.LOGIT_CHUNK_ROWS if chunked else None,
+    )  # fmt: skip
 
 
 def _peak_vram_mb(device: str) -> int | None:
