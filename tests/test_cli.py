@@ -94,7 +94,13 @@ def test_list_and_show_run_describe_a_finished_run(home):
 def test_info_lists_versions_presets_and_extras(home):
     info = json.loads(backprop("info", "--json", check=True).stdout)
     assert info["torch"].startswith("2.") and info["transformers"] and info["peft"]
-    assert info["cuda"] is None and info["gpus"] == []
+    import torch
+
+    if torch.cuda.is_available():  # a GPU machine: CUDA's version and every visible GPU with its memory
+        assert info["cuda"] == torch.version.cuda and len(info["gpus"]) == torch.cuda.device_count() > 0
+        assert all(g["name"] and g["memory_gb"] > 0 for g in info["gpus"])
+    else:
+        assert info["cuda"] is None and info["gpus"] == []
     assert {"unsloth", "bitsandbytes"} <= set(info["extras"])
     presets = {p["hub_id"]: p for p in info["presets"]}
     assert len(presets) == 9 and presets["Qwen/Qwen2.5-7B-Instruct"]["vram_gb"] > presets["Qwen/Qwen2.5-0.5B-Instruct"]["vram_gb"]
