@@ -423,11 +423,11 @@ def summarize_backprop(events: list[dict[str, Any]]) -> dict[str, Any]:
     started = next(e for e in events if e["event"] == "started")
     completed = next((e for e in events if e["event"] == "completed"), {})
     logs = [e["message"] for e in events if e["event"] == "log"]
+    how = ", ".join(f"{k}={started[k]}" for k in ("loss_kernel", "attention", "gradient_checkpointing") if k in started)
+    said = [m for m in logs if any(k in m for k in ("unsloth", "checkpointing", "batch size"))]
     return {"tokens": sum(e["tokens"] for e in steps), "seconds": steps[-1]["t"] - started["t"] if steps else None,
             "steps": len(steps), "peak_vram_mb": completed.get("peak_vram_mb"),
-            "final_loss": steps[-1]["loss"] if steps else None,
-            "note": "; ".join(m for m in logs if any(k in m for k in ("unsloth", "liger", "checkpointing", "attention",
-                                                                       "batch size")))[:200]}  # fmt: skip
+            "final_loss": steps[-1]["loss"] if steps else None, "note": "; ".join([how, *said])[:240]}  # fmt: skip
 
 
 def run_backprop(work: Workload, plan: Plan, home: Path, **options: Any) -> dict[str, Any]:
@@ -518,32 +518,23 @@ def workloads(plan: Plan, work_dir: Path, made: list[Workload]) -> dict[str, Any
 
 
 def race(results: Results, plan: Plan, works: list[Workload], home: Path, part: str) -> None:
-    from training.config import TrainingSettings
-
-    liger_setting = "use_liger" in TrainingSettings.model_fields
     for work in works:
         if part == "core":
             race_row(results, work, plan, "plain HF Trainer + peft (sdpa, padded, length-grouped)",
                      lambda w=work: run_plain_hf(w, plan))  # fmt: skip
             race_row(results, work, plan, "TRL SFTTrainer (padding-free packing)", lambda w=work: run_trl(w, plan))
-            race_row(results, work, plan, "Backprop", lambda w=work: run_backprop(w, plan, home, **no_liger(liger_setting)))
-            race_row(results, work, plan, "Backprop + liger kernels", lambda w=work: backprop_liger(w, plan, home, liger_setting))
+            race_row(results, work, plan, "Backprop", lambda w=work: run_backprop(w, plan, home, loss_kernel="chunked"))
+            race_row(results, work, plan, "Backprop + liger kernels", lambda w=work: backprop_liger(w, plan, home))
         else:  # unsloth
             race_row(results, work, plan, "Backprop + unsloth", lambda w=work: backprop_unsloth(w, plan, home))
             race_row(results, work, plan, "Unsloth (FastLanguageModel + TRL SFTTrainer, packing)",
                      lambda w=work: unsloth_trl(w, plan))  # fmt: skip
 
 
-def no_liger(liger_setting: bool) -> dict[str, Any]:
-    return {"use_liger": False} if liger_setting else {}
-
-
-def backprop_liger(work: Workload, plan: Plan, home: Path, liger_setting: bool) -> dict[str, Any]:
+def backprop_liger(work: Workload, plan: Plan, home: Path) -> dict[str, Any]:
     needs_cuda(plan, "liger-kernel (Triton)")
     needs_module("liger_kernel")
-    if not liger_setting:
-        raise Skip("this Backprop has no use_liger setting")
-    return run_backprop(work, plan, home, use_liger=True)
+    return run_backprop(work, plan, home, loss_kernel="liger")
 
 
 def backprop_unsloth(work: Workload, plan: Plan, home: Path) -> dict[str, Any]:
