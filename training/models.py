@@ -140,7 +140,8 @@ def load_model(
 def attention_implementation(setting: str, device: str, dtype: Any) -> str:
     """The attention kernel to load the model with (`training.attention`): auto is flash_attention_2 on CUDA in bf16 or
     fp16 when flash-attn imports, else sdpa. Packed rows stay apart under each: their position ids restart at every
-    example, which transformers turns into block-diagonal masks (sdpa, eager) or varlen sequence starts (flash)."""
+    example, which transformers turns into block-diagonal masks (sdpa, eager) or, in a batch of one row, varlen
+    sequence starts (flash: `target_loss` flattens packed batches into one row for it)."""
     import torch
 
     half = dtype in (torch.bfloat16, torch.float16)

@@ -188,3 +188,13 @@ def collate(rows: list[list[Encoded]], pad_id: int, packing: bool) -> Batch:
     if packing:
         return Batch(ids, labels, positions, None, tokens, targets)
     return Batch(ids, labels, None, mask, tokens, targets)
+
+
+def flatten(batch: Batch) -> Batch:
+    """A packed batch as one row: flash attention (transformers' varlen path) reads position ids as example boundaries
+    only in a batch of one row; sdpa and eager read them in every row. The loss is unchanged: a row's last token would
+    predict the next row's first, whose label is always IGNORE (an example's first token, or padding)."""
+    if batch.position_ids is None or batch.input_ids.shape[0] == 1:
+        return batch
+    return Batch(batch.input_ids.reshape(1, -1), batch.labels.reshape(1, -1), batch.position_ids.reshape(1, -1), None,
+                 batch.tokens, batch.target_tokens)  # fmt: skip

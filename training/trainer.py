@@ -38,7 +38,7 @@ from training.models import (
     new_tokens,
     resolve_model,
 )
-from training.packing import Batch, BatchPlan, ChatEncoder, collate
+from training.packing import Batch, BatchPlan, ChatEncoder, collate, flatten
 from training.runs import Registry, RunRecord
 
 MAX_OOM_SPLITS = 3
@@ -514,6 +514,8 @@ def target_loss(model: Any, batch: Batch, device: str, kernel: str = "auto") -> 
 
     base = model.get_base_model()
     decoder, head = base.get_decoder(), base.get_output_embeddings()
+    if "flash" in str(getattr(base.config, "_attn_implementation", "")):
+        batch = flatten(batch)  # packed examples stay apart under flash attention only in a single row
     hidden = decoder(
         input_ids=batch.input_ids.to(device),
         position_ids=None if batch.position_ids is None else batch.position_ids.to(device),
