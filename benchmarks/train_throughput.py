@@ -140,8 +140,9 @@ def run_trl(folder: Path, texts: list[str], rows: int) -> tuple[int, float]:
                        save_strategy="no", report_to=[], logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
                        packing=True, padding_free=True, max_length=1024)  # fmt: skip
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", task_type="CAUSAL_LM")
+    dataset = Dataset.from_list([{"text": t} for t in texts])
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=config, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list([{"text": t} for t in texts]), callbacks=[clock], peft_config=lora)  # fmt: skip
+                         train_dataset=dataset, callbacks=[clock], peft_config=lora)  # fmt: skip
     trainer.train()
     return tokens, clock.end - clock.begin
 
