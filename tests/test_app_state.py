@@ -107,6 +107,18 @@ def test_progress_reads_a_run_as_it_is_written_from_any_offset(tmp_path):
     assert whole.loss == progress.loss and whole.log == progress.log  # in pieces or at once: the same page
 
 
+def test_a_gpu_run_says_how_it_trained_and_its_peak_vram(tmp_path):
+    path = tmp_path / "events.jsonl"
+    events = EventWriter(path)
+    events.emit("started", max_steps=1, device="cuda", examples=4, attention="sdpa", loss_kernel="chunked")
+    events.emit("completed", adapter=str(tmp_path / "adapter"), peak_vram_mb=9830)
+    events.close()
+    progress = Progress(path)
+    progress.read()
+    assert "(attention sdpa, loss kernel chunked)" in progress.log[0]
+    assert progress.log[-1].endswith("completed, peak VRAM 9.6 GiB")
+
+
 def test_a_failed_run_shows_its_code_and_hint(tmp_path):
     path = tmp_path / "events.jsonl"
     events = write_run(path, 2)

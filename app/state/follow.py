@@ -46,7 +46,12 @@ class Progress:
             self.started = self.started or e["t"]
             self.max_steps = e.get("max_steps") or self.max_steps
             self.status = "running"
-            self._say(e, f"started on {e.get('device', '?')}: {e.get('examples', '?')} examples, {self.max_steps} steps")
+            how = ", ".join(f"{k.replace('_', ' ')} {e[k]}" for k in ("attention", "loss_kernel") if e.get(k))
+            self._say(
+                e,
+                f"started on {e.get('device', '?')}: {e.get('examples', '?')} examples, {self.max_steps} steps"
+                + (f" ({how})" if how else ""),
+            )
         elif kind == "step":
             self.step, self.max_steps = e["step"], e.get("max_steps") or self.max_steps
             self.tokens_per_s = e.get("tokens_per_s", 0.0)
@@ -66,7 +71,8 @@ class Progress:
             self._say(e, f"checkpoint at step {e.get('step')}")
         elif kind == "completed":
             self.status, self.adapter = "completed", e.get("adapter") or ""
-            self._say(e, "completed")
+            peak = e.get("peak_vram_mb")
+            self._say(e, "completed" + (f", peak VRAM {peak / 1024:.1f} GiB" if peak else ""))
         elif kind == "failed":
             self.status, self.error, self.hint = "failed", f"[{e.get('code')}] {e.get('message')}", e.get("hint") or ""
             self._say(e, self.error)
