@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from training.errors import BackpropError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # what training.report_to may name (training/tracking.py)
 
 
 class LoraSettings(BaseModel):
@@ -63,6 +64,23 @@ class TrainingSettings(BaseModel):
     gradient_checkpointing: bool | None = Field(
         None, description="None: on when a micro-batch's estimated activations would not fit in free VRAM (CUDA only)"
     )
+    report_to: str = Field(
+        "auto", description="experiment trackers: auto (TensorBoard when installed, MLflow when MLFLOW_TRACKING_URI is set, "
+        "W&B when a key is configured or WANDB_MODE=offline), none, or a comma list of wandb, tensorboard, mlflow",
+    )  # fmt: skip
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> str:
+        """A list (the library's report_to=[...]) or a comma list; "auto" and "none" stand alone."""
+        names = [str(v).strip().lower() for v in (value if isinstance(value, list | tuple) else str(value).split(","))]
+        names = [n for n in names if n]
+        if not names or names in (["auto"], ["none"]):
+            return names[0] if names else "none"
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker {', '.join(unknown)}: use auto, none or a comma list of {', '.join(TRACKERS)}")
+        return ",".join(dict.fromkeys(names))
 
 
 class UiSettings(BaseModel):

@@ -177,6 +177,10 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Unknown quantization '{quantization}'",
         "Choose one of: {choices}.",
     ),
+    "INPUT_COMPARE_RUN_COUNT": ErrorSpec(
+        "Compare takes 2 to 6 different runs; {count} given",
+        "Pass 2 to 6 run ids (or unambiguous prefixes); `backprop list` shows them.",
+    ),
     "INPUT_SCRIPT_NOT_FOUND": ErrorSpec(
         "Training script not found: {path}",
         "Give the path of a script that accepts --run-id and --max-minutes; see assets/examples/train_script.py.",
@@ -214,6 +218,12 @@ CATALOGUE: dict[str, ErrorSpec] = {
     "DEP_OLLAMA_REGISTRATION_FAILED": ErrorSpec(
         "Could not register '{name}' with Ollama at {host}: {reason}",
         "Start the Ollama server (`ollama serve` or the Ollama app) or set OLLAMA_HOST to a running one, then try again.",
+        retryable=True,
+    ),
+    "DEP_TRACKER_FAILED": ErrorSpec(
+        "{tracker} tracking failed: {reason}; training goes on without it",
+        "Check the tracker's settings (MLFLOW_TRACKING_URI, WANDB_API_KEY or WANDB_MODE=offline), "
+        "or leave it out with --report-to.",
         retryable=True,
     ),
     "DEP_MISSING": ErrorSpec(

@@ -23,6 +23,7 @@ from training.events import EventWriter
 from training.governor import Watcher, cuda_memory_fraction, wait_for_admission
 from training.runs import Registry, RunRecord
 from training.telemetry import Telemetry
+from training.tracking import Tracking
 
 EXIT_BY_STATUS = {"completed": 0, "stopped": 130, "timeboxed": 3, "failed": 2}
 
@@ -38,10 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: control.request_stop())
     registry.update(run.id, pid=os.getpid(), heartbeat=time.time())
 
-    events = EventWriter(run_dir / "events.jsonl")
+    # Experiment trackers (training/tracking.py) read the run's events on their own thread; rank 0 only.
+    tracking = Tracking.for_run(run, registry, settings, rank=int(os.environ.get("RANK", "0")))
+    events = EventWriter(run_dir / "events.jsonl", also=tracking.feed)
+    tracking.attach(events.emit)
     try:
         return _govern(run, registry, spec, settings, control, events)
     finally:
+        tracking.close()
         events.close()
 
 

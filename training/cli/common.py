@@ -14,6 +14,7 @@ DATASET_FORMATS = ["sharegpt", "openai", "alpaca", "prompt_completion", "chatml"
 GOVERNOR_OPTIONS = ("max_run_minutes", "max_parallel", "min_free_ram_gb", "gpu_memory_limit", "gpu_probe", "gpu_min_vram",
                     "gpu_max_temp")  # fmt: skip
 SPEED_OPTIONS = ("gradient_checkpointing", "attention", "loss_kernel")
+TRACKING_OPTIONS = ("report_to",)
 
 
 def add_governor_flags(parser: argparse.ArgumentParser, short: bool = False) -> None:
@@ -38,6 +39,13 @@ def add_speed_flags(parser: argparse.ArgumentParser) -> None:
                        help="attention kernel (default auto: flash_attention_2 on CUDA when installed, else sdpa)")  # fmt: skip
     group.add_argument("--loss-kernel", choices=["auto", "liger", "chunked", "plain"],
                        help="cross-entropy over the vocabulary (default auto: liger on CUDA, else chunked)")  # fmt: skip
+
+
+def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
+    """Experiment trackers (training/tracking.py); unset, training.report_to from config or env (default auto)."""
+    parser.add_argument("--report-to", metavar="TRACKERS",
+                        help="auto (default: TensorBoard when installed, MLflow when MLFLOW_TRACKING_URI is set, W&B when "
+                        "configured), none, or a comma list of wandb, tensorboard, mlflow")  # fmt: skip
 
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,16 @@ import argparse
 import shutil
 from pathlib import Path
 
-from training.cli.common import DATASET_FORMATS, GOVERNOR_OPTIONS, add_governor_flags, add_job_flags, open_registry, status_markup
+from training.cli.common import (
+    DATASET_FORMATS,
+    GOVERNOR_OPTIONS,
+    TRACKING_OPTIONS,
+    add_governor_flags,
+    add_job_flags,
+    add_tracking_flags,
+    open_registry,
+    status_markup,
+)
 from training.cli.follow import follow_in_foreground
 
 
@@ -32,6 +41,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     multi.add_argument("--format", choices=DATASET_FORMATS)
     multi.add_argument("--name")
     multi.add_argument("--output", type=Path, help="also copy the merged adapter to this folder at the end")
+    add_tracking_flags(multi)
     add_governor_flags(multi)
     add_job_flags(multi)
     multi.set_defaults(handler=cmd_multi_run)
@@ -41,7 +51,7 @@ def cmd_multi_run(args: argparse.Namespace) -> int:
     from training import jobs
     from training.config import load_settings, nest_options
 
-    options = {key: getattr(args, key) for key in ("model", "lr", "seed", "lora_r", *GOVERNOR_OPTIONS)}
+    options = {key: getattr(args, key) for key in ("model", "lr", "seed", "lora_r", *TRACKING_OPTIONS, *GOVERNOR_OPTIONS)}
     settings = load_settings(**nest_options(options))
     run = jobs.submit_multi_run(settings, args.data, num_runs=args.runs, steps_per_run=args.steps,
                                samples_per_run=args.samples, merge_mode=args.merge_mode, replay=args.replay,

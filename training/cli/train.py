@@ -9,9 +9,11 @@ from training.cli.common import (
     DEMO_DATASET,
     GOVERNOR_OPTIONS,
     SPEED_OPTIONS,
+    TRACKING_OPTIONS,
     add_governor_flags,
     add_job_flags,
     add_speed_flags,
+    add_tracking_flags,
     governor_options,
     open_registry,
 )
@@ -52,6 +54,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     train.add_argument("--unsloth", dest="use_unsloth", action=argparse.BooleanOptionalAction, default=None,
                        help="use unsloth on CUDA when installed (default on)")  # fmt: skip
     add_speed_flags(train)
+    add_tracking_flags(train)
     add_governor_flags(train)
     add_job_flags(train)
     train.set_defaults(handler=cmd_train)
@@ -75,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key in ("model", "steps", "epochs", "lr", "batch_size", "gradient_accumulation", "max_seq_length",
                     "warmup_ratio", "lr_scheduler", "seed", "lora_r", "lora_alpha", "lora_dropout", "validation_split",
                     "eval_every", "save_every", "packing", "response_only", "qlora", "use_unsloth", *SPEED_OPTIONS,
-                    *GOVERNOR_OPTIONS)
+                    *TRACKING_OPTIONS, *GOVERNOR_OPTIONS)
     }  # fmt: skip
     if args.target_modules:
         options["target_modules"] = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
