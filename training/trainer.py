@@ -268,18 +268,7 @@ class _Loop:
 
         if free_bytes is None:
             free_bytes, _total = torch.cuda.mem_get_info()
-        model = self.model
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        shape = memory.DecoderShape.from_config(config)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        frozen = next((p for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
-        adapter = next((p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n), None)
-        head = model.get_output_embeddings()
-        chunked = type(head) is torch.nn.Linear and not head.weight.requires_grad  # else the loss takes all logits at once
-        step = dict(element_bytes=frozen.element_size() if frozen is not None else 2,
-                    adapter_bytes=adapter.element_size() if adapter is not None else 4, lora_r=self.settings.lora.r,
-                    trainable_params=sum(p.numel() for p in trainable),
-                    logit_chunk_rows=memory.LOGIT_CHUNK_ROWS if chunked else None)  # fmt: skip
+        shape, step = _step_estimate(self.model, self.settings.lora.r)
         size = memory.auto_batch_size(free_bytes, shape, t.max_seq_length, **step)
         needs = memory.step_bytes(shape, size, t.max_seq_length, **step)
         self.events.emit("log", level="info", batch_size=size, free_vram_gb=round(free_bytes / memory.GIB, 2),
