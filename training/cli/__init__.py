@@ -4,7 +4,8 @@
   runs.py       list, show-run                 jobs.py       run (any script), status, stop
   data.py       validate                       export.py     export, push
   chat.py       chat, generate                 ui.py         ui
-  info.py       info                           follow.py     following a job in the foreground (progress bar, Ctrl-C)
+  info.py       info                           compare.py    compare (2-6 runs side by side)
+  follow.py     following a job in the foreground (progress bar, Ctrl-C)
   common.py     what several commands share: flags, the registry, printing errors and statuses
 
 Heavy libraries (torch, transformers) are imported inside the commands that need them, so that `backprop --help` and
@@ -17,11 +18,11 @@ import argparse
 import sys
 import warnings
 
-from training.cli import chat, data, export, info, jobs, multi_run, runs, train, ui
+from training.cli import chat, compare, data, export, info, jobs, multi_run, runs, train, ui
 from training.cli.common import print_error
 from training.errors import BackpropError
 
-COMMAND_GROUPS = (train, multi_run, jobs, runs, data, export, chat, ui, info)
+COMMAND_GROUPS = (train, multi_run, jobs, runs, compare, data, export, chat, ui, info)
 
 
 def main(argv: list[str] | None = None) -> int:

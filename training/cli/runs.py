@@ -50,6 +50,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show_run(args: argparse.Namespace) -> int:
     from training.events import read_events
+    from training.tracking import read_tracking
 
     registry = open_registry()
     run = registry.get(args.run_id)
@@ -65,7 +66,13 @@ def cmd_show_run(args: argparse.Namespace) -> int:
     checkpoints = [{"step": c.step, "path": c.path} for c in registry.checkpoints(run.id)]
     losses = [steps[s] for s in sorted(steps)]
     if args.json:
-        details = {**run.to_dict(), "losses": losses, "evals": evals, "checkpoints": checkpoints}
+        details = {
+            **run.to_dict(),
+            "losses": losses,
+            "evals": evals,
+            "checkpoints": checkpoints,
+            "tracking": read_tracking(run.path),
+        }
         if run.kind == "multi-run":
             from training.multi_run import forgetting_metrics
 
@@ -90,7 +97,21 @@ def cmd_show_run(args: argparse.Namespace) -> int:
         console.print(f"checkpoint step {c['step']}: {c['path']}")
     if (run.path / "adapter").exists():
         console.print(f"adapter: {run.path / 'adapter'}")
+    print_tracking(console, read_tracking(run.path))
     return 0
+
+
+def print_tracking(console, tracking: dict) -> None:
+    """Where the run was tracked (RUN_DIR/tracking.json, written by training/tracking.py)."""
+    if tracking.get("tensorboard"):
+        console.print(f"tensorboard: tensorboard --logdir {tracking['tensorboard']}")
+    if tracking.get("mlflow"):
+        console.print(f"mlflow: run {tracking['mlflow'].get('run_id')} at {tracking['mlflow'].get('tracking_uri')}")
+    if tracking.get("wandb"):
+        wandb = tracking["wandb"]
+        console.print(f"wandb: {wandb.get('url') or 'offline, `wandb sync ' + str(wandb.get('offline_dir')) + '` uploads it'}")
+    for name, reason in (tracking.get("failed") or {}).items():
+        console.print(f"[yellow]{name}: failed ({reason})[/]")
 
 
 def loss_chart(values: list[float], width: int = 60, height: int = 8) -> str:
