@@ -254,3 +254,41 @@ def test_the_library_takes_report_to_as_a_list_or_a_string():
     assert load_settings(**nest_options({"report_to": ["wandb", "TensorBoard"]})).training.report_to == "wandb,tensorboard"
     assert load_settings(**nest_options({"report_to": "mlflow, wandb"})).training.report_to == "mlflow,wandb"
     assert load_settings().training.report_to == "auto"
+
+
+def test_a_multi_run_is_tracked_as_itself_and_as_one_tracker_run_per_child(home, clean_env, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import DEMO_DATA
+    from training.runs import Registry
+
+    store = (tmp_path / "mlruns").as_uri()
+    env = {"MLFLOW_TRACKING_URI": store, "MLFLOW_ALLOW_FILE_STORE": "true"}
+    out = backprop("multi-run", "--model", "demo", "--data", str(DEMO_DATA), "--runs", "2", "--steps", "6", "--samples", "13",
+                   "--validation", "0.25", "--report-to", "tensorboard,mlflow", "--json", env=env, check=True)  # fmt: skip
+    registry = Registry(home)
+    parent = registry.get(json.loads(out.stdout.strip().splitlines()[-1])["run_id"])
+    assert parent.status == "completed"
+    children = registry.children(parent.id)
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=store)
+    parent_tracking = json.loads((parent.path / "tracking.json").read_text())
+    parent_mlflow = client.get_run(parent_tracking["mlflow"]["run_id"])
+    assert parent_mlflow.info.run_name == f"backprop-{parent.id}"
+    # The whole timeline on one axis, the forgetting matrix's rows, and BWT.
+    assert [m.step for m in client.get_metric_history(parent_mlflow.info.run_id, "train/loss")] == list(range(1, 13))
+    assert len(client.get_metric_history(parent_mlflow.info.run_id, "forgetting/task_1")) == 2
+    assert "final/bwt" in parent_mlflow.data.metrics
+    assert json.loads(parent_mlflow.data.tags["backprop.forgetting_matrix"]) == registry.forgetting(parent.id)
+    for child in children:
+        tracking = json.loads((child.path / "tracking.json").read_text())
+        run = client.get_run(tracking["mlflow"]["run_id"])
+        assert run.info.run_name == f"backprop-{child.id}"
+        assert run.data.tags["mlflow.parentRunId"] == parent_mlflow.info.run_id
+        assert run.data.params["dataset_sha256"] == child.dataset_sha256
+        child_steps = {e["step"]: e["loss"] for e in events_of(child.path) if e["event"] == "step"}
+        accumulator = EventAccumulator(tracking["tensorboard"])
+        accumulator.Reload()
+        assert {s.step: s.value for s in accumulator.Scalars("train/loss")} == pytest.approx(child_steps, rel=1e-5)
+    assert tracker_warnings(parent.path) == []

@@ -312,6 +312,7 @@ class Tracking:
         self.own: dict[str, Tracker] = {}  # this run's trackers
         self.child: dict[str, Tracker] = {}  # a multi-run's current child's trackers
         self.child_id: str | None = None
+        self.next_child: str | None = None
         self.step = 0  # the last train step seen (system metrics are logged at it)
         self.child_step = 0
         self.status = "stopped"
@@ -366,7 +367,11 @@ class Tracking:
         if kind == "started" and not self.own:
             self.own = self._open(self._tracked(self.run_id, self.run_dir, self.kind, self.params, event))
         if kind == "run_started" and event.get("child"):
-            self._open_child(event["child"])
+            self._finish_child()
+            self.next_child = event["child"]  # opened at its first step, when the registry has its dataset's hash
+        if kind == "step" and self.next_child and "run_step" in event:
+            self._open_child(self.next_child)
+            self.next_child = None
         metrics = metrics_of(event)
         if kind == "step":
             self.step = int(event["step"])
