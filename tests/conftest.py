@@ -21,6 +21,17 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("BACKPROPAGATE_CONFIG", None)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.extra("export")`: the test needs that optional extra. scripts/test runs the engine's tests a second
+    time in the core environment (.venv-core), where such a test is skipped; in the full one it always runs."""
+    from training.extras import EXTRAS, installed
+
+    for mark in item.iter_markers("extra"):
+        missing = [package for module, package in EXTRAS[mark.args[0]].items() if not installed(module)]
+        if missing:
+            pytest.skip(f"needs the '{mark.args[0]}' extra ({', '.join(missing)} not installed)")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The built-in demo model (a real ~3.7M-parameter Llama), built once for the whole session."""

@@ -56,6 +56,7 @@ def test_a_tokenizer_without_a_chat_template_gets_chatml(home, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extra("export")
 def test_a_model_without_chatml_tokens_gets_them_with_trained_embedding_rows_and_its_adapter_exports(home, plain_model_dir):
     """The ChatML tokens a tokenizer lacked get rows in a resized embedding and output head; those rows are trained
     (the model learns to end its turn), saved with the adapter, and the adapter reloads, chats and exports."""

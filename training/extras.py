@@ -14,6 +14,7 @@ from training.errors import BackpropError
 EXTRAS: dict[str, dict[str, str]] = {
     "ui": {"reflex": "reflex", "jwt": "pyjwt"},
     "export": {"gguf": "gguf", "llama_cpp": "llama-cpp-python"},
+    "track": {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb"},
     "gpu": {"unsloth": "unsloth", "bitsandbytes": "bitsandbytes", "liger_kernel": "liger-kernel"},
 }
 

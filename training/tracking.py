@@ -13,7 +13,6 @@ and BWT) plus one tracker run per child, opened when the multi-run's `run_starte
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import netrc
 import os
@@ -29,6 +28,7 @@ from training import atomic
 from training.config import TRACKERS, Settings
 from training.errors import BackpropError
 from training.events import Event
+from training.extras import installed  # a tracker's name is its module's
 
 TRACKING_FILE = "tracking.json"
 FLUSH_S = 1.0  # trackers that batch (MLflow) send at most this often
@@ -37,11 +37,6 @@ EXPERIMENT = "backprop"  # MLflow experiment and W&B project, unless MLFLOW_EXPE
 
 
 # ---------------------------------------------------------------------------- choosing trackers
-
-
-def installed(name: str) -> bool:
-    module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
-    return importlib.util.find_spec(module) is not None
 
 
 def wandb_configured(env: Mapping[str, str] | None = None) -> bool:
