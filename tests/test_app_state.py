@@ -14,6 +14,7 @@ from conftest import backprop
 
 from app import folders
 from app.state.chat import ChatState
+from app.state.compare import CompareState
 from app.state.dataset import DatasetState
 from app.state.errors import HANDLED, handler
 from app.state.export import ExportState
@@ -316,12 +317,15 @@ def test_a_plain_handler_shows_the_error_and_its_hint_apart():
 
 
 def page_states() -> list[type]:
-    return [ChatState, DatasetState, ExportState, MultiRunState, RunDetailState, RunsState, TelemetryState, TrainState]
+    return [ChatState, CompareState, DatasetState, ExportState, MultiRunState, RunDetailState, RunsState, TelemetryState,
+            TrainState]  # fmt: skip
 
 
 def test_every_event_handler_of_every_page_goes_through_the_one_mechanism():
     modules = {cls.__module__ for cls in page_states()}
-    assert modules == {f"app.state.{m}" for m in ("chat", "dataset", "export", "multi_run", "runs", "telemetry", "train")}
+    assert modules == {
+        f"app.state.{m}" for m in ("chat", "compare", "dataset", "export", "multi_run", "runs", "telemetry", "train")
+    }
     for cls in page_states():
         for name, event in cls.event_handlers.items():
             if name != "setvar":  # Reflex's own; it reaches only the `set_` handlers below
@@ -341,12 +345,14 @@ def test_the_train_form_refuses_a_number_that_is_not_one_with_its_code_and_hint(
 FORMS = {
     TrainState: {"model", "dataset", "steps", "learning_rate", "batch_size", "max_run_minutes", "lora_r", "validation_split",
                  "epochs", "gradient_accumulation", "max_seq_length", "lora_alpha", "lora_dropout", "target_modules",
-                 "packing", "response_only", "qlora", "use_unsloth"},
-    MultiRunState: {"datasets", "model", "runs", "steps", "samples", "merge_mode", "replay", "lr_schedule", "validation"},
+                 "packing", "response_only", "qlora", "use_unsloth", "report_to"},
+    MultiRunState: {"datasets", "model", "runs", "steps", "samples", "merge_mode", "replay", "lr_schedule", "validation",
+                    "report_to"},
     ExportState: {"source", "folder", "format", "quantization", "ollama_name", "register", "hub_repo", "private"},
     ChatState: {"source", "folder", "compare", "prompt"},
     DatasetState: {"model", "validation"},
     RunsState: {"status_filter", "search"},
+    CompareState: {"show_all"},
 }  # fmt: skip
 
 

@@ -49,6 +49,16 @@ def multi_run_page() -> rx.Component:
                 field("Validation", "validation", MultiRunState.validation),
                 wrap="wrap",
             ),
+            rx.accordion.root(
+                rx.accordion.item(header="Advanced", content=rx.hstack(
+                    rx.vstack(rx.text("Report to", size="1", weight="medium"),
+                              rx.input(value=MultiRunState.report_to, on_change=MultiRunState.set_report_to, width="260px",
+                                       placeholder="auto, none or tensorboard,mlflow,wandb", id="mr-report_to"),
+                              spacing="1"),
+                    wrap="wrap",
+                )),
+                collapsible=True, type="single", variant="ghost", width="100%",
+            ),
             rx.button("Start multi-run", on_click=MultiRunState.start, id="mr-start"),
             rx.cond(MultiRunState.error != "", rx.callout(MultiRunState.error, color_scheme="red", id="mr-error")),
             width="100%",

@@ -20,14 +20,24 @@ def runs_page() -> rx.Component:
             rx.input(placeholder="search", value=RunsState.search, on_change=RunsState.set_search, id="run-search",
                      debounce_timeout=50),
             rx.button("Refresh", on_click=RunsState.load, variant="soft"),
+            rx.spacer(),
+            rx.text(RunsState.selected.length(), " selected (2 to 6 to compare)", size="2", color_scheme="gray",
+                    id="runs-selected"),
+            rx.button("Clear", on_click=RunsState.clear_selection, variant="soft", disabled=RunsState.selected.length() == 0),
+            rx.button("Compare", on_click=RunsState.compare, disabled=~RunsState.can_compare, id="compare-runs"),
+            width="100%", align="center",
         ),
         rx.cond(RunsState.error != "", rx.callout(RunsState.error, color_scheme="red", id="runs-error")),
         rx.cond(
             RunsState.runs.length() > 0,
             rx.table.root(
-                rx.table.header(rx.table.row(*[rx.table.column_header_cell(c) for c in columns])),
+                rx.table.header(rx.table.row(rx.table.column_header_cell(""),
+                                             *[rx.table.column_header_cell(c) for c in columns])),
                 rx.table.body(
                     rx.foreach(RunsState.runs, lambda r: rx.table.row(
+                        rx.table.cell(rx.checkbox(checked=RunsState.selected.contains(r["id"]),
+                                                  on_change=lambda checked: RunsState.toggle(r["id"], checked),
+                                                  class_name="run-select", custom_attrs={"data-run": r["id"]})),
                         rx.table.cell(rx.link(r["id"], href="/runs/" + r["id"])),
                         *[rx.table.cell(status_pill(r["status"]) if c == "status" else r[c]) for c in columns[1:]],
                     )),
@@ -50,6 +60,12 @@ def run_detail_page() -> rx.Component:
                 rx.hstack(rx.heading(info["id"], size="4"), rx.text(info["name"]), status_pill(info["status"], id="run-status"),
                           rx.text(info["step"], " steps", id="run-step"), align="center"),
                 rx.text(info["model"], " · ", info["dataset"], color_scheme="gray", size="2"),
+                rx.cond(RunDetailState.tracking.length() > 0, rx.hstack(
+                    rx.text("Tracked in", size="2", weight="medium"),
+                    rx.vstack(rx.foreach(RunDetailState.tracking, lambda t: rx.text(t, size="1", font_family="monospace")),
+                              spacing="0"),
+                    align="baseline", id="run-tracking",
+                )),
                 rx.cond(info["reason"] != "", rx.text(info["reason"], color_scheme="purple")),
                 rx.cond(info["error"] != "", rx.callout(info["error"], color_scheme="red")),
                 rx.hstack(

@@ -57,6 +57,8 @@ def form() -> rx.Component:
                         field("Target modules", "target_modules", TrainState.target_modules, "all-linear or q_proj,v_proj",
                               width="220px"),
                         field("Validation split", "validation_split", TrainState.validation_split, "0: none"),
+                        field("Report to", "report_to", TrainState.report_to, "auto, none or tensorboard,mlflow,wandb",
+                              width="260px"),
                         rx.checkbox("Packing", checked=TrainState.packing,
                                     on_change=TrainState.set_packing),
                         rx.checkbox("Loss on replies only", checked=TrainState.response_only,

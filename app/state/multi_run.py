@@ -64,6 +64,7 @@ class MultiRunState(rx.State):
     replay: str = "0"
     lr_schedule: str = "constant"
     validation: str = "0.25"
+    report_to: str = ""  # empty: training.report_to from config or env (auto)
 
     multi_run_id: str = ""
     status: str = ""
@@ -87,11 +88,13 @@ class MultiRunState(rx.State):
     set_replay = setter("replay")
     set_lr_schedule = setter("lr_schedule")
     set_validation = setter("validation")
+    set_report_to = setter("report_to")
 
     @handler()
     def start(self):
         self.error = ""
-        settings = load_settings(**nest_options({"model": self.model.strip() or None}))
+        options = {"model": self.model.strip() or None, "report_to": self.report_to.strip() or None}
+        settings = load_settings(**nest_options(options))
         files = [line.strip() for line in self.datasets.splitlines() if line.strip()]
         try:
             run = jobs.submit_multi_run(

@@ -13,9 +13,11 @@ from app.state.errors import handler
 from app.state.follow import Progress, assign_changed
 from app.state.plot import Plot
 from training import jobs
+from training.compare import MAX_RUNS, MIN_RUNS
 from training.config import load_settings
 from training.errors import BackpropError
 from training.runs import ACTIVE, Registry
+from training.tracking import read_tracking
 
 
 def _registry() -> Registry:
@@ -26,7 +28,26 @@ class RunsState(rx.State):
     runs: list[dict[str, str]] = []
     status_filter: str = "all"
     search: str = ""
+    selected: list[str] = []  # run ids ticked for the compare view, in the order they were ticked
     error: str = ""
+
+    @rx.var
+    def can_compare(self) -> bool:
+        return MIN_RUNS <= len(self.selected) <= MAX_RUNS
+
+    @handler()
+    def toggle(self, run_id: str, checked: bool):
+        others = [i for i in self.selected if i != run_id]
+        self.selected = [*others, run_id] if checked else others
+
+    @handler()
+    def clear_selection(self):
+        self.selected = []
+
+    @handler()
+    def compare(self):
+        """Open the compare view of the ticked runs; its address names them, so it can be bookmarked or shared."""
+        return rx.redirect("/compare?runs=" + ",".join(self.selected))
 
     @handler()
     def set_status_filter(self, value: str):
@@ -70,8 +91,22 @@ def run_view(registry: Registry, run_id: str, progress: Progress | None) -> tupl
         "telemetry": progress.telemetry_plot(),
         "checkpoints": [f"step {c.step}: {c.path}" for c in registry.checkpoints(run.id)],
         "exports": [f"{e['format']} {e['quantization'] or ''} {e['file'] or e['path']}" for e in registry.exports(run.id)],
+        "tracking": tracked_in(read_tracking(run.path)),
     }
     return view, progress
+
+
+def tracked_in(tracking: dict) -> list[str]:
+    """Where a run was tracked (its tracking.json), one line per tracker, a failed one with its reason."""
+    lines = []
+    if tracking.get("tensorboard"):
+        lines.append(f"TensorBoard: {tracking['tensorboard']}")
+    if mlflow := tracking.get("mlflow"):
+        lines.append(f"MLflow: run {mlflow.get('run_id')} at {mlflow.get('tracking_uri')}")
+    if wandb := tracking.get("wandb"):
+        lines.append(f"W&B: {wandb['url']}" if wandb.get("url") else f"W&B (offline): {wandb.get('offline_dir')}")
+    lines += [f"{name}: failed ({reason})" for name, reason in (tracking.get("failed") or {}).items()]
+    return lines
 
 
 class RunDetailState(rx.State):
@@ -82,6 +117,7 @@ class RunDetailState(rx.State):
     log: list[str] = []
     checkpoints: list[str] = []
     exports: list[str] = []
+    tracking: list[str] = []
     telemetry: Plot = Plot()
     error: str = ""
     _following: str = ""

@@ -65,6 +65,7 @@ class TrainState(rx.State):
     lora_alpha: str = ""
     lora_dropout: str = ""
     target_modules: str = "all-linear"
+    report_to: str = ""  # empty: training.report_to from config or env (auto)
     packing: bool = True
     response_only: bool = True
     qlora: bool = False
@@ -109,6 +110,7 @@ class TrainState(rx.State):
     set_lora_alpha = setter("lora_alpha")
     set_lora_dropout = setter("lora_dropout")
     set_target_modules = setter("target_modules")
+    set_report_to = setter("report_to")
     set_packing = setter("packing", bool)
     set_response_only = setter("response_only", bool)
     set_qlora = setter("qlora", bool)
@@ -140,7 +142,8 @@ class TrainState(rx.State):
                    "max_seq_length": _int(self.max_seq_length, "Max length"),
                    "lora_alpha": _int(self.lora_alpha, "LoRA alpha"), "lora_dropout": _float(self.lora_dropout, "LoRA dropout"),
                    "target_modules": _targets(self.target_modules), "qlora": self.qlora if self.cuda else None,
-                   "use_unsloth": self.use_unsloth if self.cuda else None}  # fmt: skip
+                   "use_unsloth": self.use_unsloth if self.cuda else None,
+                   "report_to": self.report_to.strip() or None}  # fmt: skip
         settings = load_settings(**nest_options(options))
         run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root())
         self._attach(run.id)
