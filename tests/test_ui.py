@@ -231,6 +231,66 @@ def test_the_runs_page_lists_a_run_started_from_the_command_line(server, page):
     assert not run_dir.exists()
 
 
+def test_three_runs_ticked_on_the_runs_page_are_compared_side_by_side(server, page):
+    runs = []
+    for lr in ("1e-3", "3e-3", "1e-2"):  # three real runs of the CLI, only the learning rate apart
+        out = backprop("train", "--model", "demo", "--steps", "4", "--lr", lr, "--validation-split", "0.2", "--eval-every",
+                       "2", "--name", f"lr-{lr}", "--json", env=server["env"], check=True)  # fmt: skip
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ids = [r["run_id"] for r in runs]
+    page.goto(server["url"] + "runs")
+    page.wait_for_selector("#runs-table")
+    assert page.is_disabled("#compare-runs")
+    for run_id in ids:
+        page.click(f'.run-select[data-run="{run_id}"]')
+    wait_for(lambda: page.is_enabled("#compare-runs"), 30, "Compare to be offered for three runs")
+    page.click("#compare-runs")
+    page.wait_for_url(f"**/compare?runs={','.join(ids)}")  # an address that names the runs: it can be shared
+    wait_for(lambda: page.locator("#compare-metrics tbody tr").count() == 3, 60, "the three runs' metrics")
+    for chart in ("#compare-train", "#compare-eval", "#compare-speed"):  # one line and one legend entry per run
+        wait_for(lambda chart=chart: sum(bool(line.get_attribute("points")) for line in page.locator(f"{chart} polyline").all())
+                 == 3, 30, f"three lines in {chart}")  # fmt: skip
+        legend = page.locator(f"{chart} .chart-legend > div").all_inner_texts()
+        assert [entry.split()[0] for entry in legend] == [f"lr-{lr}" for lr in ("1e-3", "3e-3", "1e-2")]
+    differing = page.locator("#compare-params tr.differs")
+    assert differing.count() == 1 and differing.get_attribute("data-param") == "learning_rate"
+    assert page.locator("#compare-params tbody tr").count() == 1  # the same parameters stay hidden ...
+    page.click("#compare-show-all")
+    wait_for(lambda: page.locator("#compare-params tbody tr").count() > 10, 30, "every parameter")  # ... until asked
+    assert page.locator("#compare-params tr.differs").count() == 1
+    # The final metrics are the ones `backprop compare --json` gives.
+    compared = json.loads(backprop("compare", *ids, "--json", env=server["env"], check=True).stdout)
+    for r in compared["runs"]:
+        row = page.locator(f'#compare-metrics tr[data-run="{r["id"]}"]')
+        shown = {key: row.locator(f".metric-{key}").inner_text() for key in ("steps", "final_loss", "eval_loss", "tokens_per_s")}
+        assert shown == {"steps": f"{r['steps']}/{r['max_steps']}", "final_loss": f"{r['final_loss']:.4f}",
+                         "eval_loss": f"{r['eval_loss']:.4f}", "tokens_per_s": f"{r['tokens_per_s']:.0f}"}  # fmt: skip
+        assert r["status"] in row.inner_text()
+    shot(page, "compare")
+    # Each run's page says where it was tracked: TensorBoard in its own folder (auto, with nothing else configured).
+    page.goto(server["url"] + f"runs/{ids[0]}")
+    wait_for(lambda: page.query_selector("#run-tracking") is not None, 30, "the Tracked in line")
+    assert f"TensorBoard: {runs[0]['run_dir']}/tensorboard" in page.inner_text("#run-tracking")
+
+
+def test_report_to_in_the_advanced_settings_chooses_the_trackers_of_a_run_from_the_browser(server, page):
+    page.goto(server["url"])
+    page.wait_for_selector("#start:not([disabled])")
+    page.fill("#field-steps", "2")
+    page.get_by_text("Advanced").click()
+    page.fill("#field-report_to", "none")
+    page.click("#start")
+    wait_for(lambda: page.query_selector("#status-pill") and page.inner_text("#status-pill") == "completed", 180, "the run")
+    shown = json.loads(backprop("show-run", page.inner_text("#train-run-id"), "--json", env=server["env"], check=True).stdout)
+    assert shown["params"]["report_to"] == "none" and shown["tracking"] == {}  # auto would have used TensorBoard
+
+
+def test_a_compare_address_naming_one_run_shows_the_coded_error(server, page):
+    page.goto(server["url"] + "compare?runs=justone")
+    wait_for(lambda: page.query_selector("#compare-error") is not None, 30, "the error")
+    assert "[INPUT_COMPARE_RUN_COUNT]" in page.inner_text("#compare-error")
+
+
 def test_without_a_gpu_the_rail_still_moves(server, page):
     page.goto(server["url"] + "runs")
     page.wait_for_selector("#telemetry-rail")

@@ -38,8 +38,8 @@ def params_table() -> rx.Component:
             rx.foreach(CompareState.runs, lambda r: rx.table.column_header_cell(r["label"])),
         )),
         rx.table.body(rx.foreach(CompareState.shown_params, lambda p: rx.table.row(
-            rx.table.cell(p.name, weight=rx.cond(p.differs, "bold", "regular")),
-            rx.foreach(p.cells, lambda v: rx.table.cell(v)),
+            rx.table.cell(p.name, weight=rx.cond(p.differs, "bold", "regular"), white_space="nowrap"),
+            rx.foreach(p.cells, lambda v: rx.table.cell(v, word_break="break-all")),  # long hashes wrap, no column hides
             background=rx.cond(p.differs, rx.color("amber", 3), "transparent"),
             class_name=rx.cond(p.differs, "param-row differs", "param-row"), custom_attrs={"data-param": p.name},
         ))),
