@@ -119,6 +119,8 @@ class _Loop:
         t = self.t
         torch.manual_seed(t.seed)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and t.use_unsloth:
+            _import_unsloth_first()
         source = resolve_model(self.settings.model, self.settings.home)
         self.tokenizer = load_tokenizer(source)  # before the data: rows its chat template cannot render are refused by line
         fmt = self.spec.get("format")
@@ -547,6 +549,14 @@ def _step_estimate(model: Any, lora_r: int) -> tuple[memory.DecoderShape, dict[s
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         logit_chunk_rows=memory.LOGIT_CHUNK_ROWS if chunked else None,
     )  # fmt: skip
+
+
+def _import_unsloth_first() -> None:
+    """unsloth patches transformers, peft and trl as it is imported: before them, or part of its speed is lost."""
+    try:
+        import unsloth  # type: ignore[import-not-found]  # noqa: F401
+    except Exception:  # not installed, or unusable here: _load_unsloth says so and falls back to transformers + peft
+        pass
 
 
 def _peak_vram_mb(device: str) -> int | None:
