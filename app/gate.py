@@ -187,7 +187,9 @@ class AuthGate:
         if path in OPEN_PATHS or self.auth.valid(_cookie(scope)):
             return await self.app(scope, receive, send)
         if scope["type"] == "http" and scope["method"] == "GET" and "text/html" in _header(scope, "accept"):
-            return await RedirectResponse(f"/login?next={quote(path)}", status_code=303)(scope, receive, send)
+            query = scope.get("query_string", b"").decode("latin-1")  # a shared /compare?runs=... link survives sign-in
+            target = quote(path + (f"?{query}" if query else ""), safe="/")
+            return await RedirectResponse(f"/login?next={target}", status_code=303)(scope, receive, send)
         return await _refuse(BackpropError("UI_AUTH_REQUIRED"), 401, 4401, scope, receive, send)
 
     async def _login(self, scope: Scope, receive: Any) -> Response:

@@ -1,14 +1,17 @@
-"""The web app's compare view and tracking lines, without a browser: real runs of the CLI, read the way the pages read
-them (tests/test_ui.py drives the same pages in chromium)."""
+"""The web app's compare view, tracking lines and Report to, without a browser: real runs of the CLI, read the way the
+pages read them (tests/test_ui.py drives the same pages in chromium); a shared compare link through the sign-in gate."""
 
 from __future__ import annotations
 
 import json
 
-from conftest import backprop
+from conftest import backprop, inside_app
 from reflex.istate.data import RouterData
+from starlette.testclient import TestClient
 from test_app_state import run, xy
 
+from app.auth import Auth, hash_password, session_secret
+from app.gate import AuthGate
 from app.state.compare import COLORS, CompareState, compare_view, run_ids
 from app.state.multi_run import MultiRunState
 from app.state.runs import RunsState, run_view, tracked_in
@@ -16,6 +19,8 @@ from app.state.train import TrainState
 from training.compare import compare_runs
 from training.config import load_settings
 from training.runs import Registry
+
+PASSWORD = "correct horse battery"
 
 
 def train(lr: str, *flags: str) -> dict:
@@ -112,3 +117,13 @@ def test_report_to_from_the_train_and_multi_run_forms_reaches_the_settings_and_a
     run(MultiRunState.set_report_to, multi, "wandb, mlflow,nope")
     run(MultiRunState.start, multi)
     assert multi.error.startswith("[CONFIG_INVALID]") and "unknown tracker nope" in multi.error
+
+
+def test_a_shared_compare_link_leads_back_to_the_same_runs_after_sign_in(tmp_path):
+    auth = Auth(True, hash_password(PASSWORD), session_secret(tmp_path), session_hours=1, max_failed_logins=3)
+    gate = TestClient(AuthGate(inside_app, auth), base_url="http://127.0.0.1", follow_redirects=False)
+    page = gate.get("/compare?runs=aaa,bbb", headers={"accept": "text/html"})  # the gate covers the compare view too
+    assert page.status_code == 303 and page.headers["location"] == "/login?next=/compare%3Fruns%3Daaa%2Cbbb"
+    assert 'value="/compare?runs=aaa,bbb"' in gate.get(page.headers["location"]).text
+    signed_in = gate.post("/api/login", data={"password": PASSWORD, "next": "/compare?runs=aaa,bbb"})
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/compare?runs=aaa,bbb"
