@@ -105,3 +105,20 @@ def _param_table(records: list[RunRecord]) -> list[dict[str, Any]]:
         values = [column.get(name) for column in columns]
         table.append({"name": name, "values": values, "differs": len({json.dumps(v, sort_keys=True) for v in values}) > 1})
     return table
+
+
+def format_number(value: float | None, fmt: str = ".4f") -> str:
+    """How a comparison shows a number, in the terminal and on the compare page alike."""
+    return format(value, fmt) if value is not None else "-"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def format_value(value: object) -> str:
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else json.dumps(value)

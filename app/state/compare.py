@@ -14,8 +14,7 @@ import reflex as rx
 from app.state.errors import handler
 from app.state.form import setter
 from app.state.plot import Line, Plot, plot
-from training.cli.compare import _duration, _num, _value  # the terminal's formats: both views read alike
-from training.compare import compare_runs
+from training.compare import compare_runs, format_duration, format_number, format_value
 from training.config import load_settings
 from training.runs import Registry
 
@@ -48,12 +47,12 @@ def compare_view(result: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
     rows = [
         {"id": r["id"], "label": r["label"], "kind": r["kind"], "status": r["status"], "color": f"var(--{COLORS[i]}-9)",
-         "steps": f"{r['steps']}/{r['max_steps'] or '?'}", "final_loss": _num(r["final_loss"]),
-         "eval_loss": _num(r["eval_loss"]), "tokens_per_s": _num(r["tokens_per_s"], ".0f"),
-         "duration": _duration(r["duration_s"]), "bwt": _num(r.get("bwt"), "+.4f")}
+         "steps": f"{r['steps']}/{r['max_steps'] or '?'}", "final_loss": format_number(r["final_loss"]),
+         "eval_loss": format_number(r["eval_loss"]), "tokens_per_s": format_number(r["tokens_per_s"], ".0f"),
+         "duration": format_duration(r["duration_s"]), "bwt": format_number(r.get("bwt"), "+.4f")}
         for i, r in enumerate(runs)
     ]  # fmt: skip
-    params = [ParamRow(p["name"], [_value(v) for v in p["values"]], p["differs"]) for p in result["params"]]
+    params = [ParamRow(p["name"], [format_value(v) for v in p["values"]], p["differs"]) for p in result["params"]]
     return {
         **plots,
         "runs": rows,

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from training.compare import compare_runs
+    from training.compare import compare_runs, format_duration, format_number, format_value
 
     result = compare_runs(open_registry(), args.run_ids)
     if args.json:
@@ -38,8 +38,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         table.add_column(column, no_wrap=True)
     for r in runs:
         table.add_row(r["marker"], r["id"], escape(r["name"] or ""), r["kind"], status_markup(r["status"]),
-                      f"{r['steps']}/{r['max_steps'] or '?'}", _num(r["final_loss"]), _num(r["eval_loss"]),
-                      _num(r["tokens_per_s"], ".0f"), _duration(r["duration_s"]))  # fmt: skip
+                      f"{r['steps']}/{r['max_steps'] or '?'}", format_number(r["final_loss"]), format_number(r["eval_loss"]),
+                      format_number(r["tokens_per_s"], ".0f"), format_duration(r["duration_s"]))  # fmt: skip
     console.print(table)
     if any(r.get("bwt") is not None for r in runs):
         console.print(
@@ -61,7 +61,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     shown = [p for p in result["params"] if p["differs"] or args.all_params]
     for p in shown:
         style = "bold yellow" if p["differs"] else "dim"
-        params.add_row(f"[{style}]{p['name']}[/]", *(escape(_value(v)) for v in p["values"]))
+        params.add_row(f"[{style}]{p['name']}[/]", *(escape(format_value(v)) for v in p["values"]))
     if shown:
         console.print(params)
     same = len(result["params"]) - len(result["differing"])
@@ -88,19 +88,3 @@ def multi_chart(series: list[list[list[float]]], markers: list[str], width: int 
     rows = [f"{lo + span * (height - 1 - i) / (height - 1):10.4g} |" + "".join(row) for i, row in enumerate(grid)]
     rows.append(" " * 11 + "+" + "-" * columns + f" step {first:g}..{last:g}")
     return "\n".join(rows)
-
-
-def _num(value: float | None, fmt: str = ".4f") -> str:
-    return format(value, fmt) if value is not None else "-"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def _value(value: object) -> str:
-    if value is None:
-        return "-"
-    return value if isinstance(value, str) else json.dumps(value)
