@@ -122,6 +122,31 @@ class GpuSettings(BaseModel):
     max_pause_minutes: float = Field(30, ge=0, description="a longer pause stops the job with a checkpoint; 0: no limit")
 
 
+class DistributedSettings(BaseModel):
+    """Several processes, GPUs or machines: torchrun launches one process per device, accelerate drives them."""
+
+    nproc: int | str = Field(1, description="processes (GPUs) on this machine; 'auto': every GPU the governor admits")
+    nnodes: int = Field(1, ge=1, description="machines taking part; the same command runs on each")
+    node_rank: int = Field(0, ge=0, description="this machine's index among them (0 holds the rendezvous)")
+    master_addr: str = Field("127.0.0.1", description="address of machine 0")
+    master_port: int = Field(0, ge=0, le=65535, description="rendezvous port on machine 0; 0: a free one (one machine)")
+    strategy: str = Field("ddp", pattern="^(ddp|fsdp|deepspeed-zero2|deepspeed-zero3)$", description="how the model is spread")
+    collective_timeout_s: float = Field(
+        120, gt=0, description="a collective that waits this long (a rank died) ends the run as interrupted"
+    )
+
+    @field_validator("nproc")
+    @classmethod
+    def _nproc(cls, value: int | str) -> int | str:
+        if isinstance(value, str) and value != "auto":
+            if not value.isdigit():
+                raise ValueError("nproc is a number of processes or 'auto'")
+            value = int(value)
+        if isinstance(value, int) and value < 1:
+            raise ValueError("nproc must be at least 1")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="BACKPROPAGATE_", env_nested_delimiter="__", extra="ignore", validate_default=True
@@ -133,6 +158,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = TrainingSettings()
     ui: UiSettings = UiSettings()
     security: SecuritySettings = SecuritySettings()
+    distributed: DistributedSettings = DistributedSettings()
     # The governor (config file keys in camelCase also work: maxRunMinutes, gpu.maxTempC, ...).
     max_run_minutes: float = Field(10, ge=0, description="time box of every job; 0: none")
     max_parallel: int = Field(1, ge=1, description="jobs running at once")
@@ -231,6 +257,7 @@ FLAT_OPTIONS: dict[str, str] = {
             "stop_grace_seconds",
         )
     },
+    **{name: f"distributed.{name}" for name in DistributedSettings.model_fields},
     "gpu_probe": "gpu.probe",
     "gpu_min_vram": "gpu.min_free_vram_mb",
     "gpu_max_temp": "gpu.max_temp_c",
