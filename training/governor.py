@@ -1,7 +1,8 @@
 """The resource governor: which jobs may start, and when a running job must pause or stop.
 
-- Admission (`wait_for_admission`): free RAM, CPU load, and on the GPU with the most free memory (which
-  the job then uses) free VRAM and temperature; then a free slot under `max_parallel`, first in first out.
+- Admission (`wait_for_admission`): free RAM, CPU load, and on each GPU free VRAM and temperature; a job gets
+  as many passing GPUs as it asks for (`distributed.nproc`; 'auto': all of them), those with the most free
+  memory first; then free slots under `max_parallel` (one per GPU the job holds), first in first out.
   A job that cannot start yet stays `queued` with its reason and starts by itself when it can.
 - While a job runs (`Watcher`, a thread in the worker): about one telemetry sample per second, written
   as `telemetry` events; above `gpu.max_temp_c` the job pauses at its next step boundary and resumes once
@@ -16,12 +17,13 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from training.config import Settings
 from training.control import Control
+from training.errors import BackpropError
 from training.runs import Registry
 from training.telemetry import GpuReading, Sample, Telemetry
 
@@ -44,26 +46,60 @@ def heartbeat_also(run_id: str, beat: Callable[[], None]) -> Iterator[None]:
 
 @dataclass
 class Admission:
+    """The governor's answer for one job: why it must wait, or the GPUs it gets and how many processes to start."""
+
     reason: str | None  # None: the machine can take the job
-    gpu: GpuReading | None  # the GPU chosen for it
+    gpus: list[GpuReading] = field(default_factory=list)  # the GPUs chosen for it, most free memory first
+    nproc: int = 1  # processes to start on this machine: one per chosen GPU, or the asked number on CPU
+
+    @property
+    def gpu(self) -> GpuReading | None:
+        """The first (on a one-GPU job, the only) GPU chosen."""
+        return self.gpus[0] if self.gpus else None
 
 
-def check_resources(sample: Sample, settings: Settings) -> Admission:
-    """Can this machine take one more job right now? Picks the GPU with the most free memory."""
+def check_resources(sample: Sample, settings: Settings, busy: Collection[int] = ()) -> Admission:
+    """Can this machine take one more job right now, and on which GPUs?
+
+    A job asks for `distributed.nproc` GPUs (one process each; 'auto': every GPU that passes and no running job
+    holds). A GPU passes with enough free VRAM and below the temperature limit; the job gets the passing GPUs that
+    no running job (`busy`) holds first, then those with the most free memory. Without GPUs, nproc processes run
+    on the CPU."""
     free_ram_gb = sample.ram_available / 1024
     if free_ram_gb < settings.min_free_ram_gb:
-        return Admission(f"free RAM {free_ram_gb:.1f} GB < {settings.min_free_ram_gb:g} GB (minFreeRamGB)", None)
+        return Admission(f"free RAM {free_ram_gb:.1f} GB < {settings.min_free_ram_gb:g} GB (minFreeRamGB)")
     if sample.cpu > settings.max_cpu_percent:
-        return Admission(f"CPU load {sample.cpu:.0f}% > {settings.max_cpu_percent:g}% (maxCpuPercent)", None)
+        return Admission(f"CPU load {sample.cpu:.0f}% > {settings.max_cpu_percent:g}% (maxCpuPercent)")
+    wanted = settings.distributed.nproc
     if not sample.gpus:
-        return Admission(None, None)
-    gpu = max(sample.gpus, key=lambda g: g.mem_free if g.mem_free is not None else -1)
+        return Admission(None, nproc=1 if wanted == "auto" else int(wanted))
+    by_preference = sorted(sample.gpus, key=lambda g: (g.index in busy, -(g.mem_free if g.mem_free is not None else -1)))
+    refusals = {g.index: _refusal(g, settings) for g in by_preference}
+    passing = [g for g in by_preference if refusals[g.index] is None]
+    if wanted == "auto":
+        passing = [g for g in passing if g.index not in busy]
+        if passing:
+            return Admission(None, passing, len(passing))
+        return Admission(_why_not(refusals) or "every GPU is held by running jobs")
+    if len(passing) >= int(wanted):
+        return Admission(None, passing[: int(wanted)], int(wanted))
+    if int(wanted) == 1:
+        return Admission(refusals[by_preference[0].index])
+    return Admission(f"needs {wanted} GPUs, {len(passing)} of {len(sample.gpus)} pass admission: {_why_not(refusals)}")
+
+
+def _refusal(gpu: GpuReading, settings: Settings) -> str | None:
+    """Why this GPU cannot take a job now, or None."""
     g = settings.gpu
     if gpu.mem_free is not None and gpu.mem_free < g.min_free_vram_mb:
-        return Admission(f"GPU {gpu.index} free VRAM {gpu.mem_free:.0f} MB < {g.min_free_vram_mb} MB (gpu.minFreeVramMB)", gpu)
+        return f"GPU {gpu.index} free VRAM {gpu.mem_free:.0f} MB < {g.min_free_vram_mb} MB (gpu.minFreeVramMB)"
     if gpu.temp is not None and gpu.temp > g.max_temp_c:
-        return Admission(f"GPU {gpu.index} at {gpu.temp:.0f} °C > {g.max_temp_c:g} °C (gpu.maxTempC)", gpu)
-    return Admission(None, gpu)
+        return f"GPU {gpu.index} at {gpu.temp:.0f} °C > {g.max_temp_c:g} °C (gpu.maxTempC)"
+    return None
+
+
+def _why_not(refusals: dict[int, str | None]) -> str:
+    return "; ".join(r for _, r in sorted(refusals.items()) if r)
 
 
 def wait_for_admission(
@@ -74,13 +110,20 @@ def wait_for_admission(
     control: Control,
     on_queued: Callable[[str], None],
 ) -> Admission | None:
-    """Block until the job may start (its admission names the GPU it gets); None if stopped while queued."""
+    """Block until the job may start (its admission names the GPUs it gets); None if stopped while queued.
+
+    Raises INPUT_INVALID_ARGUMENT for a job that asks for more GPUs than this machine has (it would wait for ever)."""
     last_reason = None
     while not control.stop.is_set():
-        # A free slot (first in, first out) first, then the machine's resources, then take the slot.
+        # A free slot (first in, first out) first, then the machine's resources, then take the slots: one per GPU.
         reason = registry.claim(run_id, settings.max_parallel, dry_run=True)
-        admission = Admission(reason, None) if reason else check_resources(telemetry.sample(), settings)
-        reason = admission.reason or registry.claim(run_id, settings.max_parallel)
+        if reason:
+            admission = Admission(reason)
+        else:
+            sample = telemetry.sample()
+            _refuse_impossible(sample, settings)
+            admission = check_resources(sample, settings, busy=registry.gpus_in_use(except_run=run_id))
+        reason = admission.reason or registry.claim(run_id, settings.max_parallel, gpus=[g.index for g in admission.gpus])
         if reason is None:
             return admission
         if reason != last_reason:
@@ -91,6 +134,15 @@ def wait_for_admission(
             registry.update(run_id, heartbeat=time.time())
         control.stop.wait(POLL_S)
     return None
+
+
+def _refuse_impossible(sample: Sample, settings: Settings) -> None:
+    wanted = settings.distributed.nproc
+    if sample.gpus and wanted != "auto" and int(wanted) > len(sample.gpus):
+        raise BackpropError(
+            "INPUT_INVALID_ARGUMENT", reason=f"nproc {wanted} asks for more GPUs than this machine has ({len(sample.gpus)})",
+            hint=f"Use --nproc {len(sample.gpus)} or --nproc auto, or several machines (--nnodes).",
+        )  # fmt: skip
 
 
 class ThermalGuard:
@@ -130,11 +182,11 @@ class Watcher(threading.Thread):
         control: Control,
         emit: Callable[..., object],
         heartbeat: Callable[[], None],
-        gpu_index: int | None,
+        gpu_indices: Collection[int] = (),
     ):
         super().__init__(name="backprop-watcher", daemon=True)
         self.telemetry, self.settings, self.control = telemetry, settings, control
-        self.emit, self.heartbeat, self.gpu_index = emit, heartbeat, gpu_index
+        self.emit, self.heartbeat, self.gpu_indices = emit, heartbeat, set(gpu_indices)
         g = settings.gpu
         self.guard = ThermalGuard(g.max_temp_c, g.cool_down_c, g.cool_down_seconds)
         self.finished = threading.Event()
@@ -164,9 +216,11 @@ class Watcher(threading.Thread):
             self.finished.wait(interval if interval > 0 else HEARTBEAT_S)
 
     def _guard_temperature(self, sample: Sample) -> None:
-        gpu = next((g for g in sample.gpus if g.index == self.gpu_index), sample.gpus[0] if sample.gpus else None)
-        if gpu is None:
+        # The hottest GPU of the job decides: every rank pauses at the same step boundary anyway.
+        ours = [g for g in sample.gpus if g.index in self.gpu_indices] or sample.gpus[:1]
+        if not ours:
             return
+        gpu = max(ours, key=lambda g: g.temp if g.temp is not None else float("-inf"))
         change = self.guard.update(gpu.temp, time.monotonic())
         if change == "pause":
             self.paused_at = time.monotonic()

@@ -123,6 +123,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _create(_EXPORTS_TABLE),  # 3: exports
     _create(_FORGETTING_TABLE),  # 4: the forgetting matrix of multi-runs
     _create(_ONE_NAME_FOR_MULTI_RUNS),  # 5: "campaign"/"multirun" became "multi-run" everywhere
+    lambda db: _add_columns(db, "runs", {"gpus": "TEXT"}),  # 6: every GPU a job holds ("0,2"), for GPU-counted slots
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -153,7 +154,8 @@ class RunRecord:
     error_message: str | None
     reason: str | None  # why it is queued or paused
     queued_at: float | None
-    gpu_index: int | None
+    gpu_index: int | None  # the job's first GPU
+    gpus: str | None = None  # every GPU it holds, "0,2" (one maxParallel slot each)
 
     @property
     def path(self) -> Path:
@@ -304,33 +306,48 @@ class Registry:
             records = [r for r in records if r.status == status]
         return records[:limit] if limit else records
 
-    def claim(self, run_id: str, max_parallel: int, dry_run: bool = False) -> str | None:
+    def claim(self, run_id: str, max_parallel: int, dry_run: bool = False, gpus: list[int] | None = None) -> str | None:
         """Move a queued run to `running` if a slot is free and no run queued before it still waits.
 
-        One IMMEDIATE transaction, so two workers can never both take the last slot. Returns None when
-        claimed (or, with `dry_run`, claimable), else why not."""
+        A job takes one maxParallel slot per GPU it holds (`gpus`, recorded with the claim), one on a CPU machine;
+        a job that needs more slots than maxParallel runs alone. One IMMEDIATE transaction, so two workers can
+        never both take the last slot. Returns None when claimed (or, with `dry_run`, claimable), else why not."""
+        slots = max(1, len(gpus or []))
         with self._write() as db:
             me = db.execute("SELECT queued_at FROM runs WHERE id = ?", (run_id,)).fetchone()
-            active = db.execute("SELECT id, pid, status, queued_at FROM runs WHERE status IN ('queued', 'running', 'paused')")
-            running, ahead = 0, 0
+            active = db.execute(
+                "SELECT id, pid, status, queued_at, gpus FROM runs WHERE status IN ('queued', 'running', 'paused')"
+            )
+            jobs, running, ahead = 0, 0, 0  # running jobs, the slots they take, earlier queued jobs
             for row in active.fetchall():
                 if row["id"] == run_id or row["pid"] is None or not pid_alive(row["pid"]):
                     continue
                 if row["status"] == "queued":
                     ahead += (row["queued_at"] or 0) < (me["queued_at"] or 0)
                 else:
-                    running += 1
-            if running >= max_parallel:
-                return f"waiting for {running} running job{'s' * (running > 1)} (maxParallel {max_parallel})"
+                    jobs, running = jobs + 1, running + (len(_gpu_list(row["gpus"])) or 1)
+            if running and running + slots > max_parallel:
+                if slots == 1 and running == jobs:
+                    return f"waiting for {jobs} running job{'s' * (jobs > 1)} (maxParallel {max_parallel})"
+                held = f"{jobs} running job{'s hold' if jobs > 1 else ' holds'} {running} GPU{'s' * (running > 1)}"
+                return f"{f'needs {slots} GPUs; ' if slots > 1 else 'waiting: '}{held} (maxParallel {max_parallel} counts GPUs)"
             if ahead:
                 return f"waiting behind {ahead} earlier queued job{'s' * (ahead > 1)}"
             if dry_run:
                 return None
+            held = ",".join(map(str, gpus)) if gpus else None
             db.execute(
-                "UPDATE runs SET status = 'running', reason = NULL, heartbeat = ?, pid = ? WHERE id = ?",
-                (time.time(), os.getpid(), run_id),
+                "UPDATE runs SET status = 'running', reason = NULL, heartbeat = ?, pid = ?, gpus = ?, gpu_index = ? WHERE id = ?",
+                (time.time(), os.getpid(), held, gpus[0] if gpus else None, run_id),
             )
             return None
+
+    def gpus_in_use(self, except_run: str | None = None) -> set[int]:
+        """The GPUs that running or paused jobs hold (live workers only)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT id, pid, gpus FROM runs WHERE status IN ('running', 'paused') AND gpus IS NOT NULL")
+            return {i for r in rows.fetchall() if r["id"] != except_run and r["pid"] and pid_alive(r["pid"])
+                    for i in _gpu_list(r["gpus"])}  # fmt: skip
 
     def claim_for_resume(self, run_id: str, claimant: int) -> RunRecord:
         """Queue a resumable run again for exactly one resumer (pid `claimant`, until its worker takes over).
@@ -459,6 +476,10 @@ def _held(run: RunRecord) -> bool:
         if not silent:
             return True
     return worker_alive(run.pid, run.path)
+
+
+def _gpu_list(gpus: str | None) -> list[int]:
+    return [int(i) for i in gpus.split(",") if i.strip()] if gpus else []
 
 
 def worker_alive(pid: int, run_dir: Path) -> bool:

@@ -54,29 +54,39 @@ def _govern(run: RunRecord, registry: Registry, spec: dict, settings: Settings, 
     telemetry = Telemetry(settings.gpu.probe, settings.telemetry_file)
     if telemetry.note:
         events.emit("log", level="info", message=telemetry.note)
-    admission = wait_for_admission(
-        registry, run.id, settings, telemetry, control, on_queued=lambda reason: events.emit("queued", reason=reason)
-    )
+    try:
+        admission = wait_for_admission(
+            registry, run.id, settings, telemetry, control, on_queued=lambda reason: events.emit("queued", reason=reason)
+        )
+    except BackpropError as exc:  # a job this machine can never take: say so instead of waiting for ever
+        registry.update(run.id, status="failed", reason=None, ended_at=time.time(), error_code=exc.code,
+                        error_message=exc.message[:500])  # fmt: skip
+        events.emit("failed", durable=True, code=exc.code, message=exc.message, hint=exc.hint)
+        return EXIT_BY_STATUS["failed"]
     if admission is None:
         registry.update(run.id, status="stopped", reason=None, ended_at=time.time())
         events.emit("log", durable=True, level="warning", message="stopped while queued")
         return EXIT_BY_STATUS["stopped"]
-    if admission.gpu is not None:
-        # Only the chosen GPU is visible to the job; set before anything imports torch.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(admission.gpu.index)
-        registry.update(run.id, gpu_index=admission.gpu.index)
-        fraction = cuda_memory_fraction(settings.gpu_memory_limit, admission.gpu.mem_total)
+    # The processes to start here: 'auto' becomes the number of GPUs admitted (one process each).
+    settings.distributed.nproc = admission.nproc
+    if admission.gpus:
+        # Only the chosen GPUs are visible to the job (rank i uses the i-th); set before anything imports torch.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g.index) for g in admission.gpus)
+        totals = [g.mem_total for g in admission.gpus if g.mem_total]
+        fraction = cuda_memory_fraction(settings.gpu_memory_limit, max(totals) if totals else None)
         if fraction is not None:
             os.environ["BACKPROP_GPU_MEMORY_FRACTION"] = f"{fraction:.4f}"
     # Jobs running side by side share the cores instead of oversubscribing them (set before torch is imported).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // settings.max_parallel)))
+    # On CPU every job slot may run nproc processes; on GPUs a slot is one GPU and one process.
+    processes = max(settings.max_parallel, admission.nproc) if admission.gpus else settings.max_parallel * admission.nproc
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     # The time box counts training, not start-up: the job starts the clock at its first step (Control.start_clock).
     control.time_box_s = settings.max_run_minutes * 60 or None
 
     watcher = Watcher(
         telemetry, settings, control, events.emit,
         heartbeat=lambda: registry.update(run.id, heartbeat=time.time()),
-        gpu_index=admission.gpu.index if admission.gpu else None,
+        gpu_indices=[g.index for g in admission.gpus],
     )  # fmt: skip
     watcher.start()
     started = time.monotonic()
