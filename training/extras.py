@@ -16,6 +16,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "export": {"gguf": "gguf", "llama_cpp": "llama-cpp-python"},
     "track": {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb"},
     "gpu": {"unsloth": "unsloth", "bitsandbytes": "bitsandbytes", "liger_kernel": "liger-kernel"},
+    "dist": {"deepspeed": "deepspeed"},  # --strategy deepspeed-zero2|deepspeed-zero3
 }
 
 

@@ -15,6 +15,8 @@ GOVERNOR_OPTIONS = ("max_run_minutes", "max_parallel", "min_free_ram_gb", "gpu_m
                     "gpu_max_temp")  # fmt: skip
 SPEED_OPTIONS = ("gradient_checkpointing", "attention", "loss_kernel")
 TRACKING_OPTIONS = ("report_to",)
+DISTRIBUTED_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")  # and "strategy" where it applies
+STRATEGIES = ["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 
 
 def add_governor_flags(parser: argparse.ArgumentParser, short: bool = False) -> None:
@@ -46,6 +48,37 @@ def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-to", metavar="TRACKERS",
                         help="auto (default: TensorBoard when installed, MLflow when MLFLOW_TRACKING_URI is set, W&B when "
                         "configured), none, or a comma list of wandb, tensorboard, mlflow")  # fmt: skip
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser, strategy: bool = True) -> None:
+    """Several processes, GPUs and machines (torchrun); unset ones come from distributed.* in config or env."""
+    group = parser.add_argument_group("several GPUs and machines")
+    group.add_argument("--nproc", metavar="N|auto",
+                       help="processes on this machine, one a GPU (default 1; auto: every GPU the governor admits)")  # fmt: skip
+    if strategy:
+        group.add_argument("--strategy", choices=STRATEGIES,
+                           help="how the model is spread: ddp (default: a full copy per GPU), fsdp (sharded, through "
+                           "accelerate), deepspeed-zero2 or deepspeed-zero3 (the 'dist' extra)")  # fmt: skip
+    group.add_argument("--nnodes", type=int, help="machines taking part (default 1): run the same command on each")
+    group.add_argument("--node-rank", type=int, help="this machine's index, 0 to nnodes-1 (0 holds the rendezvous)")
+    group.add_argument("--master-addr", help="address of machine 0 (several machines)")
+    group.add_argument("--master-port", type=int, help="rendezvous port on machine 0 (default: a free one; 29500 on several)")
+
+
+def distributed_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key, None) for key in (*DISTRIBUTED_OPTIONS, "strategy")}
+
+
+def check_distributed(settings: Any) -> None:
+    """Fail fast, before a job is queued: a DeepSpeed strategy needs the 'dist' extra; node_rank must name a machine."""
+    from training.extras import require
+
+    d = settings.distributed
+    if d.strategy.startswith("deepspeed"):
+        require("dist", "deepspeed")
+    if d.node_rank >= d.nnodes:
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"--node-rank {d.node_rank} with --nnodes {d.nnodes}",
+                            hint="Machines are numbered 0 to nnodes-1; machine 0 holds the rendezvous.")  # fmt: skip
 
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:

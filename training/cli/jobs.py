@@ -7,7 +7,16 @@ import json
 import sys
 import time
 
-from training.cli.common import add_governor_flags, add_job_flags, governor_options, open_registry, status_markup
+from training.cli.common import (
+    add_distributed_flags,
+    add_governor_flags,
+    add_job_flags,
+    check_distributed,
+    distributed_options,
+    governor_options,
+    open_registry,
+    status_markup,
+)
 from training.cli.follow import follow_in_foreground
 
 
@@ -25,6 +34,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     run.add_argument("-f", "--framework", choices=["pytorch", "tensorflow", "auto"], default="auto")
     run.add_argument("-c", "--checkpoint-every-minutes", type=float, help="passed to the script as --checkpoint-every-seconds")
     run.add_argument("-r", "--resume-from", help="a checkpoint for the script's first start")
+    add_distributed_flags(run, strategy=False)  # a script spreads its model itself; torchrun starts its ranks
     add_governor_flags(run, short=True)
     add_job_flags(run)
     run.set_defaults(handler=cmd_run)
@@ -48,7 +58,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from training import jobs
     from training.config import load_settings, nest_options
 
-    settings = load_settings(**nest_options(governor_options(args)))
+    settings = load_settings(**nest_options({**governor_options(args), **distributed_options(args)}))
+    check_distributed(settings)
     run = jobs.submit_script(settings, args.script, args.script_args, name=args.name, run_id=args.run_id,
                              framework=args.framework, checkpoint_every_minutes=args.checkpoint_every_minutes,
                              resume_from=args.resume_from)  # fmt: skip

@@ -10,9 +10,12 @@ from training.cli.common import (
     DATASET_FORMATS,
     GOVERNOR_OPTIONS,
     TRACKING_OPTIONS,
+    add_distributed_flags,
     add_governor_flags,
     add_job_flags,
     add_tracking_flags,
+    check_distributed,
+    distributed_options,
     open_registry,
     status_markup,
 )
@@ -42,6 +45,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     multi.add_argument("--name")
     multi.add_argument("--output", type=Path, help="also copy the merged adapter to this folder at the end")
     add_tracking_flags(multi)
+    add_distributed_flags(multi)
     add_governor_flags(multi)
     add_job_flags(multi)
     multi.set_defaults(handler=cmd_multi_run)
@@ -52,7 +56,8 @@ def cmd_multi_run(args: argparse.Namespace) -> int:
     from training.config import load_settings, nest_options
 
     options = {key: getattr(args, key) for key in ("model", "lr", "seed", "lora_r", *TRACKING_OPTIONS, *GOVERNOR_OPTIONS)}
-    settings = load_settings(**nest_options(options))
+    settings = load_settings(**nest_options({**options, **distributed_options(args)}))
+    check_distributed(settings)
     run = jobs.submit_multi_run(settings, args.data, num_runs=args.runs, steps_per_run=args.steps,
                                samples_per_run=args.samples, merge_mode=args.merge_mode, replay=args.replay,
                                lr_schedule=args.lr_schedule, validation=args.validation, early_stopping=args.early_stopping,

@@ -10,10 +10,13 @@ from training.cli.common import (
     GOVERNOR_OPTIONS,
     SPEED_OPTIONS,
     TRACKING_OPTIONS,
+    add_distributed_flags,
     add_governor_flags,
     add_job_flags,
     add_speed_flags,
     add_tracking_flags,
+    check_distributed,
+    distributed_options,
     governor_options,
     open_registry,
 )
@@ -55,9 +58,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                        help="use unsloth on CUDA when installed (default on)")  # fmt: skip
     add_speed_flags(train)
     add_tracking_flags(train)
+    add_distributed_flags(train)
+    train.add_argument("--print-launch", action="store_true",
+                       help="print the torchrun command and a Slurm sbatch script for this job, and exit")  # fmt: skip
     add_governor_flags(train)
     add_job_flags(train)
-    train.set_defaults(handler=cmd_train)
+    train.set_defaults(handler=cmd_train, parser=train)
 
     resume = sub.add_parser("resume", parents=[common], help="continue a run from its last checkpoint")
     resume.add_argument("run_id", help="run id or unambiguous prefix")
@@ -82,7 +88,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.target_modules:
         options["target_modules"] = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
-    settings = load_settings(**nest_options(options))
+    settings = load_settings(**nest_options({**options, **distributed_options(args)}))
+    check_distributed(settings)
+    if args.print_launch:
+        from training.cli.launch import launch_text
+
+        print(launch_text(settings, args.parser, args))
+        return 0
     data = args.data
     if data is None:
         if settings.model != "demo":
