@@ -15,6 +15,13 @@ counts training: it starts at the script's first step message, not at its launch
 step do not use it up), so every session makes a step. A script that sends no step is time-boxed from its launch,
 once `script_startup_s` (default two minutes) or a whole time box, if longer, has passed.
 Pausing is SIGSTOP/SIGCONT of its process group; stopping is SIGINT, then SIGKILL after a grace period.
+
+With `--nproc N` (or `--nnodes`) the script runs under torchrun, one process a rank (torch.distributed reads
+RANK, WORLD_SIZE, MASTER_ADDR from the environment): `python -m torch.distributed.run --nproc-per-node N ...
+train.py --run-id ID ...`. Rank 0 alone should print the JSON messages. torchrun starts each rank in a process
+group of its own, so pause and kill reach torchrun's group and every rank's; the graceful SIGINT goes to torchrun,
+which passes it on to every rank. Under torchrun a script's own time box is told by `{"event": "timeboxed"}` (torchrun
+turns a rank's exit code 3 into its own 1).
 """
 
 from __future__ import annotations
@@ -80,8 +87,13 @@ def run_script(run: RunRecord, registry: Registry, spec: dict[str, Any], setting
 
 
 def script_command(run: RunRecord, registry: Registry, spec: dict[str, Any], settings: Settings) -> list[str]:
+    from training.distributed import is_distributed, torchrun_command
+
     script = spec["script"]
     command = [sys.executable, script] if script.endswith(".py") else [script]
+    if is_distributed(settings):  # torchrun runs a .py with this Python, anything else as it is (--no-python)
+        command = torchrun_command(settings, None, module=None, script_args=[script] if script.endswith(".py") else
+                                   ["--no-python", script])  # fmt: skip
     command += ["--run-id", run.id, "--max-minutes", f"{settings.max_run_minutes:g}"]
     if spec.get("checkpoint_every_minutes"):
         command += ["--checkpoint-every-seconds", f"{spec['checkpoint_every_minutes'] * 60:g}"]
@@ -134,10 +146,31 @@ def _supervise(process: subprocess.Popen, run: RunRecord, registry: Registry, se
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    """`sig` to the script's process group and, under torchrun, to each rank's own group too (torchrun starts
+    every rank in a new session). SIGINT goes to the script's group only: torchrun passes it on to the ranks."""
+    groups = {process.pid}
+    if sig != signal.SIGINT:
+        groups |= _descendant_groups(process.pid)
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _descendant_groups(pid: int) -> set[int]:
+    import psutil
+
+    groups = set()
     try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                groups.add(os.getpgid(child.pid))
+            except ProcessLookupError:
+                pass
+    except psutil.NoSuchProcess:
         pass
+    return groups
 
 
 class _OutputReader(threading.Thread):
