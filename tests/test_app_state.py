@@ -23,7 +23,7 @@ from app.state.multi_run import MultiRunState, heat
 from app.state.plot import BOX, Line, plot, sparkline
 from app.state.runs import RunDetailState, RunsState
 from app.state.telemetry import TelemetryState
-from app.state.train import TrainState, _targets
+from app.state.train import TrainState, _targets, nproc_value
 from training.errors import BackpropError
 from training.events import EventWriter
 
@@ -76,8 +76,34 @@ def test_a_sparkline_puts_the_newest_value_at_the_right_edge_of_its_window():
 
 
 def test_run_telemetry_shows_only_the_sensors_that_reported():
-    samples = [{"t": 0, "cpu": 50.0, "ram": 20.0, "gpu_util": None, "gpu_temp": None}, {"t": 1, "cpu": 60.0, "ram": 21.0}]
+    samples = [{"t": 0, "cpu": 50.0, "ram": 20.0, "gpu0_util": None, "gpu0_temp": None}, {"t": 1, "cpu": 60.0, "ram": 21.0}]
     assert [s.name for s in telemetry_plot(samples).series] == ["CPU %", "RAM %"]
+
+
+def test_a_run_on_several_gpus_shows_each_of_its_gpus_and_none_of_the_others(tmp_path):
+    path = tmp_path / "events.jsonl"
+    events = write_run(path, 1)
+    machine = [{"index": i, "name": "Sim", "util": 10.0 * i, "temp": 50.0 + i} for i in range(4)]  # all of the machine's
+    events.emit("telemetry", cpu=20.0, ram_used=1000, ram_total=4000, gpus=machine)
+    events.close()
+    progress = Progress(path, gpus={1, 3})  # the run held GPUs 1 and 3
+    progress.read()
+    plot = progress.telemetry_plot()
+    assert [s.name for s in plot.series] == ["CPU %", "RAM %", "GPU 1 util %", "GPU 1 °C", "GPU 3 util %", "GPU 3 °C"]
+    assert [s.last for s in plot.series][2:] == ["10.0", "51.0", "30.0", "53.0"]
+    alone = Progress(path, gpus={2})
+    alone.read()
+    assert [s.name for s in alone.telemetry_plot().series] == ["CPU %", "RAM %", "GPU util %", "GPU °C"]
+
+
+def test_the_gpus_field_takes_a_count_or_auto_and_refuses_anything_else_with_its_label():
+    state = TrainState(_reflex_internal_init=True)
+    label = "GPUs" if state.cuda else "Processes"
+    for typed, error in (("two", f"{label}: 'two' is not a whole number"), ("0", f"{label}: 0 is less than 1")):
+        run(TrainState.set_nproc, state, typed)
+        run(TrainState.start, state)
+        assert state.error == f"[INPUT_INVALID_ARGUMENT] {error}" and state.run_id == ""
+    assert nproc_value(" Auto ", "GPUs") == "auto" and nproc_value("4", "GPUs") == 4 and nproc_value("", "GPUs") is None
 
 
 # --- following a run --------------------------------------------------------------------------------------------------
@@ -345,9 +371,9 @@ def test_the_train_form_refuses_a_number_that_is_not_one_with_its_code_and_hint(
 FORMS = {
     TrainState: {"model", "dataset", "steps", "learning_rate", "batch_size", "max_run_minutes", "lora_r", "validation_split",
                  "epochs", "gradient_accumulation", "max_seq_length", "lora_alpha", "lora_dropout", "target_modules",
-                 "packing", "response_only", "qlora", "use_unsloth", "report_to"},
+                 "packing", "response_only", "qlora", "use_unsloth", "report_to", "nproc"},
     MultiRunState: {"datasets", "model", "runs", "steps", "samples", "merge_mode", "replay", "lr_schedule", "validation",
-                    "report_to"},
+                    "report_to", "nproc"},
     ExportState: {"source", "folder", "format", "quantization", "ollama_name", "register", "hub_repo", "private"},
     ChatState: {"source", "folder", "compare", "prompt"},
     DatasetState: {"model", "validation"},

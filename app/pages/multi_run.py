@@ -47,6 +47,8 @@ def multi_run_page() -> rx.Component:
                 field("Replay", "replay", MultiRunState.replay),
                 choice("LR across runs", "lr_schedule", MultiRunState.lr_schedule, ["constant", "linear", "cosine"]),
                 field("Validation", "validation", MultiRunState.validation),
+                rx.cond(MultiRunState.cuda, field("GPUs", "nproc", MultiRunState.nproc),
+                        field("Processes", "nproc", MultiRunState.nproc)),
                 wrap="wrap",
             ),
             rx.accordion.root(

@@ -42,6 +42,8 @@ def form() -> rx.Component:
                 field("Learning rate", "learning_rate", TrainState.learning_rate, "model default"),
                 field("Batch size", "batch_size", TrainState.batch_size, "model default"),
                 field("Time box (minutes)", "max_run_minutes", TrainState.max_run_minutes, "0: none"),
+                rx.cond(TrainState.cuda, field("GPUs", "nproc", TrainState.nproc, "1, 2, ... or auto"),
+                        field("Processes", "nproc", TrainState.nproc, "1")),
                 wrap="wrap",
             ),
             rx.accordion.root(

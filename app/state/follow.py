@@ -30,7 +30,8 @@ class Progress:
     error: str = ""
     hint: str = ""
     adapter: str = ""
-    telemetry: list[dict] = field(default_factory=list)  # {"t", "cpu", "ram", "gpu_util", "gpu_temp"} per sample
+    telemetry: list[dict] = field(default_factory=list)  # {"t", "cpu", "ram", "gpu<i>_util", "gpu<i>_temp"} per sample
+    gpus: set[int] | None = None  # the run's GPUs (a job may hold several); None: the first GPU each sample reports
     merges: list[dict] = field(default_factory=list)  # a multi-run's `merge` events
 
     def read(self) -> bool:
@@ -77,10 +78,12 @@ class Progress:
             self.status, self.error, self.hint = "failed", f"[{e.get('code')}] {e.get('message')}", e.get("hint") or ""
             self._say(e, self.error)
         elif kind == "telemetry":
-            gpu = e["gpus"][0] if e.get("gpus") else {}
+            readings = e.get("gpus") or []
+            ours = [g for g in readings if g.get("index") in self.gpus] if self.gpus is not None else readings[:1]
             ram = 100 * e["ram_used"] / e["ram_total"] if e.get("ram_total") else None
-            point = {"t": round(e["t"] - (self.started or e["t"]), 1), "cpu": e.get("cpu"), "ram": round(ram, 1) if ram else None,
-                     "gpu_util": gpu.get("util"), "gpu_temp": gpu.get("temp")}  # fmt: skip
+            point = {"t": round(e["t"] - (self.started or e["t"]), 1), "cpu": e.get("cpu"), "ram": round(ram, 1) if ram else None}
+            for g in ours:  # every GPU of the run: a telemetry event carries all of the machine's
+                point |= {f"gpu{g.get('index', 0)}_util": g.get("util"), f"gpu{g.get('index', 0)}_temp": g.get("temp")}
             self.telemetry = _thin([*self.telemetry, point])
         elif kind == "log" and e.get("level") in ("warning", "error", "info") and "samples" not in e:
             self._say(e, e["message"])
@@ -118,10 +121,18 @@ def loss_plot(points: list[dict], max_steps: int = 0) -> Plot:
     return plot(lines, x_range=(0, max(max_steps, last, 1)))
 
 
+UTIL_COLORS = ["orange", "amber", "gold", "brown", "yellow", "bronze", "lime", "grass"]  # one per GPU, warm for utilisation
+TEMP_COLORS = ["red", "crimson", "pink", "plum", "tomato", "ruby", "purple", "violet"]  # and reds for temperature
+
+
 def telemetry_plot(samples: list[dict]) -> Plot:
-    """CPU, RAM and GPU utilisation (%) and GPU temperature (°C) against seconds since the run started; 0-100."""
-    names = [("cpu", "CPU %", "accent"), ("ram", "RAM %", "green"), ("gpu_util", "GPU util %", "orange"),
-             ("gpu_temp", "GPU °C", "red")]  # fmt: skip
+    """CPU, RAM, and each of the run's GPUs' utilisation (%) and temperature (°C), against seconds since the run
+    started; 0-100. One GPU: "GPU util %" and "GPU °C"; several: "GPU 0 util %", "GPU 0 °C", ..."""
+    indices = sorted({int(key[3:].split("_")[0]) for s in samples for key in s if key.startswith("gpu") and "_" in key})
+    names = [("cpu", "CPU %", "accent"), ("ram", "RAM %", "green")]
+    for n, i in enumerate(indices):
+        gpu = "GPU" if len(indices) == 1 else f"GPU {i}"
+        names += [(f"gpu{i}_util", f"{gpu} util %", UTIL_COLORS[n % 8]), (f"gpu{i}_temp", f"{gpu} °C", TEMP_COLORS[n % 8])]
     lines = [Line(label, color, [(s["t"], s.get(key)) for s in samples]) for key, label, color in names
              if any(s.get(key) is not None for s in samples)]  # fmt: skip
     return plot(lines, y_range=(0, 100))

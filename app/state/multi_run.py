@@ -11,7 +11,7 @@ from app.state.errors import handler
 from app.state.follow import Progress, assign_changed
 from app.state.form import setter
 from app.state.plot import Plot
-from app.state.train import DEMO_DATASET
+from app.state.train import DEMO_DATASET, _cuda_available, nproc_value
 from training import jobs
 from training.config import load_settings, nest_options
 from training.errors import BackpropError
@@ -65,6 +65,8 @@ class MultiRunState(rx.State):
     lr_schedule: str = "constant"
     validation: str = "0.25"
     report_to: str = ""  # empty: training.report_to from config or env (auto)
+    nproc: str = ""  # "GPUs" on an NVIDIA machine, "processes" on CPU; empty: distributed.nproc from config (1)
+    cuda: bool = _cuda_available()
 
     multi_run_id: str = ""
     status: str = ""
@@ -89,11 +91,13 @@ class MultiRunState(rx.State):
     set_lr_schedule = setter("lr_schedule")
     set_validation = setter("validation")
     set_report_to = setter("report_to")
+    set_nproc = setter("nproc")
 
     @handler()
     def start(self):
         self.error = ""
-        options = {"model": self.model.strip() or None, "report_to": self.report_to.strip() or None}
+        options = {"model": self.model.strip() or None, "report_to": self.report_to.strip() or None,
+                   "nproc": nproc_value(self.nproc, "GPUs" if self.cuda else "Processes")}  # fmt: skip
         settings = load_settings(**nest_options(options))
         files = [line.strip() for line in self.datasets.splitlines() if line.strip()]
         try:

@@ -78,6 +78,7 @@ def run_view(registry: Registry, run_id: str, progress: Progress | None) -> tupl
     """What a run's page shows, from the registry and its events (read on from where `progress` stopped)."""
     run = registry.get(run_id)
     progress = progress or Progress(run.path / "events.jsonl")
+    progress.gpus = run_gpus(run)  # known once admitted, before its first telemetry event
     progress.read()
     info = {"id": run.id, "name": run.name or "", "kind": run.kind, "status": run.status, "model": run.model or "",
             "dataset": run.dataset or "", "step": f"{run.step}/{run.max_steps or '?'}",
@@ -94,6 +95,13 @@ def run_view(registry: Registry, run_id: str, progress: Progress | None) -> tupl
         "tracking": tracked_in(read_tracking(run.path)),
     }
     return view, progress
+
+
+def run_gpus(run) -> set[int] | None:
+    """The GPUs a run held (the governor's pick), None when it ran on none or before the registry recorded them."""
+    if run.gpus:
+        return {int(i) for i in run.gpus.split(",")}
+    return {run.gpu_index} if run.gpu_index is not None else None
 
 
 def tracked_in(tracking: dict) -> list[str]:

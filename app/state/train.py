@@ -66,6 +66,7 @@ class TrainState(rx.State):
     lora_dropout: str = ""
     target_modules: str = "all-linear"
     report_to: str = ""  # empty: training.report_to from config or env (auto)
+    nproc: str = ""  # "GPUs" on an NVIDIA machine, "processes" on CPU; empty: distributed.nproc from config (1)
     packing: bool = True
     response_only: bool = True
     qlora: bool = False
@@ -111,6 +112,7 @@ class TrainState(rx.State):
     set_lora_dropout = setter("lora_dropout")
     set_target_modules = setter("target_modules")
     set_report_to = setter("report_to")
+    set_nproc = setter("nproc")
     set_packing = setter("packing", bool)
     set_response_only = setter("response_only", bool)
     set_qlora = setter("qlora", bool)
@@ -143,7 +145,8 @@ class TrainState(rx.State):
                    "lora_alpha": _int(self.lora_alpha, "LoRA alpha"), "lora_dropout": _float(self.lora_dropout, "LoRA dropout"),
                    "target_modules": _targets(self.target_modules), "qlora": self.qlora if self.cuda else None,
                    "use_unsloth": self.use_unsloth if self.cuda else None,
-                   "report_to": self.report_to.strip() or None}  # fmt: skip
+                   "report_to": self.report_to.strip() or None,
+                   "nproc": nproc_value(self.nproc, "GPUs" if self.cuda else "Processes")}  # fmt: skip
         settings = load_settings(**nest_options(options))
         run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root())
         self._attach(run.id)
@@ -199,6 +202,18 @@ class TrainState(rx.State):
         if progress.error:
             shown |= {"error": progress.error, "hint": progress.hint}
         assign_changed(self, shown)
+
+
+def nproc_value(text: str, label: str) -> int | str | None:
+    """The GPUs (processes) field: a whole number of at least 1, or auto; None when left empty."""
+    text = text.strip().lower()
+    if text == "auto":
+        return text
+    value = _int(text, label)
+    if value is not None and value < 1:
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"{label}: {value} is less than 1",
+                            hint=f"Type 1 or more in {label}, auto, or leave it empty for one.")  # fmt: skip
+    return value
 
 
 def _targets(text: str) -> list[str] | str | None:
