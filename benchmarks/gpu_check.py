@@ -409,8 +409,10 @@ def backprop_run(work: Workload, plan: Plan, home: Path, **options: Any) -> tupl
 
     free_memory(plan)
     rows = plan.packed_rows[work.shape.name]
+    # The machine is the check's: its own load must never queue a run (max_cpu_percent 100).
     settings = {"epochs": 1, "batch_size": rows, "max_seq_length": plan.seq_len, "lr": LR, "lora_r": LORA_R,
-                "lora_alpha": LORA_ALPHA, "save_every": 0, "use_unsloth": False, "max_parallel": 1, **options}  # fmt: skip
+                "lora_alpha": LORA_ALPHA, "save_every": 0, "use_unsloth": False, "max_parallel": 1, "max_cpu_percent": 100,
+                **options}  # fmt: skip
     settings = {k: v for k, v in settings.items() if v is not None}
     try:
         result = Trainer(str(work.model_dir), home=str(home)).train(work.data, **settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,8 +16,9 @@ pytestmark = pytest.mark.slow
 
 def test_the_gpu_check_dry_run_races_every_contestant_it_can_and_says_why_it_skips_the_rest(tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", str(out), "--cpu-dry-run"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    env = {**os.environ, "BACKPROPAGATE_MIN_FREE_RAM_GB": "0.25"}  # a CI machine's RAM is small, and busy
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", str(out), "--cpu-dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     race = {row["contestant"]: row for row in results["race"]}
