@@ -30,6 +30,7 @@ class TrainerState:
     micro_batch: int  # global index of the next micro-batch to read
     tokens_seen: int
     loss: float | None
+    world_size: int = 1  # processes that trained it: the global batch position means the same only for the same count
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -57,8 +58,12 @@ def save(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: Train
 
 def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainerState:
     """Restore adapter weights, optimizer, scheduler and RNG from a checkpoint folder."""
+    return apply(read(path), model, optimizer, scheduler)
+
+
+def read(path: Path) -> tuple[TrainerState, dict[str, Any], dict[str, Any]]:
+    """A checkpoint's contents (state, adapter weights, optimizer/scheduler/RNG), e.g. for rank 0 to send to the others."""
     import torch
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     try:
@@ -67,6 +72,16 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainerState
         extra = torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu")
     except (OSError, ValueError, TypeError, RuntimeError, KeyError) as exc:
         raise BackpropError("STATE_CHECKPOINT_CORRUPT", path=path, reason=exc) from exc
+    return state, weights, extra
+
+
+def apply(
+    contents: tuple[TrainerState, dict[str, Any], dict[str, Any]], model: Any, optimizer: Any, scheduler: Any
+) -> TrainerState:
+    """Put what `read` returned into the model, optimizer, scheduler and RNG."""
+    from peft import set_peft_model_state_dict
+
+    state, weights, extra = contents
     set_peft_model_state_dict(model, weights)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])

@@ -126,6 +126,22 @@ class World:
         dist.all_reduce(tensor)
         return float(tensor.item())
 
+    def gather_devices(self, device: str) -> list[str]:
+        """Every rank's device, in rank order (rank 0 reports them in the `started` event)."""
+        name = device
+        if device == "cuda":
+            import torch
+
+            index = torch.cuda.current_device()
+            name = f"cuda:{index} {torch.cuda.get_device_name(index)}"
+        if not self.distributed:
+            return [name]
+        import torch.distributed as dist
+
+        names: list[Any] = [None] * self.world_size
+        dist.all_gather_object(names, name)
+        return [str(n) for n in names]
+
     def broadcast_object(self, value: Any) -> Any:
         """Rank 0's `value` (any picklable object) on every rank."""
         if not self.distributed:
@@ -212,3 +228,61 @@ class ControlFile:
             control.request_pause(state.get("pause_reason") or "")
         else:
             control.release()
+
+
+def run_ranks(run: Any, registry: Any, settings: Settings, control: Control, events: Any) -> str:
+    """The worker as the ranks' agent: start torchrun (one process a rank, in the worker's process group so that a
+    forced stop reaches them all), pass stop and pause to rank 0, wait, and map torchrun's exit to the run's status.
+
+    On machine 0, rank 0 records the run's end itself; a run still `running` when torchrun returns lost a rank (killed,
+    crashed, or a collective timed out): it is `interrupted`, and `backprop resume` continues from its last checkpoint.
+    On another machine (node_rank > 0) this run's row stands for that machine's share: it ends `completed` when its
+    ranks finished cleanly, `interrupted` otherwise; machine 0's run holds the events, checkpoints and adapter."""
+    import subprocess
+    import time
+
+    d = settings.distributed
+    _fetch_model_once(settings)
+    channel = ControlFile(run.path)
+    channel.clear()
+    channel.publish(control)
+    command = torchrun_command(settings, run.path, nproc=None if d.nproc == "auto" else int(d.nproc))
+    env = {**os.environ, "BACKPROP_RUN_ID": run.id}  # names the run's rank processes (ps, tests)
+    env.setdefault("OMP_NUM_THREADS", str(omp_threads(d.nproc if isinstance(d.nproc, int) else 1)))
+    if d.node_rank > 0:
+        registry.update(run.id, status="running", started_at=run.started_at or time.time(), heartbeat=time.time())
+        events.emit("log", level="info", message=f"machine {d.node_rank} of {d.nnodes}: its ranks train with machine 0 "
+                    f"({d.master_addr}:{d.master_port}), whose run holds the events, checkpoints and adapter")  # fmt: skip
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env=env)
+    try:
+        while process.poll() is None:
+            channel.publish(control)
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:  # the worker itself is going down: take the ranks with it
+            process.terminate()
+            process.wait()
+    code = process.returncode
+    status = registry.get(run.id).status
+    if d.node_rank > 0:
+        status = "completed" if code == 0 else "interrupted"
+        registry.update(run.id, status=status, ended_at=time.time(), reason=None)
+    elif status in ("queued", "running", "paused"):
+        status = "interrupted"
+        message = f"a rank ended the run (torchrun exit {code}; see worker.log and rank-N.log in the run folder)"
+        registry.update(run.id, status=status, ended_at=time.time(), reason=None, error_message=message)
+        events.emit("log", durable=True, level="warning", message=f"{message}; `backprop resume {run.id}` continues it")
+    channel.clear()
+    return status
+
+
+def _fetch_model_once(settings: Settings) -> None:
+    """Download (or build, for the demo model) the model here, before the ranks start: N ranks fetching it at once
+    would race. A model that cannot be had is left for rank 0 to report with its coded error."""
+    from training.errors import BackpropError
+    from training.models import resolve_model
+
+    try:
+        resolve_model(settings.model, settings.home)
+    except BackpropError:
+        pass

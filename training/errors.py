@@ -78,6 +78,15 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Name a config with owner/name:config and a split with owner/name@split (the dataset card lists them), "
         "e.g. owner/name:default@train or owner/name@train[:1000].",
     ),
+    "INPUT_WORLD_SIZE_CHANGED": ErrorSpec(
+        "Run {run_id} was trained on {recorded} processes; it cannot continue on {current}: its batch positions are "
+        "global batches of {recorded} shares",
+        "Resume with --nproc {recorded} (and the same --nnodes), or start a new run.",
+    ),
+    "INPUT_STRATEGY_UNSUPPORTED": ErrorSpec(
+        "Strategy '{strategy}' is not available here: {reason}",
+        "Use --strategy ddp (the default), which works on CPU and GPUs alike.",
+    ),
     "INPUT_DATASET_CHANGED": ErrorSpec(
         "{path} changed since run {run_id} started (sha256 {recorded:.12} then, {current:.12} now): resuming would train "
         "on other rows under the same batch positions",

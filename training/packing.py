@@ -151,11 +151,14 @@ class BatchPlan:
 
     def micro_batches(self, start: int = 0):
         """Yield micro-batches forever, starting at global index `start` (for resume)."""
+        for rows in self.row_batches(start):
+            yield collate(rows, self.pad_id, self.packing)
+
+    def row_batches(self, start: int = 0):
+        """The rows of each micro-batch, uncollated (several ranks each collate their share of them)."""
         epoch, index = divmod(start, self.batches_per_epoch)
         while True:
-            batches = self.epoch(epoch)
-            for rows in batches[index:]:
-                yield collate(rows, self.pad_id, self.packing)
+            yield from self.epoch(epoch)[index:]
             epoch, index = epoch + 1, 0
 
 

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from training.checkpoints import TrainerState
 from training.config import Settings, load_settings
 from training.control import Control
 from training.datasets import load_dataset, split
+from training.distributed import CONTINUE, EARLY_STOP, FAIL, PAUSE, STOP, TIMEBOX, ControlFile, World, is_collective_failure
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
 from training.extras import require
@@ -42,6 +43,7 @@ from training.packing import Batch, BatchPlan, ChatEncoder, collate, flatten
 from training.runs import Registry, RunRecord
 
 MAX_OOM_SPLITS = 3
+PAUSE_BEAT_S = 2.0  # a paused distributed run: rank 0 repeats the pause this often, well inside any collective timeout
 
 
 @dataclass
@@ -63,16 +65,23 @@ def run_training(
     control: Control | None = None,
     on_event: EventSink | None = None,
     events: EventWriter | None = None,
+    world: World | None = None,
 ) -> TrainResult:
-    """Train one registered run in this process (the worker calls this; so can a notebook)."""
+    """Train one registered run in this process (the worker calls this; so can a notebook).
+
+    Under torchrun (training/rank.py) every rank calls it with its `world`; ranks other than 0 get a registry and
+    events that write nothing, and rank 0 reads stop and pause from the worker through RUN_DIR/control.json."""
     control = control or Control()
+    world = world or World()
     spec = json.loads((run.path / "spec.json").read_text())
     settings = load_settings(**spec["settings"], home=spec.get("home"))
     own_writer = events is None
     events = events or EventWriter(run.path / "events.jsonl", also=on_event)
-    registry.update(run.id, status="running", pid=os.getpid(), heartbeat=time.time(), started_at=run.started_at or time.time())
+    # The worker (the ranks' agent) keeps its own pid in the registry: stop and kill reach it, and it reaches the ranks.
+    pid = {} if world.distributed else {"pid": os.getpid()}
+    registry.update(run.id, status="running", **pid, heartbeat=time.time(), started_at=run.started_at or time.time())
     try:
-        return _Loop(run, registry, settings, spec, events, control).run()
+        return _Loop(run, registry, settings, spec, events, control, world).run()
     except BackpropError as exc:
         _fail(run, registry, events, exc.code, exc.message, exc.hint)
         raise
@@ -81,6 +90,8 @@ def run_training(
         events.emit("log", durable=True, level="warning", message="interrupted before the first step")
         raise
     except Exception as exc:
+        if world.distributed and is_collective_failure(exc):
+            raise  # a rank died or a collective timed out: the worker marks the run interrupted, resume continues it
         _fail(run, registry, events, "RUNTIME_TRAINING_FAILED", str(exc))
         raise BackpropError("RUNTIME_TRAINING_FAILED", reason=exc) from exc
     finally:
@@ -96,8 +107,20 @@ def _fail(run: RunRecord, registry: Registry, events: EventWriter, code: str, me
 
 class _Loop:
     def __init__(
-        self, run: RunRecord, registry: Registry, settings: Settings, spec: dict[str, Any], events: EventWriter, control: Control
+        self,
+        run: RunRecord,
+        registry: Registry,
+        settings: Settings,
+        spec: dict[str, Any],
+        events: EventWriter,
+        control: Control,
+        world: World | None = None,
     ):
+        self.world = world or World()
+        self.control_file = ControlFile(run.path) if self.world.distributed and self.world.is_main else None
+        self.ddp: Any = None  # the step's loss module under DDP (several ranks), prepared by accelerate
+        self.early_stop = False
+        self.pausing = False
         self.run_record = run
         self.registry = registry
         self.settings = settings
@@ -119,7 +142,9 @@ class _Loop:
         t = self.t
         torch.manual_seed(t.seed)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cuda" and t.use_unsloth:
+        if self.world.distributed:
+            self._join_process_group()
+        if self.device == "cuda" and t.use_unsloth and not self.world.distributed:
             _import_unsloth_first()
         source = resolve_model(self.settings.model, self.settings.home)
         self.tokenizer = load_tokenizer(source)  # before the data: rows its chat template cannot render are refused by line
@@ -161,16 +186,23 @@ class _Loop:
                 "INPUT_DATASET_TOO_SMALL", path=dataset.report.path, reason="no trainable tokens after tokenization"
             )
 
-        self.plan = BatchPlan(train_encoded, self._batch_size(), t.max_seq_length, t.packing, t.seed, self.tokenizer.pad_token_id)
+        # One global batch of world_size x batch_size rows a micro-batch, split across the ranks (distributed.shard).
+        rows = self._batch_size() * self.world.world_size
+        self.plan = BatchPlan(train_encoded, rows, t.max_seq_length, t.packing, t.seed, self.tokenizer.pad_token_id)
         self._use_gradient_checkpointing()
         self.max_steps = t.steps or max(1, math.ceil(t.epochs * self.plan.batches_per_epoch / t.gradient_accumulation))
         self.optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], t.learning_rate, t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         state = self._resume_state() or TrainerState(step=0, micro_batch=0, tokens_seen=0, loss=None)
+        if self.world.distributed:
+            self._prepare_ddp()
+        devices = self.world.gather_devices(self.device)
         self.registry.update(self.run_record.id, max_steps=self.max_steps)
         self.events.emit("started", durable=True, model=self.settings.model, dataset=dataset.report.path,
                          examples=len(train_encoded), validation_examples=len(self.val_encoded), max_steps=self.max_steps,
                          resumed_from=state.step or None, device=self.device, trainable_params=self._trainable(),
+                         world_size=self.world.world_size, strategy=self.settings.distributed.strategy if
+                         self.world.distributed else None, devices=devices,
                          attention=self.attention, gradient_checkpointing=self.gradient_checkpointing,
                          loss_kernel=loss_kernel(self.model.get_base_model().get_output_embeddings(), self.device,
                                                  t.loss_kernel))  # fmt: skip
@@ -309,6 +341,8 @@ class _Loop:
         return [c for c in self.registry.checkpoints(self.run_record.id) if checkpoints.is_readable(Path(c.path))]
 
     def _resume_state(self) -> TrainerState | None:
+        if self.world.distributed:
+            return self._resume_ranks()
         saved = self._saved_checkpoints()
         if not saved:
             return None
@@ -317,6 +351,50 @@ class _Loop:
         fit_optimizer_state(self.optimizer)  # saved on another machine (fused on CUDA, or not): step as this one does
         self.events.emit("log", level="info", message=f"resumed from checkpoint at step {state.step}")
         return state
+
+    def _resume_ranks(self) -> TrainerState | None:
+        """Rank 0 reads the last checkpoint and sends it to every rank (other machines may not see this run folder)."""
+        saved = self._saved_checkpoints() if self.world.is_main else []
+        contents = checkpoints.read(Path(saved[-1].path)) if saved else None
+        if contents is not None and contents[0].world_size != self.world.world_size:
+            contents = ("refused", contents[0].world_size)
+        contents = self.world.broadcast_object(contents)
+        if contents is None:
+            return None
+        if contents[0] == "refused":
+            raise BackpropError("INPUT_WORLD_SIZE_CHANGED", run_id=self.run_record.id, recorded=contents[1],
+                                current=self.world.world_size)  # fmt: skip
+        state = checkpoints.apply(contents, self.model, self.optimizer, self.scheduler)
+        fit_optimizer_state(self.optimizer)
+        self.events.emit("log", level="info", message=f"resumed from checkpoint at step {state.step} on {self.world.world_size} "
+                         "processes")  # fmt: skip
+        return state
+
+    def _join_process_group(self) -> None:
+        """Join the ranks through accelerate (gloo on CPU, nccl on CUDA), every collective bounded by the timeout."""
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        from training.distributed import process_group_kwargs
+
+        strategy = self.settings.distributed.strategy
+        if strategy != "ddp":
+            reason = ("FSDP and DeepSpeed ZeRO shard a model's weights; Backprop's loop drives them through accelerate "
+                      "in a later version, DDP (every rank holds the model, LoRA gradients are all-reduced) now")  # fmt: skip
+            if strategy.startswith("deepspeed"):
+                require("dist", "deepspeed")
+            raise BackpropError("INPUT_STRATEGY_UNSUPPORTED", strategy=strategy, reason=reason)
+        group = InitProcessGroupKwargs(**process_group_kwargs(self.settings, self.device))
+        self.accelerator = Accelerator(cpu=self.device == "cpu", kwargs_handlers=[group])
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.accelerator.device)
+
+    def _prepare_ddp(self) -> None:
+        """DDP over a module whose forward is the summed loss of a batch: `target_loss` calls the decoder and the head
+        directly, so wrapping the peft model alone would leave DDP's gradient hooks unfired."""
+        self.ddp = self.accelerator.prepare_model(_StepLoss(self.model, self.device, self.t.loss_kernel))
 
     def _trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -332,22 +410,24 @@ class _Loop:
         self.model.train()
         status = "completed"
         last_registry_write = 0.0
+        rows = self.plan.row_batches(state.micro_batch) if self.world.distributed else None
         while state.step < self.max_steps:
-            if self.control.pause.is_set():
-                self._hold(state)
-            if self.control.stop.is_set():
-                status = "failed" if self.control.stop_code else "stopped"
-                break
-            if self.control.timed_out():
-                status = "timeboxed"
+            decision = self._decide(state)
+            if decision != CONTINUE:
+                status = {STOP: "stopped", FAIL: "failed", TIMEBOX: "timeboxed", EARLY_STOP: "completed"}[decision]
                 break
             if self.control.start_clock():  # the time box counts training only: model and data are loaded by now
                 minutes = self.control.time_box_s / 60
                 self.events.emit("log", level="info", message=f"time box: {minutes:g} min of training from now")
             started = time.perf_counter()
-            micro = [next(batches) for _ in range(t.gradient_accumulation)]
-            targets = sum(b.target_tokens for b in micro)
-            tokens = sum(b.tokens for b in micro)
+            if rows is not None:  # this rank's share of each global micro-batch; the counts are the global ones
+                shares = [self._share(next(rows)) for _ in range(t.gradient_accumulation)]
+                micro, self.weights = [b for b, _w, _t, _n in shares], [w for _b, w, _t, _n in shares]
+                targets, tokens = sum(n for _b, _w, n, _n in shares), sum(n for _b, _w, _t, n in shares)
+            else:
+                micro = [next(batches) for _ in range(t.gradient_accumulation)]
+                targets = sum(b.target_tokens for b in micro)
+                tokens = sum(b.tokens for b in micro)
             loss_sum = self._accumulate(micro, max(1, targets), state)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
@@ -371,7 +451,9 @@ class _Loop:
                 if self._no_longer_improving(self._evaluate(state.step)):
                     self.events.emit("log", level="info", message=f"early stopping at step {state.step}: eval loss has not "
                                      f"improved for {t.early_stopping_patience} evaluations")  # fmt: skip
-                    break
+                    if not self.world.distributed:
+                        break
+                    self.early_stop = True  # rank 0 alone evaluates; the next step boundary stops every rank
             if t.save_every and state.step % t.save_every == 0 and state.step < self.max_steps:
                 self._checkpoint(state)
         return self._finish(state, status)
@@ -384,15 +466,66 @@ class _Loop:
         best_at = self.evals.index(min(self.evals))
         return len(self.evals) - 1 - best_at >= patience
 
+    def _decide(self, state: TrainerState) -> int:
+        """What happens at this step boundary: rank 0 decides from its Control, one broadcast tells every rank (alone,
+        a process just decides). A pause holds here: paused by the governor (GPU too hot) until released."""
+        while True:
+            if self.control_file is not None:
+                self.control_file.apply(self.control)
+            decision = self.world.broadcast_decision(self._local_decision() if self.world.is_main else CONTINUE,
+                                                     self._collective_device())  # fmt: skip
+            if decision != PAUSE:
+                if self.pausing:
+                    self._end_pause(state)
+                return decision
+            if self.world.is_main:
+                self._hold(state)
+
+    def _local_decision(self) -> int:
+        control = self.control
+        if control.pause.is_set() and not control.stop.is_set() and not control.timed_out():
+            return PAUSE
+        if control.stop.is_set():
+            return FAIL if control.stop_code else STOP
+        if control.timed_out():
+            return TIMEBOX
+        return EARLY_STOP if self.early_stop else CONTINUE
+
     def _hold(self, state: TrainerState) -> None:
-        """Paused by the governor (GPU too hot): wait at this step boundary until released."""
-        run_id, reason = self.run_record.id, self.control.pause_reason
-        self.events.emit("paused", durable=True, step=state.step, reason=reason)
-        self.registry.update(run_id, status="paused", reason=reason, heartbeat=time.time())
-        self.control.hold()
-        self.registry.update(run_id, status="running", reason=None, heartbeat=time.time())
+        """Wait while paused (alone: until released; several ranks: a beat at most, then the pause is said again)."""
+        if not self.pausing:
+            self.pausing = True
+            reason = self.control.pause_reason
+            self.events.emit("paused", durable=True, step=state.step, reason=reason)
+            self.registry.update(self.run_record.id, status="paused", reason=reason, heartbeat=time.time())
+        if not self.world.distributed:
+            self.control.hold()
+            return
+        beat = time.monotonic() + PAUSE_BEAT_S
+        while self.control.pause.is_set() and not self.control.stop.is_set() and not self.control.timed_out():
+            if time.monotonic() >= beat:
+                return
+            self.control.stop.wait(0.1)
+            if self.control_file is not None:
+                self.control_file.apply(self.control)
+
+    def _end_pause(self, state: TrainerState) -> None:
+        self.pausing = False
+        self.registry.update(self.run_record.id, status="running", reason=None, heartbeat=time.time())
         if not self.control.stop.is_set() and not self.control.timed_out():
             self.events.emit("resumed", durable=True, step=state.step, reason="GPU cooled down")
+
+    def _collective_device(self) -> str:
+        return str(self.accelerator.device) if self.world.distributed and self.device == "cuda" else "cpu"
+
+    def _share(self, rows: list) -> tuple[Any, float, int, int]:
+        """This rank's part of a global micro-batch: (its batch, its weight 1 or 0, the global target and token counts)."""
+        from training.distributed import shard
+
+        mine, counts = shard(rows, self.world)
+        targets = sum(item.target_tokens for row in rows for item in row)
+        tokens = sum(len(item) for row in rows for item in row)
+        return collate(mine, self.tokenizer.pad_token_id, self.t.packing), 1.0 if counts else 0.0, targets, tokens
 
     def _accumulate(self, micro: list, targets: int, state: TrainerState) -> float:
         """Forward and backward over a step's micro-batches; out of memory, split them in halves and retry the step.
@@ -426,6 +559,8 @@ class _Loop:
     def _forward_backward(self, micro: list, targets: int, step: int) -> float:
         """The step's summed loss, gradients accumulated; each micro-batch in 2**oom_splits parts. Its own frame, so that
         an out-of-memory error leaves nothing of the pass alive once handled."""
+        if self.ddp is not None:
+            return self._forward_backward_ranks(micro, targets, step)
         total = 0.0
         for index, batch in enumerate(micro):
             for part in _split(batch, 2**self.oom_splits):
@@ -436,11 +571,30 @@ class _Loop:
                 total += float(loss.detach()) * targets
         return total
 
+    def _forward_backward_ranks(self, micro: list, targets: int, step: int) -> float:
+        """As `_forward_backward`, on this rank's shares, through DDP: gradients are all-reduced (averaged) once, at the
+        step's last pass (no_sync before). Each rank's loss is scaled by world_size / global targets, so the average is
+        the gradient of the global loss per target token: --nproc 2 --batch-size b trains as --nproc 1 --batch-size 2b."""
+        import contextlib
+
+        passes = [(i, part, self.weights[i]) for i, batch in enumerate(micro) for part in _split(batch, 2**self.oom_splits)]
+        scale = self.world.world_size / targets
+        total = 0.0
+        for k, (index, part, weight) in enumerate(passes):
+            if self.control.before_forward is not None:
+                self.control.before_forward(step, index, int(part.input_ids.shape[0]))
+            last = k == len(passes) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.ddp):
+                summed = self.ddp(part.input_ids, part.labels, part.position_ids, part.attention_mask)
+                self.accelerator.backward(summed * (weight * scale))
+            total += float(summed.detach()) * weight
+        return self.world.all_sum(total, self._collective_device())
+
     def _loss(self, batch) -> Any:
         return target_loss(self.model, batch, self.device, self.t.loss_kernel)
 
     def _evaluate(self, step: int) -> float | None:
-        if not self.val_encoded:
+        if not self.val_encoded or not self.world.is_main:  # rank 0 alone evaluates (the others wait at the next boundary)
             return None
         self.model.eval()
         eval_loss = mean_loss(self.model, self.val_encoded, self.plan.batch_size, self.t.max_seq_length, self.t.packing,
@@ -450,7 +604,10 @@ class _Loop:
         self.registry.update(self.run_record.id, eval_loss=eval_loss)
         return eval_loss
 
-    def _checkpoint(self, state: TrainerState) -> Path:
+    def _checkpoint(self, state: TrainerState) -> Path | None:
+        if not self.world.is_main:
+            return None  # rank 0 alone writes the run; every rank holds the same weights and optimizer state
+        state = replace(state, world_size=self.world.world_size)
         path = checkpoints.save(self.run_record.path, self.model, self.optimizer, self.scheduler, state)
         self.registry.add_checkpoint(self.run_record.id, state.step, path)
         self.registry.update(self.run_record.id, step=state.step, loss=state.loss, heartbeat=time.time())
@@ -462,6 +619,8 @@ class _Loop:
 
     def _finish(self, state: TrainerState, status: str) -> TrainResult:
         run_id, run_dir = self.run_record.id, self.run_record.path
+        if not self.world.is_main:
+            return TrainResult(run_id, status, state.step, state.loss, None, None, run_dir, self.losses)
         eval_loss = self._evaluate(state.step) if status == "completed" else None
         if state.step > 0 and not any(c.step == state.step for c in self.registry.checkpoints(run_id)):
             self._checkpoint(state)
@@ -490,6 +649,22 @@ class _Loop:
         else:
             self.registry.update(run_id, status=status, ended_at=time.time())
         return TrainResult(run_id, status, state.step, state.loss, eval_loss, adapter, run_dir, self.losses)
+
+
+def _StepLoss(model: Any, device: str, kernel: str) -> Any:
+    """A torch module whose forward is the summed target loss of a batch (`target_loss`), for DDP to wrap."""
+    import torch
+
+    class StepLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, labels: Any, position_ids: Any = None, attention_mask: Any = None) -> Any:
+            batch = Batch(input_ids, labels, position_ids, attention_mask, 0, 0)
+            return target_loss(self.model, batch, device, kernel)
+
+    return StepLoss()
 
 
 def check_dataset_unchanged(run: RunRecord, path: str, sha256: str | None, resuming: bool) -> None:

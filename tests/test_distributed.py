@@ -1,0 +1,148 @@
+"""Training on several processes (issue 12): torchrun launches the ranks, accelerate/DDP on gloo, real processes.
+
+Every test trains the demo model for a few steps on two CPU processes; the tolerance of the equivalence test is
+1e-4 relative on each step's loss, and on the adapter 1e-3 of each tensor's largest weight (fp32; Adam amplifies the
+summation-order noise of the gradients a little)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import DEMO_DATA, wait_for
+
+from training import jobs
+from training.config import load_settings, nest_options
+from training.distributed import World, free_port, shard
+from training.events import read_events
+from training.runs import Registry, pid_alive
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"model": "demo", "max_seq_length": 64, "telemetry_interval_s": 0, "collective_timeout_s": 30}
+
+
+def _submit(**options) -> tuple[Registry, str]:
+    settings = load_settings(**nest_options({**SMALL, **options}))
+    run = jobs.submit_train(settings, str(DEMO_DATA))
+    return Registry(settings.home), run.id
+
+
+def _events(registry: Registry, run_id: str, kind: str) -> list[dict]:
+    return [e for e in read_events(registry.get(run_id).path / "events.jsonl")[0] if e["event"] == kind]
+
+
+def _finish(registry: Registry, run_id: str) -> str:
+    return wait_for(lambda: registry.get(run_id).status not in ("queued", "running", "paused") and registry.get(run_id).status,
+                    timeout=300, what=f"run {run_id} to end")  # fmt: skip
+
+
+def _adapter(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_each_rank_takes_its_rows_of_the_global_batch_and_an_empty_share_counts_for_nothing():
+    rows = list(range(5))
+    assert [shard(rows, World(rank=r, world_size=2))[0] for r in (0, 1)] == [[0, 2, 4], [1, 3]]
+    assert shard([7], World(rank=1, world_size=2)) == ([7], False)  # joins the all-reduce with weight 0
+
+
+def test_two_processes_at_batch_b_train_exactly_as_one_process_at_batch_2b(home):
+    registry, two = _submit(steps=4, batch_size=2, nproc=2)
+    assert _finish(registry, two) == "completed"
+    registry, one = _submit(steps=4, batch_size=4, nproc=1)
+    assert _finish(registry, one) == "completed"
+
+    started = _events(registry, two, "started")[0]
+    assert (started["world_size"], started["strategy"], started["devices"]) == (2, "ddp", ["cpu", "cpu"])
+    assert _events(registry, one, "started")[0]["world_size"] == 1
+    curve2 = [e["loss"] for e in _events(registry, two, "step")]
+    curve1 = [e["loss"] for e in _events(registry, one, "step")]
+    assert len(curve2) == len(curve1) == 4
+    assert curve2 == pytest.approx(curve1, rel=1e-4)
+    a2, a1 = _adapter(registry.get(two).path / "adapter"), _adapter(registry.get(one).path / "adapter")
+    assert a2.keys() == a1.keys()
+    worst = max(float((a2[k] - a1[k]).abs().max() / a1[k].abs().max().clamp(min=1e-12)) for k in a1)
+    assert worst < 1e-3, worst
+    # Rank 0 alone wrote the run; rank 1's output is in its own log.
+    assert len(_events(registry, two, "started")) == 1
+    assert (registry.get(two).path / "rank-1.log").exists()
+
+
+def test_a_time_box_and_a_stop_reach_both_ranks_with_one_checkpoint_and_resume_continues(home):
+    registry, run_id = _submit(steps=500, batch_size=2, nproc=2, save_every=0, max_run_minutes=0.04)
+    assert _finish(registry, run_id) == "timeboxed"
+    steps = _events(registry, run_id, "step")
+    saved = registry.checkpoints(run_id)
+    assert len(saved) == 1 and saved[0].step == steps[-1]["step"] == registry.get(run_id).step
+    assert [p.name for p in (registry.get(run_id).path / "checkpoints").iterdir()] == [Path(saved[0].path).name]
+
+    # Resumed (no time box now), then stopped by the user: again one checkpoint, at the step reached.
+    jobs.resume(registry, run_id, {"max_run_minutes": 0})
+    at = steps[-1]["step"]
+    wait_for(lambda: len(_events(registry, run_id, "step")) >= len(steps) + 2, what="two more steps")
+    jobs.request_stop(registry, run_id)
+    assert _finish(registry, run_id) == "stopped"
+    after = _events(registry, run_id, "step")
+    assert [e["step"] for e in after[len(steps) :]] == list(range(at + 1, after[-1]["step"] + 1))
+    assert _events(registry, run_id, "started")[-1]["resumed_from"] == at
+    saved = registry.checkpoints(run_id)
+    assert saved[-1].step == after[-1]["step"] and sum(c.step > at for c in saved) == 1
+
+
+def _rank_pid(run_id: str, rank: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"BACKPROP_RUN_ID={run_id}".encode() in env and f"RANK={rank}".encode() in env and b"training.rank" in cmd:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_rank_ends_the_run_interrupted_without_a_hang_and_resume_finishes_it(home):
+    registry, run_id = _submit(steps=40, batch_size=2, nproc=2, save_every=2, collective_timeout_s=10)
+    wait_for(lambda: _events(registry, run_id, "checkpoint_saved"), what="a first checkpoint")
+    os.kill(wait_for(lambda: _rank_pid(run_id, 1), what="rank 1"), signal.SIGKILL)
+    assert _finish(registry, run_id) == "interrupted"
+    checkpointed = registry.checkpoints(run_id)[-1].step
+    assert checkpointed >= 2
+    assert _rank_pid(run_id, 0) is None  # the surviving rank exited too
+
+    wait_for(lambda: not pid_alive(registry.get(run_id).pid), what="the worker to exit")  # it writes the status last
+    jobs.resume(registry, run_id)
+    assert _finish(registry, run_id) == "completed"
+    assert _events(registry, run_id, "started")[-1]["resumed_from"] == checkpointed
+    assert registry.get(run_id).step == 40
+
+
+def test_two_machines_on_loopback_train_one_run_together(home, tmp_path):
+    """Machine 1's launch is a run of its own home's registry: it ends `completed` once its ranks finished; machine 0's
+    run holds the events, checkpoints and adapter."""
+    import shutil
+
+    home1 = tmp_path / "machine1"
+    shutil.copytree(home / "models", home1 / "models")
+    port = free_port()
+    common = {"steps": 3, "batch_size": 2, "nproc": 1, "nnodes": 2, "master_addr": "127.0.0.1", "master_port": port}
+    registry0, run0 = _submit(**common, node_rank=0)
+    registry1, run1 = _submit(**common, node_rank=1, home=str(home1))
+    assert _finish(registry0, run0) == "completed"
+    assert _finish(registry1, run1) == "completed"
+    assert _events(registry0, run0, "started")[0]["world_size"] == 2
+    assert (registry0.get(run0).path / "adapter").is_dir()
+    assert not (registry1.get(run1).path / "adapter").exists() and not _events(registry1, run1, "step")
+
+
+def test_fsdp_and_deepspeed_are_refused_with_a_code_for_now(home):
+    registry, run_id = _submit(steps=2, batch_size=2, nproc=2, strategy="fsdp")
+    assert _finish(registry, run_id) == "failed"
+    assert registry.get(run_id).error_code == "INPUT_STRATEGY_UNSUPPORTED"

@@ -1,0 +1,89 @@
+"""`torchrun ... -m training.rank RUN_DIR`: one rank of a distributed training run (the worker launches torchrun).
+
+Rank 0 writes the run (events, registry, checkpoints, adapter) and reads stop and pause from the worker through
+RUN_DIR/control.json; the other ranks write nothing to the run, their output goes to RUN_DIR/rank-N.log. SIGTERM is
+left at its default: torchrun sends it to every rank when one of them has died, and then the run is `interrupted`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from training.config import load_settings
+from training.control import Control
+from training.distributed import World
+from training.errors import BackpropError
+from training.events import EventWriter
+from training.runs import Registry
+
+
+class _Silent:
+    """The events of a rank other than 0: nothing is written."""
+
+    def emit(self, event: str, durable: bool = False, **fields: Any) -> dict[str, Any]:
+        return {"event": event, **fields}
+
+    def close(self) -> None:
+        pass
+
+
+class _ReadOnly:
+    """The registry as a rank other than 0 sees it: it reads, it never writes."""
+
+    WRITES = ("update", "add_checkpoint", "remove_checkpoint", "create", "claim_for_resume")
+
+    def __init__(self, registry: Registry):
+        self._registry = registry
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.WRITES:
+            return lambda *args, **kwargs: None
+        return getattr(self._registry, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_dir = Path((argv or sys.argv[1:])[0]).resolve()
+    world = World.from_env()
+    if not world.is_main:
+        log = os.open(run_dir / f"rank-{world.rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+    spec = json.loads((run_dir / "spec.json").read_text())
+    registry = Registry(Path(spec.get("home") or run_dir.parent.parent))
+    run = registry.get(spec["id"])
+    settings = load_settings(**spec.get("settings", {}), home=spec.get("home"))
+    control = Control()
+    control.time_box_s = settings.max_run_minutes * 60 or None  # rank 0's clock; it starts at the first step
+    from training.trainer import run_training
+
+    if world.is_main and settings.distributed.node_rank == 0:
+        events: Any = EventWriter(run_dir / "events.jsonl")
+        view: Any = registry
+    else:  # a rank 0 of a machine other than machine 0 is not the run's rank 0 (RANK counts over every machine)
+        events, view = _Silent(), _ReadOnly(registry)
+    try:
+        result = run_training(run, view, control=control, events=events, world=world)
+    except BackpropError:
+        return 1  # rank 0 has recorded the coded error
+    finally:
+        events.close()
+        _leave_group()
+    return 0 if result.status in ("completed", "stopped", "timeboxed") else 1
+
+
+def _leave_group() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # leaving after a failure: the exit code already says what happened
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
