@@ -117,6 +117,10 @@ def _run_job(run: RunRecord, registry: Registry, spec: dict, settings: Settings,
 
         return run_multi_run(registry.get(run.id), registry, control, events)
     if run.kind == "train":
+        from training.distributed import is_distributed, run_ranks
+
+        if is_distributed(settings):  # torchrun starts one process a rank; this worker is their agent
+            return run_ranks(registry.get(run.id), registry, settings, control, events)
         _cap_cuda_memory()
         from training.trainer import run_training
 
