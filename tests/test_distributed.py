@@ -6,12 +6,13 @@ summation-order noise of the gradients a little)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DATA, wait_for
+from conftest import DEMO_DATA, backprop, wait_for
 
 from training import jobs
 from training.config import load_settings, nest_options
@@ -60,6 +61,8 @@ def test_two_processes_at_batch_b_train_exactly_as_one_process_at_batch_2b(home)
     started = _events(registry, two, "started")[0]
     assert (started["world_size"], started["strategy"], started["devices"]) == (2, "ddp", ["cpu", "cpu"])
     assert _events(registry, one, "started")[0]["world_size"] == 1
+    shown = json.loads(backprop("show-run", two, "--json").stdout)
+    assert (shown["world_size"], shown["strategy"], shown["devices"]) == (2, "ddp", ["cpu", "cpu"])
     curve2 = [e["loss"] for e in _events(registry, two, "step")]
     curve1 = [e["loss"] for e in _events(registry, one, "step")]
     assert len(curve2) == len(curve1) == 4
@@ -71,6 +74,17 @@ def test_two_processes_at_batch_b_train_exactly_as_one_process_at_batch_2b(home)
     # Rank 0 alone wrote the run; rank 1's output is in its own log.
     assert len(_events(registry, two, "started")) == 1
     assert (registry.get(two).path / "rank-1.log").exists()
+    # Rank 0 tracked it (TensorBoard, as `auto` picks when nothing else is configured): every step, once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.tracking import read_tracking
+
+    tracking = read_tracking(registry.get(two).path)
+    assert set(tracking) == {"tensorboard"}
+    accumulator = EventAccumulator(tracking["tensorboard"])
+    accumulator.Reload()
+    assert [s.value for s in accumulator.Scalars("train/loss")] == pytest.approx(curve2, rel=1e-5)
+    assert [s.step for s in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
 def test_a_time_box_and_a_stop_reach_both_ranks_with_one_checkpoint_and_resume_continues(home):
@@ -142,7 +156,15 @@ def test_two_machines_on_loopback_train_one_run_together(home, tmp_path):
     assert not (registry1.get(run1).path / "adapter").exists() and not _events(registry1, run1, "step")
 
 
-def test_fsdp_and_deepspeed_are_refused_with_a_code_for_now(home):
-    registry, run_id = _submit(steps=2, batch_size=2, nproc=2, strategy="fsdp")
-    assert _finish(registry, run_id) == "failed"
-    assert registry.get(run_id).error_code == "INPUT_STRATEGY_UNSUPPORTED"
+def test_fsdp_and_a_distributed_multi_run_are_refused_with_a_code_before_anything_is_queued(home):
+    from training.errors import BackpropError
+    from training.runs import Registry
+
+    with pytest.raises(BackpropError) as refused:
+        _submit(steps=2, batch_size=2, nproc=2, strategy="fsdp")
+    assert refused.value.code == "INPUT_STRATEGY_UNSUPPORTED"
+    settings = load_settings(**nest_options({"model": "demo", "nproc": 2}))
+    with pytest.raises(BackpropError) as refused:
+        jobs.submit_multi_run(settings, [str(DEMO_DATA)], num_runs=2, steps_per_run=2)
+    assert refused.value.code == "INPUT_INVALID_ARGUMENT" and "one process" in refused.value.message
+    assert Registry(settings.home).list() == []

@@ -48,6 +48,23 @@ def is_distributed(settings: Settings) -> bool:
     return d.nnodes > 1 or d.nproc == "auto" or int(d.nproc) > 1
 
 
+def check_supported(settings: Settings, kind: str) -> None:
+    """Refuse, before anything is queued, what several processes cannot do yet: say so rather than train otherwise."""
+    from training.errors import BackpropError
+    from training.extras import require
+
+    strategy = settings.distributed.strategy
+    if strategy != "ddp":
+        if strategy.startswith("deepspeed"):
+            require("dist", "deepspeed")
+        raise BackpropError("INPUT_STRATEGY_UNSUPPORTED", strategy=strategy,
+                            reason="FSDP and DeepSpeed ZeRO (sharded weights) are not wired into Backprop's loop yet; "
+                            "DDP is (every rank holds the model, LoRA gradients are all-reduced)")  # fmt: skip
+    if kind == "multi-run" and is_distributed(settings):
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason="a multi-run trains on one process for now",
+                            hint="Drop --nproc/--nnodes for multi-runs; single runs take them.")  # fmt: skip
+
+
 def torchrun_command(
     settings: Settings,
     run_dir: Path | str | None,

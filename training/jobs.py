@@ -43,7 +43,10 @@ def submit_train(
     runs_root: Path | None = None,
 ) -> RunRecord:
     """Register a training run and start its worker (its folder under `runs_root`, default HOME/runs)."""
+    from training.distributed import check_supported
     from training.trainer import new_train_run
+
+    check_supported(settings, "train")
 
     registry = Registry(settings.home)
     run = new_train_run(registry, settings, data, fmt=fmt, skip_invalid=skip_invalid, name=name, runs_root=runs_root)
@@ -52,7 +55,10 @@ def submit_train(
 
 def submit_multi_run(settings: Settings, datasets: list[str], **options: Any) -> RunRecord:
     """Register a multi-run (see training/multi_run.py for the options) and start its worker."""
+    from training.distributed import check_supported
     from training.multi_run import new_multi_run
+
+    check_supported(settings, "multi-run")
 
     registry = Registry(settings.home)
     return start(registry, new_multi_run(registry, settings, datasets, **options))

@@ -19,6 +19,7 @@ from training.distributed import World
 from training.errors import BackpropError
 from training.events import EventWriter
 from training.runs import Registry
+from training.tracking import Tracking
 
 
 class _Silent:
@@ -60,16 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     control.time_box_s = settings.max_run_minutes * 60 or None  # rank 0's clock; it starts at the first step
     from training.trainer import run_training
 
-    if world.is_main and settings.distributed.node_rank == 0:
-        events: Any = EventWriter(run_dir / "events.jsonl")
+    run_rank_0 = world.is_main and settings.distributed.node_rank == 0  # RANK counts over every machine
+    tracking = Tracking.for_run(run, registry, settings, rank=0 if run_rank_0 else -1)  # the run's experiment trackers
+    if run_rank_0:
+        events: Any = EventWriter(run_dir / "events.jsonl", also=tracking.feed)
+        tracking.attach(events.emit)
         view: Any = registry
-    else:  # a rank 0 of a machine other than machine 0 is not the run's rank 0 (RANK counts over every machine)
+    else:
         events, view = _Silent(), _ReadOnly(registry)
     try:
         result = run_training(run, view, control=control, events=events, world=world)
     except BackpropError:
         return 1  # rank 0 has recorded the coded error
     finally:
+        tracking.close()
         events.close()
         _leave_group()
     return 0 if result.status in ("completed", "stopped", "timeboxed") else 1

@@ -39,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: control.request_stop())
     registry.update(run.id, pid=os.getpid(), heartbeat=time.time())
 
-    # Experiment trackers (training/tracking.py) read the run's events on their own thread; rank 0 only.
-    tracking = Tracking.for_run(run, registry, settings, rank=int(os.environ.get("RANK", "0")))
+    # Experiment trackers (training/tracking.py) read the run's events on their own thread. A distributed run's rank 0
+    # writes its training events in a process of its own and tracks them there (training/rank.py), not here.
+    from training.distributed import is_distributed
+
+    tracked_here = not (run.kind == "train" and is_distributed(settings))
+    tracking = Tracking.for_run(run, registry, settings, rank=0 if tracked_here else -1)
     events = EventWriter(run_dir / "events.jsonl", also=tracking.feed)
     tracking.attach(events.emit)
     try:

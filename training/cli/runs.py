@@ -73,6 +73,8 @@ def cmd_show_run(args: argparse.Namespace) -> int:
             "checkpoints": checkpoints,
             "tracking": read_tracking(run.path),
         }
+        started = next((e for e in reversed(events) if e["event"] == "started"), {})
+        details.update({key: started.get(key) for key in ("world_size", "strategy", "devices")})  # how it ran, last time
         if run.kind == "multi-run":
             from training.multi_run import forgetting_metrics
 
