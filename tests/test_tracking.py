@@ -27,6 +27,7 @@ def clean_env(monkeypatch, tmp_path):
 
 
 def train(*flags: str, env: dict | None = None) -> dict:
+    """A demo run to its end. `backprop train` returns once the worker has closed the trackers, too."""
     result = backprop("train", "--model", "demo", "--steps", "8", "--json", *flags, env=env, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -189,6 +189,9 @@ def kill(registry: Registry, run_id: str) -> RunRecord:
     return registry.get(run.id)
 
 
+WORKER_CLOSE_S = 40.0  # the longest a worker takes to close its trackers after its run ended (tracking: 30 s)
+
+
 def follow(registry: Registry, run_id: str, offset: int = 0, poll: float = FOLLOW_POLL_S) -> Iterator[Event]:
     """Yield the run's events from byte `offset` on, live, until the run has ended and every event is read."""
     run = registry.get(run_id)
@@ -199,8 +202,14 @@ def follow(registry: Registry, run_id: str, offset: int = 0, poll: float = FOLLO
         yield from events
         if events:
             continue
-        if registry.get(run.id).status not in ACTIVE:
-            events, offset = read_events(path, offset)  # the last words, written just before the status
+        ended = registry.get(run.id)
+        if ended.status not in ACTIVE:
+            # The worker outlives the run's last status a moment: it flushes and closes the experiment trackers. Wait for
+            # it (bounded), so that whoever follows a run sees its trackers' last words and finds everything written.
+            deadline = time.monotonic() + WORKER_CLOSE_S
+            while ended.pid and _alive(ended.pid) and time.monotonic() < deadline:
+                time.sleep(poll)
+            events, offset = read_events(path, offset)  # the last words, written just before the status and after it
             yield from events
             return
         time.sleep(poll)

@@ -60,7 +60,7 @@ def sbatch_script(settings: Settings, options: list[str]) -> str:
         "#SBATCH --output=backprop-%j.log",
         "set -euo pipefail",
         "# The rendezvous: the first node of the allocation",
-        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',  # sed reads on: no SIGPIPE under pipefail
         f"MASTER_PORT={d.master_port or DEFAULT_PORT}",
         "export MASTER_ADDR MASTER_PORT",
         "# One task per node: its `backprop train` starts torchrun there (one process per GPU) and trains with the others",
