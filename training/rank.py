@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         events, view = _Silent(), _ReadOnly(registry)
     try:
         result = run_training(run, view, control=control, events=events, world=world)
+        # Every rank waits here until rank 0 has recorded the run's end: a rank that left first and died on its way
+        # out would make torchrun take rank 0 down before its final checkpoint and status are written.
+        _barrier()
     except BackpropError:
         return 1  # rank 0 has recorded the coded error
     finally:
@@ -78,6 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         events.close()
         _leave_group()
     return 0 if result.status in ("completed", "stopped", "timeboxed") else 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.barrier()
+    except Exception:  # a peer is gone already: what this rank had to write is written
+        pass
 
 
 def _leave_group() -> None:
@@ -91,4 +104,9 @@ def _leave_group() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without running C++ destructors at interpreter exit: one of them sometimes aborts ("terminate called
+    # without an active exception") after a clean run, and torchrun would report the rank as failed.
+    os._exit(code)
