@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import DEMO_DATA, backprop, wait_for
 
 from training import jobs
@@ -156,15 +157,44 @@ def test_two_machines_on_loopback_train_one_run_together(home, tmp_path):
     assert not (registry1.get(run1).path / "adapter").exists() and not _events(registry1, run1, "step")
 
 
-def test_fsdp_and_a_distributed_multi_run_are_refused_with_a_code_before_anything_is_queued(home):
+def test_a_two_run_slao_campaign_on_two_processes_merges_exactly_its_children(home):
+    from safetensors.torch import load_file
+
+    from training import slao
+
+    settings = load_settings(**nest_options({**SMALL, "nproc": 2, "batch_size": 2, "seed": 7}))
+    run_id = jobs.submit_multi_run(settings, [str(DEMO_DATA)], num_runs=2, steps_per_run=4, samples_per_run=13,
+                                   validation=0.25).id  # fmt: skip
+    registry = Registry(settings.home)
+    assert _finish(registry, run_id) == "completed"
+    children = registry.children(run_id)
+    assert [c.status for c in children] == ["completed", "completed"]
+    for child in children:  # each child trained on both ranks; its rank 0 wrote it, the campaign relayed it
+        started = _events(registry, child.id, "started")[0]
+        assert (started["world_size"], started["devices"]) == (2, ["cpu", "cpu"])
+        assert (child.path / "rank-1.log").exists()
+    relayed = _events(registry, run_id, "step")
+    assert [(e["run"], e["run_step"]) for e in relayed] == [(r, s) for r in (1, 2) for s in (1, 2, 3, 4)]
+    assert [e["step"] for e in relayed] == list(range(1, 9))
+
+    merged = None
+    for i, child in enumerate(children, 1):
+        merged, _ = slao.merge(merged, load_file(child.path / "adapter" / "adapter_model.safetensors"), i)
+    result = load_file(registry.get(run_id).path / "adapter" / "adapter_model.safetensors")
+    assert result.keys() == merged.keys()
+    assert all(torch.allclose(result[k], merged[k], atol=1e-6) for k in merged)
+    assert len(registry.forgetting(run_id)) == 2
+
+
+def test_fsdp_and_a_multi_machine_multi_run_are_refused_with_a_code_before_anything_is_queued(home):
     from training.errors import BackpropError
     from training.runs import Registry
 
     with pytest.raises(BackpropError) as refused:
         _submit(steps=2, batch_size=2, nproc=2, strategy="fsdp")
     assert refused.value.code == "INPUT_STRATEGY_UNSUPPORTED"
-    settings = load_settings(**nest_options({"model": "demo", "nproc": 2}))
+    settings = load_settings(**nest_options({"model": "demo", "nproc": 1, "nnodes": 2}))
     with pytest.raises(BackpropError) as refused:
         jobs.submit_multi_run(settings, [str(DEMO_DATA)], num_runs=2, steps_per_run=2)
-    assert refused.value.code == "INPUT_INVALID_ARGUMENT" and "one process" in refused.value.message
+    assert refused.value.code == "INPUT_INVALID_ARGUMENT" and "one machine" in refused.value.message
     assert Registry(settings.home).list() == []

@@ -15,6 +15,8 @@ import json
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,9 +62,9 @@ def check_supported(settings: Settings, kind: str) -> None:
         raise BackpropError("INPUT_STRATEGY_UNSUPPORTED", strategy=strategy,
                             reason="FSDP and DeepSpeed ZeRO (sharded weights) are not wired into Backprop's loop yet; "
                             "DDP is (every rank holds the model, LoRA gradients are all-reduced)")  # fmt: skip
-    if kind == "multi-run" and is_distributed(settings):
-        raise BackpropError("INPUT_INVALID_ARGUMENT", reason="a multi-run trains on one process for now",
-                            hint="Drop --nproc/--nnodes for multi-runs; single runs take them.")  # fmt: skip
+    if kind == "multi-run" and settings.distributed.nnodes > 1:
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason="a multi-run trains on the GPUs of one machine",
+                            hint="Drop --nnodes for multi-runs (--nproc N works); single runs span machines.")  # fmt: skip
 
 
 def torchrun_command(
@@ -217,6 +219,7 @@ class ControlFile:
         state = {
             "stop": control.stop.is_set(), "stop_code": control.stop_code, "stop_message": control.stop_message,
             "pause": control.pause.is_set(), "pause_reason": control.pause_reason,
+            "time_up": control.timed_out(),  # a multi-run's time box is the worker's, across its runs
         }  # fmt: skip
         if state != self._last:
             atomic.write_json(self.path, state)
@@ -241,22 +244,26 @@ class ControlFile:
         self._mtime = mtime
         if state.get("stop"):
             control.request_stop(state.get("stop_code"), state.get("stop_message") or "")
+        if state.get("time_up") and not control.timed_out():
+            control.deadline = time.monotonic()
         if state.get("pause"):
             control.request_pause(state.get("pause_reason") or "")
         else:
             control.release()
 
 
-def run_ranks(run: Any, registry: Any, settings: Settings, control: Control, events: Any) -> str:
+def run_ranks(
+    run: Any, registry: Any, settings: Settings, control: Control, events: Any, on_poll: Callable[[], None] | None = None
+) -> str:
     """The worker as the ranks' agent: start torchrun (one process a rank, in the worker's process group so that a
     forced stop reaches them all), pass stop and pause to rank 0, wait, and map torchrun's exit to the run's status.
+    `on_poll` is called a few times a second while the ranks run (a multi-run relays its child's events there).
 
     On machine 0, rank 0 records the run's end itself; a run still `running` when torchrun returns lost a rank (killed,
     crashed, or a collective timed out): it is `interrupted`, and `backprop resume` continues from its last checkpoint.
     On another machine (node_rank > 0) this run's row stands for that machine's share: it ends `completed` when its
     ranks finished cleanly, `interrupted` otherwise; machine 0's run holds the events, checkpoints and adapter."""
     import subprocess
-    import time
 
     d = settings.distributed
     _fetch_model_once(settings)
@@ -274,6 +281,8 @@ def run_ranks(run: Any, registry: Any, settings: Settings, control: Control, eve
     try:
         while process.poll() is None:
             channel.publish(control)
+            if on_poll is not None:
+                on_poll()
             time.sleep(0.2)
     finally:
         if process.poll() is None:  # the worker itself is going down: take the ranks with it

@@ -38,6 +38,7 @@ from training import atomic, governor, slao
 from training.config import Settings, load_settings
 from training.control import Control
 from training.datasets import Example, load_dataset, split
+from training.distributed import is_distributed
 from training.errors import BackpropError
 from training.events import EventWriter, read_events
 from training.runs import Registry, RunRecord
@@ -190,12 +191,15 @@ def _runs(run: RunRecord, registry: Registry, control: Control, events: EventWri
             events.emit("log", level="info", message=f"run {i}/{total}: {child.id}")
             events.emit("run_started", run=i, runs=total, child=child.id, task=tasks[i - 1].name)
             offset = (i - 1) * spec["steps_per_run"]
-            relay = _relay(events, i, offset, registry, run.id)
-            # The child lives in this process: the watcher beats its heartbeat too (it pauses, it evaluates).
+            relay = _relay(events, i, offset, registry, run.id, control)
+            # The worker's watcher beats the child's heartbeat too (it pauses, it evaluates).
             with governor.heartbeat_also(child.id, lambda c=child.id: registry.update(c, heartbeat=time.time())):
-                result = run_training(child, registry, control=control, on_event=relay)
-            if result.status != "completed":
-                return _end(registry, run, events, result.status, f"run {i} of {total} ended {result.status}")
+                if is_distributed(settings):
+                    status = _train_on_ranks(child, registry, settings, control, events, relay)
+                else:  # the child trains in this process
+                    status = run_training(child, registry, control=control, on_event=relay).status
+            if status != "completed":
+                return _end(registry, run, events, status, f"run {i} of {total} ended {status}")
         fine_tuned = _adapter_weights(registry.get(child.id).path / "adapter")
         merged = _load_tensors(state_dir / state.merged) if state.merged else None
         if spec["merge_mode"] == "slao":
@@ -223,6 +227,9 @@ def _runs(run: RunRecord, registry: Registry, control: Control, events: EventWri
         registry.record_forgetting(run.id, i, row)
         events.emit("merge", durable=True, **merge, eval_losses=row[:i])
         registry.update(run.id, step=i * spec["steps_per_run"], loss=child_record.final_loss, heartbeat=time.time())
+        if is_distributed(settings):
+            evaluator.release()  # the next child's ranks want the GPUs' memory back
+            evaluator = None
     _publish_adapter(run, state_dir, evaluator, tasks)
     metrics = forgetting_metrics(state.forgetting)
     registry.update(run.id, final_loss=metrics["average_loss"], eval_loss=metrics["average_loss"])
@@ -248,7 +255,9 @@ def _child_run(registry: Registry, multi_run: RunRecord, spec: dict, settings: S
     overrides = {"steps": spec["steps_per_run"], "learning_rate": lr, "validation_split": 0.0,
                  "eval_every": max(1, spec["steps_per_run"] // 5) if spec["early_stopping"] else 0,
                  "early_stopping_patience": 2 if spec["early_stopping"] else 0}  # fmt: skip
-    child_settings = settings.model_copy(update={"training": settings.training.model_copy(update=overrides)})
+    # A child has no time box of its own: the multi-run's spans its runs (the worker's clock; the ranks hear of it).
+    child_settings = settings.model_copy(update={"training": settings.training.model_copy(update=overrides),
+                                                 "max_run_minutes": 0})  # fmt: skip
     init = state_dir / _init_name(i)
     if i > 1 and not init.exists():  # a multi-run saved by a version with one unversioned file
         init = state_dir / "next_init.safetensors"
@@ -259,6 +268,25 @@ def _child_run(registry: Registry, multi_run: RunRecord, spec: dict, settings: S
                           runs_root=multi_run.path.parent)  # fmt: skip
     state.children[str(i)] = child.id
     return child
+
+
+def _train_on_ranks(child: RunRecord, registry: Registry, settings: Settings, control: Control, events: EventWriter,
+                    relay: Any) -> str:  # fmt: skip
+    """Train a child on several processes (torchrun, training/distributed.py); its rank 0 writes the child's events,
+    which this worker follows and relays. Returns the child's final status."""
+    from training.distributed import run_ranks
+
+    path, offset = child.path / "events.jsonl", 0
+
+    def follow() -> None:
+        nonlocal offset
+        new, offset = read_events(path, offset)
+        for event in new:
+            relay(event)
+
+    status = run_ranks(child, registry, settings, control, events, on_poll=follow)
+    follow()
+    return status
 
 
 def lr_factor(schedule: str, i: int, total: int) -> float:
@@ -281,11 +309,13 @@ def forgetting_metrics(matrix: list[list[float | None]]) -> dict[str, float | No
     return {"bwt": sum(earlier) / len(earlier) if earlier else 0.0, "average_loss": sum(last) / len(last)}
 
 
-def _relay(events: EventWriter, i: int, offset: int, registry: Registry, multi_run_id: str):
+def _relay(events: EventWriter, i: int, offset: int, registry: Registry, multi_run_id: str, control: Control):
     """Copy a child's progress into the multi-run's own events, on one step axis across runs."""
     last_write = [0.0]
 
     def relay(event: dict[str, Any]) -> None:
+        if event["event"] == "step":
+            control.start_clock()  # the time box spans the multi-run's runs, from its first step
         if event["event"] in ("step", "eval"):
             fields = {k: v for k, v in event.items() if k not in ("t", "event", "step", "max_steps")}
             events.emit(event["event"], run=i, step=offset + event["step"], run_step=event["step"], **fields)
@@ -345,6 +375,17 @@ class _Evaluator:
         encoded = [self.encoder(e) for e in examples]
         return round(mean_loss(self.model, encoded, self.t.batch_size, self.t.max_seq_length, self.t.packing,
                                self.tokenizer.pad_token_id, self.device), 6)  # fmt: skip
+
+    def release(self) -> None:
+        """Free the model and its GPU memory."""
+        import gc
+
+        import torch
+
+        del self.model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _publish_adapter(run: RunRecord, state_dir: Path, evaluator: _Evaluator | None, tasks: list[Task]) -> None:
