@@ -75,6 +75,14 @@ def read(path: Path) -> tuple[TrainerState, dict[str, Any], dict[str, Any]]:
     return state, weights, extra
 
 
+def recorded_world_size(path: Path) -> int:
+    """How many processes trained the checkpoint at `path` (1 for those written before it was recorded)."""
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text()).get("world_size", 1))
+    except (OSError, ValueError) as exc:
+        raise BackpropError("STATE_CHECKPOINT_CORRUPT", path=path, reason=exc) from exc
+
+
 def apply(
     contents: tuple[TrainerState, dict[str, Any], dict[str, Any]], model: Any, optimizer: Any, scheduler: Any
 ) -> TrainerState:

@@ -50,18 +50,35 @@ def is_distributed(settings: Settings) -> bool:
     return d.nnodes > 1 or d.nproc == "auto" or int(d.nproc) > 1
 
 
-def check_supported(settings: Settings, kind: str) -> None:
-    """Refuse, before anything is queued, what several processes cannot do yet: say so rather than train otherwise."""
+def world_size(settings: Settings) -> int | None:
+    """The processes of a job over every machine (None for `--nproc auto`: known once GPUs are admitted)."""
+    d = settings.distributed
+    return None if d.nproc == "auto" else int(d.nproc) * d.nnodes
+
+
+def check_strategy(settings: Settings) -> None:
+    """Refuse a strategy Backprop cannot drive here, with its reason (at submit time, and again in each rank)."""
     from training.errors import BackpropError
     from training.extras import require
 
     strategy = settings.distributed.strategy
-    if strategy != "ddp":
-        if strategy.startswith("deepspeed"):
-            require("dist", "deepspeed")
+    if strategy.startswith("deepspeed"):
+        require("dist", "deepspeed")
         raise BackpropError("INPUT_STRATEGY_UNSUPPORTED", strategy=strategy,
-                            reason="FSDP and DeepSpeed ZeRO (sharded weights) are not wired into Backprop's loop yet; "
-                            "DDP is (every rank holds the model, LoRA gradients are all-reduced)")  # fmt: skip
+                            reason="DeepSpeed ZeRO is not wired into Backprop's loop yet; --strategy fsdp shards the base "
+                            "model's weights across the GPUs")  # fmt: skip
+    if strategy == "fsdp" and settings.training.qlora:
+        raise BackpropError("INPUT_STRATEGY_UNSUPPORTED", strategy=strategy,
+                            reason="4-bit (QLoRA) weights are not sharded by FSDP; train 16-bit weights with --strategy "
+                            "fsdp, or QLoRA with --strategy ddp")  # fmt: skip
+
+
+def check_supported(settings: Settings, kind: str) -> None:
+    """Refuse, before anything is queued, what several processes cannot do yet: say so rather than train otherwise."""
+    from training.errors import BackpropError
+
+    if is_distributed(settings):
+        check_strategy(settings)
     if kind == "multi-run" and settings.distributed.nnodes > 1:
         raise BackpropError("INPUT_INVALID_ARGUMENT", reason="a multi-run trains on the GPUs of one machine",
                             hint="Drop --nnodes for multi-runs (--nproc N works); single runs span machines.")  # fmt: skip

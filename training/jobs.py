@@ -126,10 +126,12 @@ def resume(
     refuse_unless_resumable(run)  # first: a run that cannot resume anyway is not worth hashing its data
     if run.kind == "train" and not allow_changed_data:
         _refuse_changed_dataset(registry, run)
-    run = registry.claim_for_resume(run.id, os.getpid())
     spec = json.loads((run.path / "spec.json").read_text())
     if settings_overrides:
         spec["settings"] = _merge(spec.get("settings", {}), settings_overrides)
+    if run.kind == "train":
+        _refuse_changed_world_size(registry, run, spec)
+    run = registry.claim_for_resume(run.id, os.getpid())
     spec["allow_changed_data"] = allow_changed_data  # for this start only
     atomic.write_json(run.path / "spec.json", spec)
     return start(registry, run)
@@ -146,6 +148,21 @@ def _refuse_changed_dataset(registry: Registry, run: RunRecord) -> None:
     resuming = any(checkpoints.is_readable(Path(c.path)) for c in registry.checkpoints(run.id))
     if path.is_file():
         check_dataset_unchanged(run, str(path), file_sha256(path), resuming)
+
+
+def _refuse_changed_world_size(registry: Registry, run: RunRecord, spec: dict[str, Any]) -> None:
+    """A checkpoint's batch position counts global batches of the processes that wrote it: resuming on another number
+    of processes is INPUT_WORLD_SIZE_CHANGED, here, before a worker starts (the ranks check again)."""
+    from training import checkpoints
+    from training.config import load_settings
+    from training.distributed import world_size
+
+    saved = [c for c in registry.checkpoints(run.id) if checkpoints.is_readable(Path(c.path))]
+    current = world_size(load_settings(**spec.get("settings", {}), home=spec.get("home")))
+    if saved and current is not None:
+        recorded = checkpoints.recorded_world_size(Path(saved[-1].path))
+        if recorded != current:
+            raise BackpropError("INPUT_WORLD_SIZE_CHANGED", run_id=run.id, recorded=recorded, current=current)
 
 
 def request_stop(registry: Registry, run_id: str) -> RunRecord:

@@ -118,7 +118,9 @@ class _Loop:
     ):
         self.world = world or World()
         self.control_file = ControlFile(run.path) if self.world.distributed and self.world.is_main else None
-        self.ddp: Any = None  # the step's loss module under DDP (several ranks), prepared by accelerate
+        # Several ranks: the step's loss module, DDP-wrapped by accelerate or, under --strategy fsdp, the sharded root.
+        self.step_loss: Any = None
+        self.sharded = self.world.distributed and settings.distributed.strategy == "fsdp"
         self.early_stop = False
         self.pausing = False
         self.run_record = run
@@ -195,7 +197,7 @@ class _Loop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         state = self._resume_state() or TrainerState(step=0, micro_batch=0, tokens_seen=0, loss=None)
         if self.world.distributed:
-            self._prepare_ddp()
+            self._prepare_ranks()
         devices = self.world.gather_devices(self.device)
         self.registry.update(self.run_record.id, max_steps=self.max_steps)
         self.events.emit("started", durable=True, model=self.settings.model, dataset=dataset.report.path,
@@ -226,7 +228,8 @@ class _Loop:
             quantization = _qlora_config(self.device, dtype)
         self.attention = attention_implementation(t.attention, self.device, dtype)
         self.gradient_checkpointing = quantization is not None  # prepare_model_for_kbit_training below turns it on
-        model = load_model(source, dtype=dtype, device=self.device, quantization_config=quantization,
+        # Under FSDP every rank reads the weights into host memory and keeps only its shard on the GPU (training/fsdp.py).
+        model = load_model(source, dtype=dtype, device="cpu" if self.sharded else self.device, quantization_config=quantization,
                            attn_implementation=self.attention)  # fmt: skip
         if fit_embeddings(model, self.tokenizer, for_training=True):
             message = (f"embeddings resized to {len(self.tokenizer)} tokens for the ChatML tokens the tokenizer lacked; "
@@ -347,6 +350,9 @@ class _Loop:
         if not saved:
             return None
         latest = Path(saved[-1].path)
+        recorded = checkpoints.recorded_world_size(latest)
+        if recorded != 1:
+            raise BackpropError("INPUT_WORLD_SIZE_CHANGED", run_id=self.run_record.id, recorded=recorded, current=1)
         state = checkpoints.load(latest, self.model, self.optimizer, self.scheduler)
         fit_optimizer_state(self.optimizer)  # saved on another machine (fused on CUDA, or not): step as this one does
         self.events.emit("log", level="info", message=f"resumed from checkpoint at step {state.step}")
@@ -375,15 +381,9 @@ class _Loop:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
-        from training.distributed import process_group_kwargs
+        from training.distributed import check_strategy, process_group_kwargs
 
-        strategy = self.settings.distributed.strategy
-        if strategy != "ddp":
-            reason = ("FSDP and DeepSpeed ZeRO shard a model's weights; Backprop's loop drives them through accelerate "
-                      "in a later version, DDP (every rank holds the model, LoRA gradients are all-reduced) now")  # fmt: skip
-            if strategy.startswith("deepspeed"):
-                require("dist", "deepspeed")
-            raise BackpropError("INPUT_STRATEGY_UNSUPPORTED", strategy=strategy, reason=reason)
+        check_strategy(self.settings)
         group = InitProcessGroupKwargs(**process_group_kwargs(self.settings, self.device))
         self.accelerator = Accelerator(cpu=self.device == "cpu", kwargs_handlers=[group])
         if self.device == "cuda":
@@ -391,10 +391,21 @@ class _Loop:
 
             torch.cuda.set_device(self.accelerator.device)
 
-    def _prepare_ddp(self) -> None:
-        """DDP over a module whose forward is the summed loss of a batch: `target_loss` calls the decoder and the head
-        directly, so wrapping the peft model alone would leave DDP's gradient hooks unfired."""
-        self.ddp = self.accelerator.prepare_model(_StepLoss(self.model, self.device, self.t.loss_kernel))
+    def _prepare_ranks(self) -> None:
+        """The ranks train a module whose forward is the summed loss of a batch: `target_loss` calls the decoder and
+        the head directly, so wrapping the peft model alone would leave DDP's gradient hooks (FSDP's gathers) unfired.
+        DDP: accelerate wraps it. FSDP: it is the root unit, each decoder layer a unit of its own (training/fsdp.py)."""
+        step_loss = _StepLoss(self.model, self.device, self.t.loss_kernel)
+        if self.sharded:
+            from training import fsdp
+
+            local, total = fsdp.shard(step_loss, self.model, self.device)
+            self.events.emit("log", level="info", message=f"FSDP: each of {self.world.world_size} ranks holds about "
+                             f"{local / max(1, total):.0%} of the frozen weights ({local:,} of {total:,} on rank 0)",
+                             frozen_local=local, frozen_total=total)  # fmt: skip
+            self.step_loss = step_loss
+        else:
+            self.step_loss = self.accelerator.prepare_model(step_loss)
 
     def _trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -559,7 +570,7 @@ class _Loop:
     def _forward_backward(self, micro: list, targets: int, step: int) -> float:
         """The step's summed loss, gradients accumulated; each micro-batch in 2**oom_splits parts. Its own frame, so that
         an out-of-memory error leaves nothing of the pass alive once handled."""
-        if self.ddp is not None:
+        if self.step_loss is not None:
             return self._forward_backward_ranks(micro, targets, step)
         total = 0.0
         for index, batch in enumerate(micro):
@@ -584,22 +595,31 @@ class _Loop:
             if self.control.before_forward is not None:
                 self.control.before_forward(step, index, int(part.input_ids.shape[0]))
             last = k == len(passes) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.ddp):
-                summed = self.ddp(part.input_ids, part.labels, part.position_ids, part.attention_mask)
+            with contextlib.nullcontext() if last or self.sharded else self.accelerator.no_sync(self.step_loss):
+                summed = self.step_loss(part.input_ids, part.labels, part.position_ids, part.attention_mask)
                 self.accelerator.backward(summed * (weight * scale))
             total += float(summed.detach()) * weight
+        if self.sharded:  # the LoRA weights are whole on every rank, outside FSDP: average their gradients here
+            from training import fsdp
+
+            fsdp.average_gradients([p for p in self.model.parameters() if p.requires_grad], self.world.world_size)
         return self.world.all_sum(total, self._collective_device())
 
     def _loss(self, batch) -> Any:
         return target_loss(self.model, batch, self.device, self.t.loss_kernel)
 
     def _evaluate(self, step: int) -> float | None:
-        if not self.val_encoded or not self.world.is_main:  # rank 0 alone evaluates (the others wait at the next boundary)
+        """The eval loss, on rank 0 (None elsewhere). Under DDP rank 0 alone computes it and the others wait at the next
+        boundary; under FSDP every rank takes part in each forward pass (the weights are gathered from all of them)."""
+        if not self.val_encoded or not (self.world.is_main or self.sharded):
             return None
         self.model.eval()
         eval_loss = mean_loss(self.model, self.val_encoded, self.plan.batch_size, self.t.max_seq_length, self.t.packing,
-                              self.tokenizer.pad_token_id, self.device, self.t.loss_kernel)  # fmt: skip
+                              self.tokenizer.pad_token_id, self.device, self.t.loss_kernel,
+                              step_loss=self.step_loss if self.sharded else None)  # fmt: skip
         self.model.train()
+        if not self.world.is_main:
+            return None
         self.events.emit("eval", step=step, eval_loss=round(eval_loss, 5))
         self.registry.update(self.run_record.id, eval_loss=eval_loss)
         return eval_loss
@@ -619,9 +639,9 @@ class _Loop:
 
     def _finish(self, state: TrainerState, status: str) -> TrainResult:
         run_id, run_dir = self.run_record.id, self.run_record.path
+        eval_loss = self._evaluate(state.step) if status == "completed" else None  # every rank, under FSDP
         if not self.world.is_main:
             return TrainResult(run_id, status, state.step, state.loss, None, None, run_dir, self.losses)
-        eval_loss = self._evaluate(state.step) if status == "completed" else None
         if state.step > 0 and not any(c.step == state.step for c in self.registry.checkpoints(run_id)):
             self._checkpoint(state)
         adapter = None
@@ -694,9 +714,18 @@ def target_loss(model: Any, batch: Batch, device: str, kernel: str = "auto") -> 
 
 
 def mean_loss(
-    model: Any, encoded: list, batch_size: int, max_len: int, packing: bool, pad_id: int, device: str, kernel: str = "auto"
+    model: Any,
+    encoded: list,
+    batch_size: int,
+    max_len: int,
+    packing: bool,
+    pad_id: int,
+    device: str,
+    kernel: str = "auto",
+    step_loss: Any = None,
 ) -> float:
-    """Loss per target token over a set of encoded examples, in a fixed order (no gradients)."""
+    """Loss per target token over a set of encoded examples, in a fixed order (no gradients). `step_loss` (a sharded
+    model's root module, whose forward is `target_loss`) computes it instead of the model itself when given."""
     import torch
 
     plan = BatchPlan(encoded, batch_size, max_len, packing, 0, pad_id)
@@ -704,7 +733,10 @@ def mean_loss(
     with torch.no_grad():
         for rows in plan.epoch(0):
             batch = collate(rows, pad_id, packing)
-            total += float(target_loss(model, batch, device, kernel))
+            if step_loss is not None:
+                total += float(step_loss(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask))
+            else:
+                total += float(target_loss(model, batch, device, kernel))
             targets += batch.target_tokens
     return total / max(1, targets)
 
