@@ -106,9 +106,13 @@ def test_distributed_flags_reach_the_spec_of_train_multi_run_and_script_runs(hom
         "nproc": 2, "nnodes": 2, "node_rank": 1, "master_addr": "10.1.2.3", "master_port": 29555, "strategy": "ddp",
         "collective_timeout_s": None,
     }  # fmt: skip
-    # A multi-run trains on one process for now: asked for more, it says so before anything is queued.
-    multi = backprop("multi-run", "--model", "demo", "--data", str(DEMO_DATA), "--runs", "2", "--nproc", "auto", "--detach")
-    assert multi.returncode == 1 and "INPUT_INVALID_ARGUMENT" in multi.stderr + multi.stdout
+    # A multi-run trains its runs on the GPUs of one machine: several machines are refused before anything is queued.
+    multi = backprop("multi-run", "--model", "demo", "--data", str(DEMO_DATA), "--runs", "2", "--nproc", "auto", "--detach",
+                     check=True)  # fmt: skip
+    assert queued_spec(home, multi)["nproc"] == "auto"
+    across = backprop("multi-run", "--model", "demo", "--data", str(DEMO_DATA), "--runs", "2", *flags, "--detach")
+    assert across.returncode == 1 and "INPUT_INVALID_ARGUMENT" in across.stderr + across.stdout
+    assert len(Registry(home).list()) == 2
     script = tmp_path / "noop.py"
     script.write_text("print('hello')\n")
     run = backprop("run", str(script), "--nproc", "2", "--detach", check=True)

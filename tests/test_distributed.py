@@ -138,6 +138,22 @@ def test_fsdp_shards_the_frozen_weights_and_trains_as_one_process(home):
     assert max(float((a2[k] - a1[k]).abs().max() / a1[k].abs().max().clamp(min=1e-12)) for k in a1) < 3e-3
 
 
+def test_an_oom_on_one_rank_halves_the_batch_on_every_rank_and_trains_as_if_nothing_happened(home, monkeypatch):
+    from training.rank import OOM_AT_ENV
+
+    monkeypatch.setenv(OOM_AT_ENV, "1:2")  # rank 1 runs out of memory in step 2; rank 0 does not
+    registry, run_id = _submit(steps=4, batch_size=4, nproc=2, packing=False)
+    assert _finish(registry, run_id) == "completed"
+    monkeypatch.delenv(OOM_AT_ENV)
+    registry, reference = _submit(steps=4, batch_size=4, nproc=2, packing=False)
+    assert _finish(registry, reference) == "completed"
+
+    warnings = [e for e in _events(registry, run_id, "log") if "out of memory" in e["message"]]
+    assert [(w["step"], w["rows"]) for w in warnings] == [(2, 2)]  # said once, by rank 0, for both ranks
+    curve = [e["loss"] for e in _events(registry, run_id, "step")]
+    assert curve == pytest.approx([e["loss"] for e in _events(registry, reference, "step")], rel=1e-4)
+
+
 def _rank_pid(run_id: str, rank: int) -> int | None:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

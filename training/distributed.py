@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from training.control import Control
 # Step-boundary decisions (rank 0 decides, `broadcast_decision` carries them).
 CONTINUE, STOP, FAIL, TIMEBOX, PAUSE, EARLY_STOP = range(6)
 CONTROL_FILE = "control.json"
+BUCKET_ELEMENTS = 1 << 25  # gradients all-reduced together: at most this many elements (128 MiB in fp32) at a time
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -162,6 +163,30 @@ class World:
         dist.all_reduce(tensor)
         return float(tensor.item())
 
+    def average_gradients(self, params: list[Any]) -> None:
+        """Average the gradients of `params` (whole on every rank) over the ranks: one all-reduce per bucket of at most
+        BUCKET_ELEMENTS, after the step's last backward pass."""
+        if not self.distributed:
+            return
+        import torch
+        import torch.distributed as dist
+
+        for bucket in _buckets([p.grad for p in params if p.grad is not None]):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            for grad, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                grad.copy_(part.view_as(grad))
+
+    def broadcast_tensors(self, tensors: list[Any]) -> None:
+        """Rank 0's values of `tensors` on every rank, in place (the trainable weights start the same everywhere)."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
     def gather_devices(self, device: str) -> list[str]:
         """Every rank's device, in rank order (rank 0 reports them in the `started` event)."""
         name = device
@@ -187,6 +212,19 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def _buckets(grads: list[Any]) -> Iterator[list[Any]]:
+    bucket: list[Any] = []
+    size = 0
+    for grad in grads:
+        if bucket and size + grad.numel() > BUCKET_ELEMENTS:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(grad)
+        size += grad.numel()
+    if bucket:
+        yield bucket
 
 
 def process_group_kwargs(settings: Settings, device: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ A LoRA run's memory is the base model. FSDP2's `fully_shard` splits each decoder
 root unit, the embeddings, final norm and head) over the ranks and gathers a layer's weights only while it computes,
 so N GPUs hold about 1/N of the model each. The trainable weights are left out of the sharding (`ignored_params`):
 every rank keeps them whole, so the optimizer, gradient clipping, checkpoints and the adapter work exactly as under
-DDP, and `average_gradients` averages their gradients once a step (one all-reduce per bucket).
+DDP, and their gradients are averaged once a step as under DDP (`World.average_gradients`).
 
 Every rank must take part in every forward pass (a layer's weights are gathered from all of them): evaluation runs on
 all ranks, through the sharded root module (the training step's loss module).
@@ -12,10 +12,7 @@ all ranks, through the sharded root module (the training step's loss module).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
-
-BUCKET_ELEMENTS = 1 << 25  # gradients all-reduced together, at most this many elements (128 MiB in fp32) at a time
 
 
 def decoder_layers(model: Any) -> list[Any]:
@@ -41,29 +38,3 @@ def shard(root: Any, model: Any, device: str) -> tuple[int, int]:
     frozen = [p for p in model.parameters() if not p.requires_grad]
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
     return local, sum(p.numel() for p in frozen)
-
-
-def average_gradients(params: list[Any], world_size: int) -> None:
-    """Average the gradients of `params` (whole on every rank) over the ranks, a bucket of them at a time."""
-    import torch
-    import torch.distributed as dist
-
-    for bucket in _buckets([p.grad for p in params if p.grad is not None]):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat)
-        flat /= world_size
-        for grad, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
-            grad.copy_(part.view_as(grad))
-
-
-def _buckets(grads: list[Any]) -> Iterator[list[Any]]:
-    bucket: list[Any] = []
-    size = 0
-    for grad in grads:
-        if bucket and size + grad.numel() > BUCKET_ELEMENTS:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(grad)
-        size += grad.numel()
-    if bucket:
-        yield bucket

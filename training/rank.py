@@ -21,6 +21,8 @@ from training.events import EventWriter
 from training.runs import Registry
 from training.tracking import Tracking
 
+OOM_AT_ENV = "BACKPROP_TEST_OOM_AT"
+
 
 class _Silent:
     """The events of a rank other than 0: nothing is written."""
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(**spec.get("settings", {}), home=spec.get("home"))
     control = Control()
     control.time_box_s = settings.max_run_minutes * 60 or None  # rank 0's clock; it starts at the first step
+    control.before_forward = _injected_oom(world.rank)
     from training.trainer import run_training
 
     run_rank_0 = world.is_main and settings.distributed.node_rank == 0  # RANK counts over every machine
@@ -81,6 +84,24 @@ def main(argv: list[str] | None = None) -> int:
         events.close()
         _leave_group()
     return 0 if result.status in ("completed", "stopped", "timeboxed") else 1
+
+
+def _injected_oom(rank: int) -> Any:
+    """Fault injection for the tests: OOM_AT_ENV="RANK:STEP" raises one torch.OutOfMemoryError in that rank's first
+    forward pass of that step (as a GPU would), to prove that every rank recovers from it together."""
+    at = os.environ.get(OOM_AT_ENV)
+    if not at or int(at.split(":")[0]) != rank:
+        return None
+    step, fired = int(at.split(":")[1]), []
+
+    def before_forward(at_step: int, index: int, rows: int) -> None:
+        if at_step == step and not fired:
+            import torch
+
+            fired.append(True)
+            raise torch.OutOfMemoryError(f"injected: CUDA out of memory on rank {rank}")
+
+    return before_forward
 
 
 def _barrier() -> None:

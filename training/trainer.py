@@ -118,7 +118,7 @@ class _Loop:
     ):
         self.world = world or World()
         self.control_file = ControlFile(run.path) if self.world.distributed and self.world.is_main else None
-        # Several ranks: the step's loss module, DDP-wrapped by accelerate or, under --strategy fsdp, the sharded root.
+        # Several ranks: the module whose forward is a batch's loss (under --strategy fsdp, the sharded root).
         self.step_loss: Any = None
         self.sharded = self.world.distributed and settings.distributed.strategy == "fsdp"
         self.early_stop = False
@@ -392,9 +392,11 @@ class _Loop:
             torch.cuda.set_device(self.accelerator.device)
 
     def _prepare_ranks(self) -> None:
-        """The ranks train a module whose forward is the summed loss of a batch: `target_loss` calls the decoder and
-        the head directly, so wrapping the peft model alone would leave DDP's gradient hooks (FSDP's gathers) unfired.
-        DDP: accelerate wraps it. FSDP: it is the root unit, each decoder layer a unit of its own (training/fsdp.py)."""
+        """Data parallel: every rank starts from rank 0's trainable weights, and their gradients are averaged once a
+        step (World.average_gradients). The ranks compute through a module whose forward is a batch's summed loss:
+        under FSDP it is the root unit (`target_loss` calls the decoder and head directly, so the peft model's own
+        forward, where a root's gathers would hook in, never runs), each decoder layer a unit of its own."""
+        self.world.broadcast_tensors([p.data for p in self.model.parameters() if p.requires_grad])
         step_loss = _StepLoss(self.model, self.device, self.t.loss_kernel)
         if self.sharded:
             from training import fsdp
@@ -403,9 +405,7 @@ class _Loop:
             self.events.emit("log", level="info", message=f"FSDP: each of {self.world.world_size} ranks holds about "
                              f"{local / max(1, total):.0%} of the frozen weights ({local:,} of {total:,} on rank 0)",
                              frozen_local=local, frozen_total=total)  # fmt: skip
-            self.step_loss = step_loss
-        else:
-            self.step_loss = self.accelerator.prepare_model(step_loss)
+        self.step_loss = step_loss
 
     def _trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -554,7 +554,7 @@ class _Loop:
             self.optimizer.zero_grad(set_to_none=True)
             if self.device == "cuda":
                 torch.cuda.empty_cache()
-            rows = max(1, self.plan.batch_size >> self.oom_splits)
+            rows = max(1, self.plan.batch_size // self.world.world_size >> self.oom_splits)  # a pass, on each rank
             if self.oom_splits >= MAX_OOM_SPLITS:
                 if state.step > 0 and not any(c.step == state.step for c in self.registry.checkpoints(self.run_record.id)):
                     self._checkpoint(state)
@@ -562,7 +562,7 @@ class _Loop:
                 raise BackpropError("RUNTIME_OOM_RECOVERY_EXHAUSTED", batch_size=rows,
                                     message=f"Out of GPU memory at step {step} even at batch size {rows}{kept}")  # fmt: skip
             self.oom_splits += 1
-            rows = max(1, self.plan.batch_size >> self.oom_splits)
+            rows = max(1, self.plan.batch_size // self.world.world_size >> self.oom_splits)  # a pass, on each rank
             self.events.emit("log", level="warning", step=step, oom_splits=self.oom_splits, rows=rows,
                              message=f"out of memory at step {step}: batch halved to {rows} rows a pass, "
                              f"accumulation doubled (x{2**self.oom_splits}); the step is retried")  # fmt: skip
@@ -583,26 +583,33 @@ class _Loop:
         return total
 
     def _forward_backward_ranks(self, micro: list, targets: int, step: int) -> float:
-        """As `_forward_backward`, on this rank's shares, through DDP: gradients are all-reduced (averaged) once, at the
-        step's last pass (no_sync before). Each rank's loss is scaled by world_size / global targets, so the average is
-        the gradient of the global loss per target token: --nproc 2 --batch-size b trains as --nproc 1 --batch-size 2b."""
-        import contextlib
+        """As `_forward_backward`, on this rank's shares. Each rank's loss is scaled by world_size / global targets and
+        the gradients are averaged over the ranks after the step's last pass, so the result is the gradient of the
+        global loss per target token: --nproc 2 --batch-size b trains as --nproc 1 --batch-size 2b.
+
+        Under DDP the passes themselves run no collective: an out-of-memory error on any rank is known to every rank
+        before the average (one all-reduced flag), and all of them halve the batch and retry the step together. Under
+        FSDP each pass gathers weights from every rank, so one rank cannot retry alone: RUNTIME_OOM_SHARDED."""
+        import torch
 
         passes = [(i, part, self.weights[i]) for i, batch in enumerate(micro) for part in _split(batch, 2**self.oom_splits)]
         scale = self.world.world_size / targets
-        total = 0.0
-        for k, (index, part, weight) in enumerate(passes):
-            if self.control.before_forward is not None:
-                self.control.before_forward(step, index, int(part.input_ids.shape[0]))
-            last = k == len(passes) - 1
-            with contextlib.nullcontext() if last or self.sharded else self.accelerator.no_sync(self.step_loss):
+        total, out_of_memory = 0.0, False
+        try:
+            for index, part, weight in passes:
+                if self.control.before_forward is not None:
+                    self.control.before_forward(step, index, int(part.input_ids.shape[0]))
                 summed = self.step_loss(part.input_ids, part.labels, part.position_ids, part.attention_mask)
-                self.accelerator.backward(summed * (weight * scale))
-            total += float(summed.detach()) * weight
-        if self.sharded:  # the LoRA weights are whole on every rank, outside FSDP: average their gradients here
-            from training import fsdp
-
-            fsdp.average_gradients([p for p in self.model.parameters() if p.requires_grad], self.world.world_size)
+                (summed * (weight * scale)).backward()
+                total += float(summed.detach()) * weight
+        except torch.OutOfMemoryError:
+            if self.sharded:
+                raise BackpropError("RUNTIME_OOM_SHARDED", step=step, rank=self.world.rank) from None
+            out_of_memory = True  # said to every rank below, once this handler has let go of the pass's activations
+        summed = None
+        if self.world.all_sum(float(out_of_memory), self._collective_device()):
+            raise torch.OutOfMemoryError(f"out of memory on a rank at step {step}")  # every rank: _accumulate retries
+        self.world.average_gradients([p for p in self.model.parameters() if p.requires_grad])
         return self.world.all_sum(total, self._collective_device())
 
     def _loss(self, batch) -> Any:
