@@ -57,8 +57,8 @@ def add_distributed_flags(parser: argparse.ArgumentParser, strategy: bool = True
                        help="processes on this machine, one a GPU (default 1; auto: every GPU the governor admits)")  # fmt: skip
     if strategy:
         group.add_argument("--strategy", choices=STRATEGIES,
-                           help="how the model is spread: ddp (default: a full copy per GPU), fsdp (sharded, through "
-                           "accelerate), deepspeed-zero2 or deepspeed-zero3 (the 'dist' extra)")  # fmt: skip
+                           help="how the model is spread: ddp (default: a full copy per GPU), fsdp (the frozen "
+                           "weights sharded over the GPUs, FSDP2); deepspeed-zero2/3 are not wired in yet")  # fmt: skip
     group.add_argument("--nnodes", type=int, help="machines taking part (default 1): run the same command on each")
     group.add_argument("--node-rank", type=int, help="this machine's index, 0 to nnodes-1 (0 holds the rendezvous)")
     group.add_argument("--master-addr", help="address of machine 0 (several machines)")
