@@ -23,6 +23,14 @@ from training.runs import Registry, pid_alive
 
 pytestmark = pytest.mark.slow
 
+# The strategies that shard: FSDP2 through torch, ZeRO through DeepSpeed (the `dist` extra).
+SHARDED = [
+    "fsdp",
+    pytest.param("deepspeed-zero3", marks=pytest.mark.extra("dist")),
+    pytest.param("deepspeed-zero2", marks=pytest.mark.extra("dist")),
+]
+
+
 SMALL = {"model": "demo", "max_seq_length": 64, "telemetry_interval_s": 0, "collective_timeout_s": 30}
 
 
@@ -88,7 +96,7 @@ def test_two_processes_at_batch_b_train_exactly_as_one_process_at_batch_2b(home)
     assert [s.step for s in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", *SHARDED[:2]])
 def test_a_time_box_and_a_stop_reach_both_ranks_with_one_checkpoint_and_resume_continues(home, strategy):
     registry, run_id = _submit(steps=500, batch_size=2, nproc=2, save_every=0, max_run_minutes=0.04, strategy=strategy)
     assert _finish(registry, run_id) == "timeboxed"
@@ -117,17 +125,22 @@ def test_a_time_box_and_a_stop_reach_both_ranks_with_one_checkpoint_and_resume_c
     assert saved[-1].step == after[-1]["step"] and sum(c.step > at for c in saved) == 1
 
 
-def test_fsdp_shards_the_frozen_weights_and_trains_as_one_process(home):
-    """FSDP2 on two gloo processes: each rank holds half the base model; losses, evals and adapter match one process."""
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_a_sharded_strategy_trains_as_one_process(home, strategy):
+    """FSDP2, DeepSpeed ZeRO-3 and ZeRO-2 on two gloo processes: losses, evals and adapter match one process; FSDP
+    and ZeRO-3 hold half of the frozen weights on each rank."""
     options = {"steps": 4, "validation_split": 0.2, "eval_every": 2}
-    registry, sharded = _submit(**options, batch_size=2, nproc=2, strategy="fsdp")
+    registry, sharded = _submit(**options, batch_size=2, nproc=2, strategy=strategy)
     assert _finish(registry, sharded) == "completed"
     registry, one = _submit(**options, batch_size=4, nproc=1)
     assert _finish(registry, one) == "completed"
 
-    assert _events(registry, sharded, "started")[0]["strategy"] == "fsdp"
+    started = _events(registry, sharded, "started")[0]
+    assert started["strategy"] == strategy
+    assert started["trainable_params"] == _events(registry, one, "started")[0]["trainable_params"] > 0
     shares = [e for e in _events(registry, sharded, "log") if "frozen_local" in e]
-    assert len(shares) == 1 and shares[0]["frozen_local"] / shares[0]["frozen_total"] == pytest.approx(0.5, abs=0.01)
+    if strategy != "deepspeed-zero2":
+        assert len(shares) == 1 and shares[0]["frozen_local"] / shares[0]["frozen_total"] == pytest.approx(0.5, abs=0.01)
     curve = [e["loss"] for e in _events(registry, sharded, "step")]
     assert curve == pytest.approx([e["loss"] for e in _events(registry, one, "step")], rel=1e-4)
     evals = [e["eval_loss"] for e in _events(registry, sharded, "eval")]  # at step 2 and at the end

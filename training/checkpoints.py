@@ -37,18 +37,24 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
 
 
-def save(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainerState) -> Path:
+def new_staging(run_dir: Path, step: int) -> Path:
+    """A fresh folder beside where step `step`'s checkpoint goes, to fill and then publish (`save`)."""
+    target = checkpoint_dir(run_dir, step)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def save(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainerState, staging: Path | None = None) -> Path:
+    """Write the checkpoint of `state.step` into `staging` (new if not given; it may hold more files already, e.g. an
+    engine's optimizer state) and publish it in one rename. `optimizer` None: its state lives elsewhere (DeepSpeed)."""
     import torch
 
     target = checkpoint_dir(run_dir, state.step)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = staging or new_staging(run_dir, state.step)
     try:
         model.save_pretrained(staging, save_embedding_layers=False)  # new tokens' rows are in the adapter's tensors
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng_states()},
-            staging / "optimizer.pt",
-        )
+        optimizer_state = optimizer.state_dict() if optimizer is not None else None
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **rng_states()}, staging / "optimizer.pt")
         (staging / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
         atomic.publish_dir(staging, target)
     finally:
@@ -91,7 +97,8 @@ def apply(
 
     state, weights, extra = contents
     set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(extra["optimizer"])
+    if extra["optimizer"] is not None:  # None: DeepSpeed's engine keeps it (training/deepspeed_zero.py)
+        optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     restore_rng_states(extra)
     return state

@@ -65,13 +65,10 @@ def check_strategy(settings: Settings) -> None:
     strategy = settings.distributed.strategy
     if strategy.startswith("deepspeed"):
         require("dist", "deepspeed")
+    if strategy != "ddp" and settings.training.qlora:
         raise BackpropError("INPUT_STRATEGY_UNSUPPORTED", strategy=strategy,
-                            reason="DeepSpeed ZeRO is not wired into Backprop's loop yet; --strategy fsdp shards the base "
-                            "model's weights across the GPUs")  # fmt: skip
-    if strategy == "fsdp" and settings.training.qlora:
-        raise BackpropError("INPUT_STRATEGY_UNSUPPORTED", strategy=strategy,
-                            reason="4-bit (QLoRA) weights are not sharded by FSDP; train 16-bit weights with --strategy "
-                            "fsdp, or QLoRA with --strategy ddp")  # fmt: skip
+                            reason="4-bit (QLoRA) weights are not sharded here; train 16-bit weights with a sharded "
+                            "strategy, or QLoRA with --strategy ddp")  # fmt: skip
 
 
 def check_supported(settings: Settings, kind: str) -> None:

@@ -245,7 +245,7 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Lower --max-seq-length, use --qlora, or pick a smaller model.",
     ),
     "RUNTIME_OOM_SHARDED": ErrorSpec(
-        "Out of GPU memory at step {step} on rank {rank} under FSDP: a sharded step cannot be retried on one rank",
+        "Out of GPU memory at step {step} on rank {rank} under {strategy}: its step cannot be retried on one rank",
         "Resume with a smaller --batch-size (or --gradient-checkpointing, or more GPUs); the last checkpoint is kept.",
     ),
     "RUNTIME_TRAINING_FAILED": ErrorSpec(

@@ -10,6 +10,7 @@ step, so gradient accumulation and packing give the same result as one large bat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -120,7 +121,12 @@ class _Loop:
         self.control_file = ControlFile(run.path) if self.world.distributed and self.world.is_main else None
         # Several ranks: the module whose forward is a batch's loss (under --strategy fsdp, the sharded root).
         self.step_loss: Any = None
-        self.sharded = self.world.distributed and settings.distributed.strategy == "fsdp"
+        strategy = settings.distributed.strategy if self.world.distributed else "ddp"
+        # FSDP and ZeRO-3 shard the weights: every rank takes part in every forward pass, evaluation included.
+        self.sharded = strategy in ("fsdp", "deepspeed-zero3")
+        self.zero: Any = None  # --strategy deepspeed-*: the engine that runs the step (training/deepspeed_zero.py)
+        self.zero_stage = {"deepspeed-zero2": 2, "deepspeed-zero3": 3}.get(strategy)
+        self.resumed_from: Path | None = None  # the checkpoint this session started from (DeepSpeed reloads its part)
         self.early_stop = False
         self.pausing = False
         self.run_record = run
@@ -372,6 +378,8 @@ class _Loop:
                                 current=self.world.world_size)  # fmt: skip
         state = checkpoints.apply(contents, self.model, self.optimizer, self.scheduler)
         fit_optimizer_state(self.optimizer)
+        if self.zero_stage is not None:  # its optimizer state is the engine's, one part a rank: read once it exists
+            self.resumed_from = Path(self.world.broadcast_object(saved[-1].path if saved else None))
         self.events.emit("log", level="info", message=f"resumed from checkpoint at step {state.step} on {self.world.world_size} "
                          "processes")  # fmt: skip
         return state
@@ -395,25 +403,39 @@ class _Loop:
         """Data parallel: every rank starts from rank 0's trainable weights, and their gradients are averaged once a
         step (World.average_gradients). The ranks compute through a module whose forward is a batch's summed loss:
         under FSDP it is the root unit (`target_loss` calls the decoder and head directly, so the peft model's own
-        forward, where a root's gathers would hook in, never runs), each decoder layer a unit of its own."""
+        forward, where a root's gathers would hook in, never runs), each decoder layer a unit of its own; under
+        DeepSpeed it is the engine's module, and the engine runs the step (training/deepspeed_zero.py)."""
         self.world.broadcast_tensors([p.data for p in self.model.parameters() if p.requires_grad])
         step_loss = _StepLoss(self.model, self.device, self.t.loss_kernel)
-        if self.sharded:
+        if self.zero_stage is not None:
+            from training.deepspeed_zero import Zero
+
+            self.zero = Zero(step_loss, self.model, self.optimizer, self.scheduler, self.zero_stage, self.t.max_grad_norm,
+                             self._batch_size())  # fmt: skip
+            if self.resumed_from is not None:
+                self.zero.load(self.resumed_from)
+            self.step_loss = self.zero
+            shares = self.zero.frozen_share() if self.zero_stage == 3 else None
+        elif self.sharded:
             from training import fsdp
 
-            local, total = fsdp.shard(step_loss, self.model, self.device)
-            self.events.emit("log", level="info", message=f"FSDP: each of {self.world.world_size} ranks holds about "
-                             f"{local / max(1, total):.0%} of the frozen weights ({local:,} of {total:,} on rank 0)",
-                             frozen_local=local, frozen_total=total)  # fmt: skip
-        self.step_loss = step_loss
+            shares = fsdp.shard(step_loss, self.model, self.device)
+            self.step_loss = step_loss
+        else:
+            self.step_loss, shares = step_loss, None
+        if shares is not None:
+            local, total = shares
+            self.events.emit("log", level="info", message=f"{self.settings.distributed.strategy}: each of "
+                             f"{self.world.world_size} ranks holds about {local / max(1, total):.0%} of the frozen weights "
+                             f"({local:,} of {total:,} on rank 0)", frozen_local=local, frozen_total=total)  # fmt: skip
 
     def _trainable(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # ZeRO-3 leaves a rank a part of each tensor; `ds_numel` is the whole one's size.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ the loop
 
     def _train(self, state: TrainerState) -> TrainResult:
-        import torch
 
         t = self.t
         run_id = self.run_record.id
@@ -440,11 +462,8 @@ class _Loop:
                 targets = sum(b.target_tokens for b in micro)
                 tokens = sum(b.tokens for b in micro)
             loss_sum = self._accumulate(micro, max(1, targets), state)
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = self._apply_gradients()
             loss = loss_sum / max(1, targets)
             if not math.isfinite(loss):
                 raise BackpropError("RUNTIME_NAN_LOSS", value=loss, step=state.step + 1)
@@ -468,6 +487,19 @@ class _Loop:
             if t.save_every and state.step % t.save_every == 0 and state.step < self.max_steps:
                 self._checkpoint(state)
         return self._finish(state, status)
+
+    def _apply_gradients(self) -> float:
+        """Clip the gradients, step the optimizer and the schedule, zero the gradients; the norm before clipping."""
+        import torch
+
+        if self.zero is not None:
+            return self.zero.step()  # the engine reduces, clips and steps (training/deepspeed_zero.py)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
 
     def _no_longer_improving(self, eval_loss: float | None) -> bool:
         patience = self.t.early_stopping_patience
@@ -596,20 +628,25 @@ class _Loop:
         scale = self.world.world_size / targets
         total, out_of_memory = 0.0, False
         try:
-            for index, part, weight in passes:
+            for k, (index, part, weight) in enumerate(passes):
                 if self.control.before_forward is not None:
                     self.control.before_forward(step, index, int(part.input_ids.shape[0]))
                 summed = self.step_loss(part.input_ids, part.labels, part.position_ids, part.attention_mask)
-                (summed * (weight * scale)).backward()
+                if self.zero is not None:
+                    self.zero.backward(summed * (weight * scale), boundary=k == len(passes) - 1)
+                else:
+                    (summed * (weight * scale)).backward()
                 total += float(summed.detach()) * weight
         except torch.OutOfMemoryError:
-            if self.sharded:
-                raise BackpropError("RUNTIME_OOM_SHARDED", step=step, rank=self.world.rank) from None
+            if self.sharded or self.zero is not None:
+                raise BackpropError("RUNTIME_OOM_SHARDED", step=step, rank=self.world.rank,
+                                    strategy=self.settings.distributed.strategy) from None  # fmt: skip
             out_of_memory = True  # said to every rank below, once this handler has let go of the pass's activations
         summed = None
         if self.world.all_sum(float(out_of_memory), self._collective_device()):
             raise torch.OutOfMemoryError(f"out of memory on a rank at step {step}")  # every rank: _accumulate retries
-        self.world.average_gradients([p for p in self.model.parameters() if p.requires_grad])
+        if self.zero is None:  # the engine reduces its gradients itself, at the boundary
+            self.world.average_gradients([p for p in self.model.parameters() if p.requires_grad])
         return self.world.all_sum(total, self._collective_device())
 
     def _loss(self, batch) -> Any:
@@ -632,10 +669,20 @@ class _Loop:
         return eval_loss
 
     def _checkpoint(self, state: TrainerState) -> Path | None:
-        if not self.world.is_main:
-            return None  # rank 0 alone writes the run; every rank holds the same weights and optimizer state
+        """Every rank calls it; rank 0 writes the checkpoint (every rank holds the same LoRA weights and optimizer
+        state) and returns its path. Under DeepSpeed every rank also writes its part of the engine's optimizer state."""
         state = replace(state, world_size=self.world.world_size)
-        path = checkpoints.save(self.run_record.path, self.model, self.optimizer, self.scheduler, state)
+        run_dir = self.run_record.path
+        if self.zero is not None:
+            staging = self.world.broadcast_object(checkpoints.new_staging(run_dir, state.step) if self.world.is_main else None)
+            self.zero.save(Path(staging))
+            with self.zero.whole_adapter():
+                path = checkpoints.save(run_dir, self.model, None, self.scheduler, state, staging=Path(staging)) \
+                    if self.world.is_main else None  # fmt: skip
+        elif self.world.is_main:
+            path = checkpoints.save(run_dir, self.model, self.optimizer, self.scheduler, state)
+        if not self.world.is_main:
+            return None
         self.registry.add_checkpoint(self.run_record.id, state.step, path)
         self.registry.update(self.run_record.id, step=state.step, loss=state.loss, heartbeat=time.time())
         self.events.emit("checkpoint_saved", durable=True, path=str(path), step=state.step)
@@ -644,21 +691,29 @@ class _Loop:
             self.registry.remove_checkpoint(self.run_record.id, old.step)
         return path
 
+    def _save_adapter(self) -> Path:
+        """RUN_DIR/adapter, written by rank 0 (every rank calls it: ZeRO-3 gathers the LoRA weights first)."""
+        adapter = self.run_record.path / "adapter"
+        with self.zero.whole_adapter() if self.zero is not None else contextlib.nullcontext():
+            if self.world.is_main:
+                staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=self.run_record.path))
+                # New tokens' rows are in the adapter already; the full (resized) embedding matrices stay out of it.
+                self.model.save_pretrained(staging, save_embedding_layers=False)
+                self.tokenizer.save_pretrained(staging)
+                atomic.publish_dir(staging, adapter)
+        return adapter
+
     def _finish(self, state: TrainerState, status: str) -> TrainResult:
+        """Every rank calls it: the final evaluation, checkpoint and adapter may need them all; rank 0 records the end."""
         run_id, run_dir = self.run_record.id, self.run_record.path
-        eval_loss = self._evaluate(state.step) if status == "completed" else None  # every rank, under FSDP
+        eval_loss = self._evaluate(state.step) if status == "completed" else None
+        saved = state.step > 0 and any(c.step == state.step for c in self.registry.checkpoints(run_id))
+        if state.step > 0 and not self.world.broadcast_object(saved):
+            self._checkpoint(state)
+        adapter = self._save_adapter() if status == "completed" else None
         if not self.world.is_main:
             return TrainResult(run_id, status, state.step, state.loss, None, None, run_dir, self.losses)
-        if state.step > 0 and not any(c.step == state.step for c in self.registry.checkpoints(run_id)):
-            self._checkpoint(state)
-        adapter = None
         if status == "completed":
-            adapter = run_dir / "adapter"
-            staging = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run_dir))
-            # New tokens' rows are in the adapter already; the full (resized) embedding matrices stay out of it.
-            self.model.save_pretrained(staging, save_embedding_layers=False)
-            self.tokenizer.save_pretrained(staging)
-            atomic.publish_dir(staging, adapter)
             self.events.emit("completed", durable=True, step=state.step, final_loss=state.loss, eval_loss=eval_loss,
                              adapter=str(adapter), peak_vram_mb=_peak_vram_mb(self.device))  # fmt: skip
         else:
@@ -679,7 +734,8 @@ class _Loop:
 
 
 def _StepLoss(model: Any, device: str, kernel: str) -> Any:
-    """A torch module whose forward is the summed target loss of a batch (`target_loss`), for DDP to wrap."""
+    """A torch module whose forward is the summed target loss of a batch (`target_loss`): what the ranks compute through
+    (FSDP's root unit, DeepSpeed's engine module)."""
     import torch
 
     class StepLoss(torch.nn.Module):

@@ -58,7 +58,8 @@ def add_distributed_flags(parser: argparse.ArgumentParser, strategy: bool = True
     if strategy:
         group.add_argument("--strategy", choices=STRATEGIES,
                            help="how the model is spread: ddp (default: a full copy per GPU), fsdp (the frozen "
-                           "weights sharded over the GPUs, FSDP2); deepspeed-zero2/3 are not wired in yet")  # fmt: skip
+                           "weights sharded over the GPUs, FSDP2), deepspeed-zero3 (the same through DeepSpeed) or "
+                           "deepspeed-zero2 (optimizer state partitioned); deepspeed needs the 'dist' extra")  # fmt: skip
     group.add_argument("--nnodes", type=int, help="machines taking part (default 1): run the same command on each")
     group.add_argument("--node-rank", type=int, help="this machine's index, 0 to nnodes-1 (0 holds the rendezvous)")
     group.add_argument("--master-addr", help="address of machine 0 (several machines)")
