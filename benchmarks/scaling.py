@@ -1,5 +1,6 @@
 """Scaling: tokens/s of the same training job on 1, 2, ... processes, through the real job system (`backprop train
---nproc N`: the governor, torchrun, one rank per process, DDP).
+--nproc N [--strategy S]`: the governor, torchrun, one rank per process), for each strategy asked for (--strategies
+ddp,fsdp,deepspeed-zero3; default ddp).
 
 CPU mode (default without CUDA): the demo model and dataset, the same job at 1 and 2 processes: the same global batch
 (each of N ranks takes batch/N rows of it), the same steps, the machine's cores split evenly between the ranks. On a
@@ -7,13 +8,13 @@ machine whose cores are all busy with one process already, expect no gain: the e
 all-reduce (gloo) and the split cost.
 
 GPU mode (--gpu, or by default on CUDA): a Qwen2.5-0.5B-shape model (benchmarks/gpu_check.py builds it, bf16) on 1, 2,
-... N GPUs of this machine, the DDP way: each GPU takes the same per-GPU batch (8 packed rows of 2048 tokens), so N GPUs
+... N GPUs of this machine, data parallel: each GPU takes the same per-GPU batch (8 packed rows of 2048 tokens), so N GPUs
 train N times the tokens per step. Target: >= 90% scaling efficiency.
 
     efficiency(N) = tokens/s with N processes / (N x tokens/s with one)
 
 Throughput is measured from the run's step events after the first steps (warm-up: allocation, the first all-reduce).
-Run: .venv/bin/python benchmarks/scaling.py [--steps 30] [--max-nproc 2] [--gpu] [--json]
+Run: .venv/bin/python benchmarks/scaling.py [--steps 30] [--max-nproc 2] [--strategies ddp,fsdp] [--gpu] [--json]
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ sys.path.insert(0, str(ROOT))
 WARMUP_STEPS = 3  # steps left out of the throughput
 
 
-def train(home: Path, nproc: int, args: list[str]) -> dict:
-    """One `backprop train --nproc N` to the end; its throughput from its step events."""
+def train(home: Path, nproc: int, args: list[str], strategy: str = "ddp") -> dict:
+    """One `backprop train --nproc N --strategy S` to the end; its throughput from its step events."""
     from training.events import read_events
     from training.runs import Registry
 
     env = {**os.environ, "BACKPROPAGATE_HOME": str(home), "PYTHONPATH": str(ROOT)}
     env.pop("OMP_NUM_THREADS", None)  # the worker splits the cores between the ranks itself
     out = subprocess.run([sys.executable, "-m", "training.cli", "train", "--nproc", str(nproc), "--json", "--save-every", "0",
-                          "--max-run-minutes", "0", "--max-parallel", "1", *args],
+                          "--max-run-minutes", "0", "--max-parallel", "1", "--strategy", strategy, *args],
                          capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
     run_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"] if out.stdout.strip() else None
     if out.returncode != 0 or run_id is None:
@@ -54,7 +55,8 @@ def train(home: Path, nproc: int, args: list[str]) -> dict:
         first, timed = started, steps
     seconds = timed[-1]["t"] - first["t"]
     tokens = sum(e["tokens"] for e in timed)
-    return {"nproc": nproc, "world_size": started.get("world_size", 1), "steps": len(steps), "tokens": tokens,
+    return {"nproc": nproc, "strategy": strategy if nproc > 1 else "-", "world_size": started.get("world_size", 1),
+            "steps": len(steps), "tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
             "final_loss": run.final_loss, "devices": started.get("devices")}  # fmt: skip
 
@@ -67,12 +69,20 @@ def add_efficiency(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def cpu_mode(home: Path, steps: int, max_nproc: int, batch: int) -> list[dict]:
+def each_count(max_nproc: int, strategies: list[str]):
+    """(processes, strategy): one process once, then every strategy at 2..max_nproc."""
+    yield 1, "ddp"
+    for nproc in range(2, max_nproc + 1):
+        for strategy in strategies:
+            yield nproc, strategy
+
+
+def cpu_mode(home: Path, steps: int, max_nproc: int, batch: int, strategies: list[str]) -> list[dict]:
     """The demo job, the same global batch split over 1..max_nproc processes."""
     from training.cli.common import DEMO_DATASET
 
     rows = []
-    for nproc in range(1, max_nproc + 1):
+    for nproc, strategy in each_count(max_nproc, strategies):
         per_rank = max(1, batch // nproc)
         job = [
             "--model",
@@ -86,15 +96,15 @@ def cpu_mode(home: Path, steps: int, max_nproc: int, batch: int) -> list[dict]:
             "--seed",
             "0",
         ]
-        row = train(home, nproc, job)
+        row = train(home, nproc, job, strategy)
         row["threads_per_process"] = max(1, (os.cpu_count() or 1) // nproc)
         row["global_batch"] = per_rank * nproc
         rows.append(row)
-        print(f"  {nproc} process(es): {row['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
+        print(f"  {nproc} process(es), {row['strategy']}: {row['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
     return add_efficiency(rows)
 
 
-def gpu_mode(home: Path, steps: int, max_nproc: int) -> list[dict]:
+def gpu_mode(home: Path, steps: int, max_nproc: int, strategies: list[str]) -> list[dict]:
     """The 0.5B shape on 1..N GPUs, the same per-GPU batch."""
     import torch
 
@@ -112,20 +122,21 @@ def gpu_mode(home: Path, steps: int, max_nproc: int) -> list[dict]:
     data = home / "scaling.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     rows = []
-    for nproc in range(1, min(gpus, max_nproc) + 1):
+    for nproc, strategy in each_count(min(gpus, max_nproc), strategies):
         job = ["--model", str(model_dir), "--data", str(data), "--format", "text", "--steps", str(steps),
                "--batch-size", str(rows_per_gpu), "--max-seq-length", str(GPU_PLAN.seq_len), "--no-unsloth"]  # fmt: skip
-        row = train(home, nproc, job)
+        row = train(home, nproc, job, strategy)
         rows.append(row)
-        print(f"  {nproc} GPU(s): {row['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
+        print(f"  {nproc} GPU(s), {row['strategy']}: {row['tokens_per_s']} tokens/s", file=sys.stderr, flush=True)
     return add_efficiency(rows)
 
 
 def render(mode: str, rows: list[dict]) -> str:
     unit = "GPUs" if mode == "gpu" else "processes"
-    lines = [f"| {unit} | steps | tokens/s | speed-up | efficiency |", "|---|---|---|---|---|"]
+    lines = [f"| {unit} | strategy | steps | tokens/s | speed-up | efficiency |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['nproc']} | {r['steps']} | {r['tokens_per_s']} | {r['speedup']}x | {100 * r['efficiency']:.0f}% |")
+        lines.append(f"| {r['nproc']} | {r['strategy']} | {r['steps']} | {r['tokens_per_s']} | {r['speedup']}x | "
+                     f"{100 * r['efficiency']:.0f}% |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -135,6 +146,7 @@ def main() -> int:
     parser.add_argument("--max-nproc", type=int, default=None, help="default: 2 on CPU, every GPU with --gpu")
     parser.add_argument("--batch", type=int, default=8, help="CPU mode: the global batch (rows a step)")
     parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None, help="default: when CUDA is there")
+    parser.add_argument("--strategies", default="ddp", help="comma-separated: ddp, fsdp, deepspeed-zero2, deepspeed-zero3")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import torch
@@ -142,8 +154,11 @@ def main() -> int:
     gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
     with tempfile.TemporaryDirectory(prefix="bp-scaling-") as tmp:
         home = Path(tmp)
-        rows = gpu_mode(home, args.steps, args.max_nproc or 64) if gpu else cpu_mode(home, args.steps, args.max_nproc or 2,
-                                                                                        args.batch)  # fmt: skip
+        strategies = args.strategies.split(",")
+        if gpu:
+            rows = gpu_mode(home, args.steps, args.max_nproc or 64, strategies)
+        else:
+            rows = cpu_mode(home, args.steps, args.max_nproc or 2, args.batch, strategies)
     mode = "gpu" if gpu else "cpu"
     summary = {"mode": mode, "cores": os.cpu_count(), "rows": rows}
     print(json.dumps(summary, indent=1) if args.json else render(mode, rows))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import reflex as rx
-from conftest import backprop
+from conftest import backprop, wait_for
 
 from app import folders
 from app.state.chat import ChatState
@@ -104,6 +104,26 @@ def test_the_gpus_field_takes_a_count_or_auto_and_refuses_anything_else_with_its
         run(TrainState.start, state)
         assert state.error == f"[INPUT_INVALID_ARGUMENT] {error}" and state.run_id == ""
     assert nproc_value(" Auto ", "GPUs") == "auto" and nproc_value("4", "GPUs") == 4 and nproc_value("", "GPUs") is None
+
+
+def test_the_gpus_and_the_strategy_chosen_on_the_train_page_reach_the_job(sandbox, tmp_path, monkeypatch):
+    from training import jobs
+    from training.config import load_settings
+    from training.runs import Registry
+
+    sensor = tmp_path / "sensor.json"  # a simulated machine without free RAM: the job stays queued, its spec readable
+    sensor.write_text(json.dumps({"ram_available": 100}))
+    monkeypatch.setenv("BACKPROPAGATE_TELEMETRY_FILE", str(sensor))
+    state = TrainState(_reflex_internal_init=True)
+    for name, value in (("model", "demo"), ("nproc", "2"), ("strategy", "fsdp"), ("steps", "2")):
+        run(getattr(TrainState, f"set_{name}"), state, value)
+    run(TrainState.start, state)
+    assert state.error == "" and state.run_id
+    registry = Registry(load_settings().home)
+    spec = json.loads((registry.get(state.run_id).path / "spec.json").read_text())
+    assert (spec["settings"]["distributed"]["nproc"], spec["settings"]["distributed"]["strategy"]) == (2, "fsdp")
+    wait_for(lambda: registry.get(state.run_id).reason, what="the job to wait for RAM")
+    assert jobs.stop(registry, state.run_id, grace=5).status == "stopped"
 
 
 # --- following a run --------------------------------------------------------------------------------------------------
@@ -371,9 +391,9 @@ def test_the_train_form_refuses_a_number_that_is_not_one_with_its_code_and_hint(
 FORMS = {
     TrainState: {"model", "dataset", "steps", "learning_rate", "batch_size", "max_run_minutes", "lora_r", "validation_split",
                  "epochs", "gradient_accumulation", "max_seq_length", "lora_alpha", "lora_dropout", "target_modules",
-                 "packing", "response_only", "qlora", "use_unsloth", "report_to", "nproc"},
+                 "packing", "response_only", "qlora", "use_unsloth", "report_to", "nproc", "strategy"},
     MultiRunState: {"datasets", "model", "runs", "steps", "samples", "merge_mode", "replay", "lr_schedule", "validation",
-                    "report_to", "nproc"},
+                    "report_to", "nproc", "strategy"},
     ExportState: {"source", "folder", "format", "quantization", "ollama_name", "register", "hub_repo", "private"},
     ChatState: {"source", "folder", "compare", "prompt"},
     DatasetState: {"model", "validation"},

@@ -62,7 +62,7 @@ def test_each_rank_takes_its_rows_of_the_global_batch_and_an_empty_share_counts_
 
 
 def test_two_processes_at_batch_b_train_exactly_as_one_process_at_batch_2b(home):
-    registry, two = _submit(steps=4, batch_size=2, nproc=2)
+    registry, two = _submit(steps=4, batch_size=2, nproc=2, telemetry_interval_s=0.5)
     assert _finish(registry, two) == "completed"
     registry, one = _submit(steps=4, batch_size=4, nproc=1)
     assert _finish(registry, one) == "completed"
@@ -94,6 +94,8 @@ def test_two_processes_at_batch_b_train_exactly_as_one_process_at_batch_2b(home)
     accumulator.Reload()
     assert [s.value for s in accumulator.Scalars("train/loss")] == pytest.approx(curve2, rel=1e-5)
     assert [s.step for s in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
+    # The worker samples the machine; rank 0 hands its telemetry events (those written while it lives) to the trackers.
+    assert 0 < len(accumulator.Scalars("system/cpu_percent")) <= len(_events(registry, two, "telemetry"))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", *SHARDED[:2]])

@@ -28,6 +28,9 @@ from training.control import Control
 # Step-boundary decisions (rank 0 decides, `broadcast_decision` carries them).
 CONTINUE, STOP, FAIL, TIMEBOX, PAUSE, EARLY_STOP = range(6)
 CONTROL_FILE = "control.json"
+# How the model is spread over the ranks: a copy each, or the frozen weights sharded (FSDP2; DeepSpeed ZeRO-3), or
+# only the optimizer state and gradients partitioned (ZeRO-2).
+STRATEGIES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
 BUCKET_ELEMENTS = 1 << 25  # gradients all-reduced together: at most this many elements (128 MiB in fp32) at a time
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from training.config import load_settings
 from training.control import Control
 from training.distributed import World
 from training.errors import BackpropError
-from training.events import EventWriter
+from training.events import EventWriter, read_events
 from training.runs import Registry
 from training.tracking import Tracking
 
@@ -66,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 
     run_rank_0 = world.is_main and settings.distributed.node_rank == 0  # RANK counts over every machine
     tracking = Tracking.for_run(run, registry, settings, rank=0 if run_rank_0 else -1)  # the run's experiment trackers
+    follower = None
     if run_rank_0:
         events: Any = EventWriter(run_dir / "events.jsonl", also=tracking.feed)
         tracking.attach(events.emit)
         view: Any = registry
+        follower = _TelemetryFollower(run_dir / "events.jsonl", tracking) if tracking.thread is not None else None
     else:
         events, view = _Silent(), _ReadOnly(registry)
     try:
@@ -80,10 +83,38 @@ def main(argv: list[str] | None = None) -> int:
     except BackpropError:
         return 1  # rank 0 has recorded the coded error
     finally:
+        if follower is not None:
+            follower.close()
         tracking.close()
         events.close()
         _leave_group()
     return 0 if result.status in ("completed", "stopped", "timeboxed") else 1
+
+
+class _TelemetryFollower:
+    """The worker (the ranks' agent) samples CPU and GPUs and writes `telemetry` events into the run's events.jsonl;
+    the run's experiment trackers live here, in rank 0, which follows the file and hands them those events."""
+
+    def __init__(self, path: Path, tracking: Tracking):
+        self.path, self.tracking, self.offset = path, tracking, 0
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="backprop-telemetry-follower", daemon=True)
+        self.thread.start()
+
+    def _follow(self) -> None:
+        while not self.finished.wait(1.0):
+            self._read()
+        self._read()
+
+    def _read(self) -> None:
+        events, self.offset = read_events(self.path, self.offset)
+        for event in events:
+            if event["event"] == "telemetry":
+                self.tracking.feed(event)
+
+    def close(self) -> None:
+        self.finished.set()
+        self.thread.join(10)
 
 
 def _injected_oom(rank: int) -> Any:

@@ -7,6 +7,7 @@ import reflex as rx
 from app.components.charts import line_chart, status_pill
 from app.components.layout import page
 from app.state.multi_run import MultiRunState
+from training.distributed import STRATEGIES
 
 
 def field(label: str, name: str, value: rx.Var, width: str = "120px") -> rx.Component:
@@ -49,6 +50,9 @@ def multi_run_page() -> rx.Component:
                 field("Validation", "validation", MultiRunState.validation),
                 rx.cond(MultiRunState.cuda, field("GPUs", "nproc", MultiRunState.nproc),
                         field("Processes", "nproc", MultiRunState.nproc)),
+                rx.vstack(rx.text("Spread over them", size="1", weight="medium"),
+                          rx.select(list(STRATEGIES), value=MultiRunState.strategy, on_change=MultiRunState.set_strategy,
+                                    placeholder="ddp", id="mr-strategy"), spacing="1"),
                 wrap="wrap",
             ),
             rx.accordion.root(

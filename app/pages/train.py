@@ -7,6 +7,7 @@ import reflex as rx
 from app.components.charts import line_chart, progress_bar, status_pill
 from app.components.layout import page
 from app.state.train import TrainState
+from training.distributed import STRATEGIES
 
 
 def field(label: str, name: str, value: rx.Var, placeholder: str = "", width: str = "160px") -> rx.Component:
@@ -44,6 +45,9 @@ def form() -> rx.Component:
                 field("Time box (minutes)", "max_run_minutes", TrainState.max_run_minutes, "0: none"),
                 rx.cond(TrainState.cuda, field("GPUs", "nproc", TrainState.nproc, "1, 2, ... or auto"),
                         field("Processes", "nproc", TrainState.nproc, "1")),
+                rx.vstack(rx.text("Spread over them", size="1", weight="medium"),
+                          rx.select(list(STRATEGIES), value=TrainState.strategy, on_change=TrainState.set_strategy,
+                                    placeholder="ddp", id="field-strategy"), spacing="1"),
                 wrap="wrap",
             ),
             rx.accordion.root(

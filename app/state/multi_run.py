@@ -66,6 +66,7 @@ class MultiRunState(rx.State):
     validation: str = "0.25"
     report_to: str = ""  # empty: training.report_to from config or env (auto)
     nproc: str = ""  # "GPUs" on an NVIDIA machine, "processes" on CPU; empty: distributed.nproc from config (1)
+    strategy: str = ""  # how several GPUs share the model (training.distributed.STRATEGIES); empty: from config (ddp)
     cuda: bool = _cuda_available()
 
     multi_run_id: str = ""
@@ -92,12 +93,14 @@ class MultiRunState(rx.State):
     set_validation = setter("validation")
     set_report_to = setter("report_to")
     set_nproc = setter("nproc")
+    set_strategy = setter("strategy")
 
     @handler()
     def start(self):
         self.error = ""
         options = {"model": self.model.strip() or None, "report_to": self.report_to.strip() or None,
-                   "nproc": nproc_value(self.nproc, "GPUs" if self.cuda else "Processes")}  # fmt: skip
+                   "nproc": nproc_value(self.nproc, "GPUs" if self.cuda else "Processes"),
+                   "strategy": self.strategy or None}  # fmt: skip
         settings = load_settings(**nest_options(options))
         files = [line.strip() for line in self.datasets.splitlines() if line.strip()]
         try:

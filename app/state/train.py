@@ -67,6 +67,7 @@ class TrainState(rx.State):
     target_modules: str = "all-linear"
     report_to: str = ""  # empty: training.report_to from config or env (auto)
     nproc: str = ""  # "GPUs" on an NVIDIA machine, "processes" on CPU; empty: distributed.nproc from config (1)
+    strategy: str = ""  # how several GPUs share the model (training.distributed.STRATEGIES); empty: from config (ddp)
     packing: bool = True
     response_only: bool = True
     qlora: bool = False
@@ -113,6 +114,7 @@ class TrainState(rx.State):
     set_target_modules = setter("target_modules")
     set_report_to = setter("report_to")
     set_nproc = setter("nproc")
+    set_strategy = setter("strategy")
     set_packing = setter("packing", bool)
     set_response_only = setter("response_only", bool)
     set_qlora = setter("qlora", bool)
@@ -146,7 +148,8 @@ class TrainState(rx.State):
                    "target_modules": _targets(self.target_modules), "qlora": self.qlora if self.cuda else None,
                    "use_unsloth": self.use_unsloth if self.cuda else None,
                    "report_to": self.report_to.strip() or None,
-                   "nproc": nproc_value(self.nproc, "GPUs" if self.cuda else "Processes")}  # fmt: skip
+                   "nproc": nproc_value(self.nproc, "GPUs" if self.cuda else "Processes"),
+                   "strategy": self.strategy or None}  # fmt: skip
         settings = load_settings(**nest_options(options))
         run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root())
         self._attach(run.id)

@@ -7,6 +7,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from training.distributed import STRATEGIES
 from training.errors import BackpropError, redact
 
 DEMO_DATASET = Path(__file__).resolve().parents[2] / "assets" / "demo" / "capitals.jsonl"
@@ -16,7 +17,6 @@ GOVERNOR_OPTIONS = ("max_run_minutes", "max_parallel", "min_free_ram_gb", "gpu_m
 SPEED_OPTIONS = ("gradient_checkpointing", "attention", "loss_kernel")
 TRACKING_OPTIONS = ("report_to",)
 DISTRIBUTED_OPTIONS = ("nproc", "nnodes", "node_rank", "master_addr", "master_port")  # and "strategy" where it applies
-STRATEGIES = ["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 
 
 def add_governor_flags(parser: argparse.ArgumentParser, short: bool = False) -> None:
