@@ -15,6 +15,7 @@ Heavy libraries (torch, transformers) are imported inside the commands that need
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 
@@ -27,6 +28,9 @@ COMMAND_GROUPS = (train, multi_run, jobs, runs, compare, data, export, chat, ui,
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter is not for users
+    # DeepSpeed (the dist extra) logs to stdout when anything imports it (accelerate does, to unwrap a model): that
+    # would break `--json`. This process never trains with it (torchrun's ranks do, with their logs).
+    logging.getLogger("DeepSpeed").disabled = True
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after `--` belongs to the user's script (`backprop run train.py -- --lr 0.01`).
