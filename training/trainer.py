@@ -119,7 +119,7 @@ class _Loop:
     ):
         self.world = world or World()
         self.control_file = ControlFile(run.path) if self.world.distributed and self.world.is_main else None
-        # Several ranks: the module whose forward is a batch's loss (under --strategy fsdp, the sharded root).
+        # Several ranks: the module whose forward is a batch's loss (FSDP's sharded root; under DeepSpeed, the engine).
         self.step_loss: Any = None
         strategy = settings.distributed.strategy if self.world.distributed else "ddp"
         # FSDP and ZeRO-3 shard the weights: every rank takes part in every forward pass, evaluation included.
@@ -234,7 +234,7 @@ class _Loop:
             quantization = _qlora_config(self.device, dtype)
         self.attention = attention_implementation(t.attention, self.device, dtype)
         self.gradient_checkpointing = quantization is not None  # prepare_model_for_kbit_training below turns it on
-        # Under FSDP every rank reads the weights into host memory and keeps only its shard on the GPU (training/fsdp.py).
+        # Sharded (FSDP, ZeRO-3): every rank reads the weights into host memory and keeps only its shard on the GPU.
         model = load_model(source, dtype=dtype, device="cpu" if self.sharded else self.device, quantization_config=quantization,
                            attn_implementation=self.attention)  # fmt: skip
         if fit_embeddings(model, self.tokenizer, for_training=True):
@@ -621,7 +621,7 @@ class _Loop:
 
         Under DDP the passes themselves run no collective: an out-of-memory error on any rank is known to every rank
         before the average (one all-reduced flag), and all of them halve the batch and retry the step together. Under
-        FSDP each pass gathers weights from every rank, so one rank cannot retry alone: RUNTIME_OOM_SHARDED."""
+        FSDP or DeepSpeed a pass runs collectives of its own, so one rank cannot retry alone: RUNTIME_OOM_SHARDED."""
         import torch
 
         passes = [(i, part, self.weights[i]) for i, batch in enumerate(micro) for part in _split(batch, 2**self.oom_splits)]
@@ -654,7 +654,7 @@ class _Loop:
 
     def _evaluate(self, step: int) -> float | None:
         """The eval loss, on rank 0 (None elsewhere). Under DDP rank 0 alone computes it and the others wait at the next
-        boundary; under FSDP every rank takes part in each forward pass (the weights are gathered from all of them)."""
+        boundary; under FSDP or ZeRO-3 every rank takes part in each forward pass (the weights are gathered from all)."""
         if not self.val_encoded or not (self.world.is_main or self.sharded):
             return None
         self.model.eval()
