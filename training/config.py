@@ -42,6 +42,13 @@ class TrainingSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
+    method: str = Field(
+        "sft", pattern="^(sft|dpo|orpo)$",
+        description="sft: supervised (next-token loss on the answers); dpo and orpo: preference pairs (prompt, chosen, "
+        "rejected), see README \"Preferences\"",
+    )  # fmt: skip
+    beta: float = Field(0.1, gt=0, description="DPO: how far the policy may move from the reference (higher: less)")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO: weight of the odds-ratio term beside the chosen answers' loss")
     packing: bool = True
     response_only: bool = True
     validation_split: float = Field(0.0, ge=0, lt=1)

@@ -60,6 +60,22 @@ class Example:
     format: str
     tools: list[dict[str, Any]] | None = None  # the tools the conversation may call (JSON schemas)
     path: str = ""  # the file (or hub dataset) it came from, for errors found later
+    # Preference pairs (DPO, ORPO): `messages` is the prompt followed by the chosen reply, `rejected` the other reply
+    # (assistant messages) to the same prompt, and `prompt_turns` how many of `messages` are the prompt.
+    rejected: list[dict[str, Any]] | None = None
+    prompt_turns: int = 0
+
+    @property
+    def is_preference(self) -> bool:
+        return self.rejected is not None
+
+    @property
+    def prompt(self) -> list[dict[str, Any]]:
+        return self.messages[: self.prompt_turns]
+
+    @property
+    def chosen(self) -> list[dict[str, Any]]:
+        return self.messages[self.prompt_turns :]
 
     @property
     def is_raw_text(self) -> bool:
@@ -73,6 +89,8 @@ class Example:
         """The example as a row that loads back into the same example (OpenAI format, or text)."""
         if self.is_raw_text:
             return {"text": self.messages[0]["content"]}
+        if self.is_preference:
+            return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
         return {"messages": self.messages, **({"tools": self.tools} if self.tools else {})}
 
 

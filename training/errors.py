@@ -73,6 +73,15 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Fit the row to the model's chat format (many templates want user and assistant turns to alternate), pick "
         "another model, or pass --skip-invalid to train on the other rows.",
     ),
+    "INPUT_DATASET_BAD_PAIR": ErrorSpec(
+        "{path}:{line}: {reason}",
+        "A preference row needs a prompt, a chosen and a rejected answer, both non-empty and different from each other "
+        "(README \"Preferences\"); fix the row or pass --skip-invalid to train on the others.",
+    ),
+    "INPUT_DATASET_NOT_PREFERENCE": ErrorSpec(
+        "{path}: --method {method} trains on preference pairs, and {reason}",
+        "Give rows with prompt, chosen and rejected (or conversations, chosen and rejected), or train with --method sft.",
+    ),
     "INPUT_DATASET_HUB_SELECTION": ErrorSpec(
         "Hub dataset {dataset}: {reason}",
         "Name a config with owner/name:config and a split with owner/name@split (the dataset card lists them), "

@@ -41,16 +41,41 @@ def submit_train(
     skip_invalid: bool = False,
     name: str | None = None,
     runs_root: Path | None = None,
+    from_run: str | None = None,
 ) -> RunRecord:
-    """Register a training run and start its worker (its folder under `runs_root`, default HOME/runs)."""
+    """Register a training run and start its worker (its folder under `runs_root`, default HOME/runs).
+
+    `from_run` (a completed run's id) starts from that run's adapter, on its model and LoRA shape; for DPO that
+    adapter is also the reference the run is measured against."""
     from training.distributed import check_supported
     from training.trainer import new_train_run
 
     check_supported(settings, "train")
 
     registry = Registry(settings.home)
-    run = new_train_run(registry, settings, data, fmt=fmt, skip_invalid=skip_invalid, name=name, runs_root=runs_root)
+    extra = None
+    if from_run:
+        settings, extra = _start_from(registry, settings, from_run)
+    run = new_train_run(registry, settings, data, fmt=fmt, skip_invalid=skip_invalid, name=name, runs_root=runs_root,
+                        parent_id=extra["from_run"] if extra else None, extra=extra)  # fmt: skip
     return start(registry, run)
+
+
+def _start_from(registry: Registry, settings: Settings, run_id: str) -> tuple[Settings, dict[str, Any]]:
+    """The settings and spec keys of a run that starts from a finished run's adapter: its model and LoRA shape."""
+    parent = registry.get(run_id)
+    weights = parent.path / "adapter" / "adapter_model.safetensors"
+    if parent.status != "completed" or not weights.is_file():
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"run {parent.id} has no finished adapter to start from "
+                            f"(status {parent.status})", hint="Pick a completed training run: `backprop list`.")  # fmt: skip
+    parent_settings = json.loads((parent.path / "spec.json").read_text()).get("settings", {})
+    model = parent_settings.get("model", parent.model)
+    if "model" in settings.model_fields_set and settings.model not in (model, None):
+        raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"--model {settings.model} differs from run {parent.id}'s "
+                            f"model {model}", hint="Leave --model out: a run started from another trains its model.")  # fmt: skip
+    lora = settings.lora.model_copy(update={k: v for k, v in parent_settings.get("lora", {}).items() if k != "dropout"})
+    settings = settings.model_copy(update={"model": model, "lora": lora})
+    return settings, {"init_adapter": str(weights), "from_run": parent.id}
 
 
 def submit_multi_run(settings: Settings, datasets: list[str], **options: Any) -> RunRecord:
