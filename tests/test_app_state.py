@@ -18,7 +18,7 @@ from app.state.compare import CompareState
 from app.state.dataset import DatasetState
 from app.state.errors import HANDLED, handler
 from app.state.export import ExportState
-from app.state.follow import MAX_POINTS, Progress, assign_changed, loss_plot, telemetry_plot
+from app.state.follow import MAX_POINTS, Progress, assign_changed, loss_plot, preference_plots, telemetry_plot
 from app.state.multi_run import MultiRunState, heat
 from app.state.plot import BOX, Line, plot, sparkline
 from app.state.runs import RunDetailState, RunsState
@@ -126,6 +126,82 @@ def test_the_gpus_and_the_strategy_chosen_on_the_train_page_reach_the_job(sandbo
     assert jobs.stop(registry, state.run_id, grace=5).status == "stopped"
 
 
+def queue_only(tmp_path, monkeypatch) -> None:
+    """A simulated machine without free RAM: jobs submitted from now on stay queued, their spec readable."""
+    sensor = tmp_path / "sensor.json"
+    sensor.write_text(json.dumps({"ram_available": 100}))
+    monkeypatch.setenv("BACKPROPAGATE_TELEMETRY_FILE", str(sensor))
+
+
+def spec_of(run_id: str) -> dict:
+    from training.config import load_settings
+    from training.runs import Registry
+
+    return json.loads((Registry(load_settings().home).get(run_id).path / "spec.json").read_text())
+
+
+def stop_queued(run_id: str) -> None:
+    from training import jobs
+    from training.config import load_settings
+    from training.runs import Registry
+
+    registry = Registry(load_settings().home)
+    wait_for(lambda: registry.get(run_id).reason, what="the job to wait for RAM")
+    assert jobs.stop(registry, run_id, grace=5).status == "stopped"
+
+
+def test_the_method_its_beta_and_the_run_to_continue_from_chosen_on_the_train_page_reach_the_job(sandbox, tmp_path,
+                                                                                                 monkeypatch):  # fmt: skip
+    out = backprop("train", "--model", "demo", "--steps", "2", "--name", "sft-first", "--json", check=True)
+    first = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
+    queue_only(tmp_path, monkeypatch)
+    state = TrainState(_reflex_internal_init=True)
+    state.model = "somewhere/else"
+    run(TrainState.reattach, state)  # the page's load: the finished runs it can continue from
+    assert [r["id"] for r in state.from_runs] == [first] and "sft-first" in state.from_runs[0]["label"]
+    run(TrainState.pick_from_run, state, first)
+    assert state.model == "demo"  # a continued run trains its run's model
+    for name, value in (("method", "dpo"), ("beta", "0.25"), ("orpo_lambda", "not read for DPO"), ("steps", "2")):
+        run(getattr(TrainState, f"set_{name}"), state, value)
+    run(TrainState.start, state)
+    assert state.error == "" and state.run_id
+    spec = spec_of(state.run_id)
+    assert (spec["settings"]["training"]["method"], spec["settings"]["training"]["beta"]) == ("dpo", 0.25)
+    assert spec["from_run"] == first and spec["init_adapter"].endswith(f"{first}/adapter/adapter_model.safetensors")
+    stop_queued(state.run_id)
+
+    # ORPO reads its lambda (and not beta); back to "none" starts from the base model.
+    run(TrainState.pick_from_run, state, "none")
+    for name, value in (("method", "orpo"), ("beta", "not read for ORPO"), ("orpo_lambda", "0.5")):
+        run(getattr(TrainState, f"set_{name}"), state, value)
+    run(TrainState.start, state)
+    assert state.error == ""
+    spec = spec_of(state.run_id)
+    assert (spec["settings"]["training"]["method"], spec["settings"]["training"]["orpo_lambda"]) == ("orpo", 0.5)
+    assert spec["settings"]["training"]["beta"] == 0.1 and "from_run" not in spec
+    stop_queued(state.run_id)
+
+
+def test_a_beta_that_is_not_a_number_is_refused_with_its_label():
+    state = TrainState(_reflex_internal_init=True)
+    run(TrainState.set_method, state, "dpo")
+    run(TrainState.set_beta, state, "strong")
+    run(TrainState.start, state)
+    assert state.error == "[INPUT_INVALID_ARGUMENT] Beta: 'strong' is not a number" and state.run_id == ""
+
+
+def test_the_method_chosen_on_the_multi_run_page_reaches_the_multi_run(sandbox, tmp_path, monkeypatch):
+    queue_only(tmp_path, monkeypatch)
+    state = MultiRunState(_reflex_internal_init=True)
+    for name, value in (("method", "dpo"), ("beta", "0.2"), ("runs", "2"), ("steps", "2")):
+        run(getattr(MultiRunState, f"set_{name}"), state, value)
+    run(MultiRunState.start, state)
+    assert state.error == "" and state.multi_run_id
+    training = spec_of(state.multi_run_id)["settings"]["training"]  # each run's settings start from these
+    assert (training["method"], training["beta"]) == ("dpo", 0.2)
+    stop_queued(state.multi_run_id)
+
+
 # --- following a run --------------------------------------------------------------------------------------------------
 
 
@@ -152,6 +228,48 @@ def test_progress_reads_a_run_as_it_is_written_from_any_offset(tmp_path):
     whole = Progress(path)
     whole.read()
     assert whole.loss == progress.loss and whole.log == progress.log  # in pieces or at once: the same page
+
+
+def write_preference_run(path, steps: int) -> EventWriter:
+    events = EventWriter(path)
+    events.emit("started", max_steps=steps, device="cpu", examples=16, method="dpo")
+    for step in range(1, steps + 1):
+        events.emit("step", step=step, max_steps=steps, loss=0.69 / step, tokens=100, tokens_per_s=1000.0,
+                    reward_accuracy=min(1.0, 0.25 * step), reward_margin=0.5 * step, chosen_logps=-20.0 + step,
+                    rejected_logps=-20.0 - step)  # fmt: skip
+        if step % 2 == 0:
+            events.emit("eval", step=step, eval_loss=0.7 / step, eval_reward_accuracy=0.5, eval_reward_margin=0.4 * step,
+                        eval_chosen_logps=-21.0, eval_rejected_logps=-22.0 - step)  # fmt: skip
+    return events
+
+
+def test_a_dpo_run_is_followed_into_reward_accuracy_margin_and_log_prob_charts(tmp_path):
+    path = tmp_path / "events.jsonl"
+    write_preference_run(path, 4).close()
+    progress = Progress(path)
+    progress.read()
+    assert progress.preference and "started DPO on cpu" in progress.log[0]
+    assert "step 4: eval loss 0.1750, reward accuracy 0.50" in progress.log[-1]
+    charts = progress.preference_plots()
+    accuracy = charts["reward_accuracy"]
+    assert [s.name for s in accuracy.series] == ["reward accuracy", "eval reward accuracy"]
+    assert [s.last for s in accuracy.series] == ["1.00", "0.500"]
+    assert xy(accuracy.series[0].points) == [(250, 750), (500, 500), (750, 250), (1000, 0)]  # 0-1 fills the box
+    assert accuracy.series[1].dots and (accuracy.y_ticks[0].label, accuracy.y_ticks[-1].label) == ("1.00", "0")
+    assert [s.last for s in charts["reward_margin"].series] == ["2.00", "1.60"]
+    assert [s.name for s in charts["logps"].series] == ["chosen", "eval chosen", "rejected", "eval rejected"]
+    assert [s.last for s in charts["logps"].series] == ["-16.0", "-21.0", "-24.0", "-26.0"]
+    assert progress.loss_plot().series[0].last == "0.172"  # the loss chart is the same as for SFT
+
+
+def test_an_sft_run_has_no_reward_charts(tmp_path):
+    path = tmp_path / "events.jsonl"
+    write_run(path, 3).close()
+    progress = Progress(path)
+    progress.read()
+    assert not progress.preference and progress.loss[-1] == {"step": 3, "loss": 5.0 / 3}
+    assert all(chart.empty and not chart.series for chart in progress.preference_plots().values())
+    assert preference_plots([], 10)["reward_accuracy"].empty
 
 
 def test_a_gpu_run_says_how_it_trained_and_its_peak_vram(tmp_path):
@@ -391,9 +509,10 @@ def test_the_train_form_refuses_a_number_that_is_not_one_with_its_code_and_hint(
 FORMS = {
     TrainState: {"model", "dataset", "steps", "learning_rate", "batch_size", "max_run_minutes", "lora_r", "validation_split",
                  "epochs", "gradient_accumulation", "max_seq_length", "lora_alpha", "lora_dropout", "target_modules",
-                 "packing", "response_only", "qlora", "use_unsloth", "report_to", "nproc", "strategy"},
+                 "packing", "response_only", "qlora", "use_unsloth", "report_to", "nproc", "strategy", "method", "beta",
+                 "orpo_lambda"},
     MultiRunState: {"datasets", "model", "runs", "steps", "samples", "merge_mode", "replay", "lr_schedule", "validation",
-                    "report_to", "nproc", "strategy"},
+                    "report_to", "nproc", "strategy", "method", "beta", "orpo_lambda"},
     ExportState: {"source", "folder", "format", "quantization", "ollama_name", "register", "hub_repo", "private"},
     ChatState: {"source", "folder", "compare", "prompt"},
     DatasetState: {"model", "validation"},

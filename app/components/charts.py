@@ -70,3 +70,22 @@ def status_pill(status: rx.Var, id: str | None = None) -> rx.Component:
                               ("queued", "purple"), "amber"),
         variant="soft", id=id,
     )  # fmt: skip
+
+
+def preference_charts(accuracy: rx.Var, margin: rx.Var, logps: rx.Var, id: str, height: str = "200px") -> rx.Component:
+    """A DPO/ORPO run's charts: reward accuracy and reward margin side by side, chosen vs rejected log-probs below."""
+
+    def titled(title: str, plot: rx.Var, name: str, empty: str) -> rx.Component:
+        return rx.vstack(rx.text(title, size="2", weight="bold"),
+                         line_chart(plot, height=height, id=f"{id}-{name}", empty=empty), width="100%", spacing="1")  # fmt: skip
+
+    first = "Appears with the first steps."
+    return rx.vstack(
+        rx.grid(
+            titled("Reward accuracy (chosen answer scored above the rejected one)", accuracy, "accuracy", first),
+            titled("Reward margin", margin, "margin", first),
+            columns="2", spacing="4", width="100%",
+        ),
+        titled("Log-probability of the chosen and the rejected answers", logps, "logps", first),
+        width="100%", id=id,
+    )  # fmt: skip

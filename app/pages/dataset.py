@@ -27,6 +27,29 @@ def conversation_card(conversation: rx.Var) -> rx.Component:
     return rx.card(rx.vstack(rx.foreach(conversation, bubble), width="100%"), width="100%")
 
 
+def answer(title: str, messages: rx.Var, color: str, class_name: str) -> rx.Component:
+    """One answer of a pair, in its colour: chosen green, rejected red."""
+    return rx.box(
+        rx.text(title, size="1", weight="bold", color=rx.color(color, 11)),
+        rx.foreach(messages, lambda m: rx.text(m["content"], size="2", white_space="pre-wrap")),
+        background=rx.color(color, 3), border=f"1px solid {rx.color(color, 7)}", padding="8px 12px", border_radius="12px",
+        class_name=class_name, width="100%",
+    )  # fmt: skip
+
+
+def pair_card(pair: rx.Var) -> rx.Component:
+    """A preference pair: the prompt, then the chosen answer (left) beside the rejected one (right)."""
+    return rx.card(
+        rx.vstack(
+            rx.foreach(pair["prompt"], bubble),
+            rx.grid(answer("chosen", pair["chosen"], "green", "pair-chosen"),
+                    answer("rejected", pair["rejected"], "red", "pair-rejected"), columns="2", spacing="3", width="100%"),
+            width="100%",
+        ),
+        width="100%", class_name="pair",
+    )  # fmt: skip
+
+
 def stat(label: str, key: str) -> rx.Component:
     return rx.vstack(rx.text(label, size="1", color_scheme="gray"), rx.text(DatasetState.report[key], weight="bold"), spacing="0")
 
@@ -71,6 +94,9 @@ def dataset_page() -> rx.Component:
                 rx.hstack(stat("format", "format"), stat("rows", "rows"), stat("valid", "valid"), stat("invalid", "invalid"),
                           stat("duplicates", "duplicates"), stat("turns", "turns"), stat("tokens", "tokens"),
                           spacing="6", wrap="wrap", id="dataset-stats"),
+                rx.cond(DatasetState.pair_preview.length() > 0,
+                        rx.text(DatasetState.report["pairs"], " preference pairs: for DPO or ORPO on the Train page", size="2",
+                                weight="medium", color_scheme="green", id="dataset-pairs")),
                 rx.text("Token lengths (", DatasetState.report["tokenizer"], " tokenizer)", size="2", weight="bold"),
                 rx.vstack(rx.foreach(DatasetState.histogram, lambda b: rx.hstack(
                     rx.text(b["bucket"], size="1", width="60px"),
@@ -82,7 +108,8 @@ def dataset_page() -> rx.Component:
                                                                      font_family="monospace")),
                     id="dataset-bad-lines", spacing="1")),
                 rx.text("Preview", size="2", weight="bold"),
-                rx.vstack(rx.foreach(DatasetState.preview, conversation_card), width="100%", id="dataset-preview"),
+                rx.vstack(rx.foreach(DatasetState.preview, conversation_card), rx.foreach(DatasetState.pair_preview, pair_card),
+                          width="100%", id="dataset-preview"),
                 rx.hstack(
                     rx.text("Validation fraction", size="2"),
                     rx.input(value=DatasetState.validation, on_change=DatasetState.set_validation, width="80px"),

@@ -6,6 +6,7 @@ import reflex as rx
 
 from app.components.charts import line_chart, status_pill
 from app.components.layout import page
+from app.pages.train import method_select
 from app.state.multi_run import MultiRunState
 from training.distributed import STRATEGIES
 
@@ -53,6 +54,9 @@ def multi_run_page() -> rx.Component:
                 rx.vstack(rx.text("Spread over them", size="1", weight="medium"),
                           rx.select(list(STRATEGIES), value=MultiRunState.strategy, on_change=MultiRunState.set_strategy,
                                     placeholder="ddp", id="mr-strategy"), spacing="1"),
+                method_select(MultiRunState.method, MultiRunState.set_method, "mr-method"),
+                rx.cond(MultiRunState.method == "dpo", field("Beta (DPO)", "beta", MultiRunState.beta)),
+                rx.cond(MultiRunState.method == "orpo", field("Lambda (ORPO)", "orpo_lambda", MultiRunState.orpo_lambda)),
                 wrap="wrap",
             ),
             rx.accordion.root(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import reflex as rx
 
-from app.components.charts import line_chart, status_pill
+from app.components.charts import line_chart, preference_charts, status_pill
 from app.components.layout import page
 from app.state.runs import RunDetailState, RunsState
 
@@ -92,6 +92,8 @@ def run_detail_page() -> rx.Component:
                 ),
                 rx.cond(RunDetailState.error != "", rx.callout(RunDetailState.error, color_scheme="red", id="run-error")),
                 line_chart(RunDetailState.loss, id="run-loss", empty="No training steps recorded."),
+                rx.cond(~RunDetailState.reward_accuracy.empty, preference_charts(
+                    RunDetailState.reward_accuracy, RunDetailState.reward_margin, RunDetailState.logps, id="run-preference")),
                 rx.cond(~RunDetailState.telemetry.empty, rx.vstack(
                     rx.heading("Telemetry during the run", size="3"),
                     line_chart(RunDetailState.telemetry, height="180px", id="run-telemetry"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import reflex as rx
 
-from app.components.charts import line_chart, progress_bar, status_pill
+from app.components.charts import line_chart, preference_charts, progress_bar, status_pill
 from app.components.layout import page
 from app.state.train import TrainState
 from training.distributed import STRATEGIES
@@ -16,6 +16,40 @@ def field(label: str, name: str, value: rx.Var, placeholder: str = "", width: st
         rx.input(value=value, placeholder=placeholder, on_change=getattr(TrainState, f"set_{name}"), id=f"field-{name}",
                  width=width),
         spacing="1",
+    )  # fmt: skip
+
+
+METHODS = [("sft", "SFT (supervised)"), ("dpo", "DPO (preference pairs)"), ("orpo", "ORPO (preference pairs)")]
+
+
+def method_select(value: rx.Var, on_change, id: str) -> rx.Component:
+    """The training method: SFT on conversations, or DPO / ORPO on preference pairs (prompt, chosen, rejected)."""
+    return rx.vstack(
+        rx.text("Method", size="1", weight="medium"),
+        rx.select.root(rx.select.trigger(id=id),
+                       rx.select.content(*[rx.select.item(label, value=key) for key, label in METHODS]),
+                       value=value, on_change=on_change),
+        spacing="1",
+    )  # fmt: skip
+
+
+def preference_settings() -> rx.Component:
+    """Method, its hyperparameter, and the finished run to continue from."""
+    return rx.hstack(
+        method_select(TrainState.method, TrainState.set_method, "field-method"),
+        rx.cond(TrainState.method == "dpo", field("Beta (DPO)", "beta", TrainState.beta, "0.1")),
+        rx.cond(TrainState.method == "orpo", field("Lambda (ORPO)", "orpo_lambda", TrainState.orpo_lambda, "0.1")),
+        rx.vstack(
+            rx.text("Continue from run", size="1", weight="medium"),
+            rx.select.root(
+                rx.select.trigger(id="field-from-run", min_width="200px"),
+                rx.select.content(rx.select.item("none (start from the base model)", value="none"),
+                                  rx.foreach(TrainState.from_runs, lambda r: rx.select.item(r["label"], value=r["id"]))),
+                value=TrainState.from_run, on_change=TrainState.pick_from_run,
+            ),
+            spacing="1",
+        ),
+        wrap="wrap", align="end",
     )  # fmt: skip
 
 
@@ -50,6 +84,7 @@ def form() -> rx.Component:
                                     placeholder="ddp", id="field-strategy"), spacing="1"),
                 wrap="wrap",
             ),
+            preference_settings(),
             rx.accordion.root(
                 rx.accordion.item(
                     header="Advanced",
@@ -110,6 +145,8 @@ def progress() -> rx.Component:
                 ),
                 progress_bar(TrainState.percent),
                 line_chart(TrainState.loss, id="loss-chart", empty="The loss curve appears with the first steps."),
+                rx.cond(TrainState.preference, preference_charts(TrainState.reward_accuracy, TrainState.reward_margin,
+                                                                 TrainState.logps, id="train-preference")),
                 rx.cond(TrainState.adapter != "", rx.vstack(
                     rx.text("Adapter saved: ", rx.code(TrainState.adapter), size="2"),
                     rx.hstack(

@@ -28,7 +28,8 @@ def analyze(path: Path, model: str) -> dict:
     """Format, counts, token lengths (with `model`'s tokenizer), duplicates, bad lines and a preview of a dataset."""
     examples: list[Example] = []
     report = scan(path, tokenizer=load_tokenizer(resolve_model(model)), keep=examples)
-    digests = [hashlib.sha256(json.dumps(e.messages, sort_keys=True).encode()).hexdigest() for e in examples]
+    digests = [hashlib.sha256(json.dumps([e.messages, e.rejected], sort_keys=True).encode()).hexdigest() for e in examples]
+    pairs = [e for e in examples if e.is_preference]
     tokens = report.tokens.to_dict() if report.tokens else {"histogram": {}}
     peak = max(tokens["histogram"].values(), default=1)
     return {
@@ -39,9 +40,16 @@ def analyze(path: Path, model: str) -> dict:
         "histogram": [{"bucket": k, "rows": str(v), "width": f"{max(2, round(100 * v / peak))}%"}
                       for k, v in tokens["histogram"].items()],
         "errors": [{"line": str(e.line), "reason": e.reason, "code": e.code} for e in report.errors],
-        "preview": [[{"role": m["role"], "content": m["content"][:600]} for m in e.messages] for e in examples[:PREVIEW_ROWS]],
-        "examples": len(examples),
+        "preview": [_shown(e.messages) for e in examples[:PREVIEW_ROWS] if not e.is_preference],
+        "pair_preview": [{"prompt": _shown(e.prompt), "chosen": _shown(e.chosen), "rejected": _shown(e.rejected or [])}
+                         for e in pairs[:PREVIEW_ROWS]],
+        "examples": len(examples), "pairs": len(pairs),
     }  # fmt: skip
+
+
+def _shown(messages: list[dict]) -> list[dict[str, str]]:
+    """Messages as the preview shows them: role and the start of the content."""
+    return [{"role": m["role"], "content": (m.get("content") or "")[:600]} for m in messages]
 
 
 def dataset_files() -> list[str]:
@@ -56,6 +64,7 @@ class DatasetState(rx.State):
     report: dict[str, str] = {}
     errors: list[dict[str, str]] = []
     preview: list[list[dict[str, str]]] = []
+    pair_preview: list[dict[str, list[dict[str, str]]]] = []  # preference data: {"prompt", "chosen", "rejected"} messages
     histogram: list[dict[str, str]] = []
     validation: str = "0.1"
     split_text: str = ""
@@ -127,11 +136,12 @@ class DatasetState(rx.State):
         async with self:
             if not self.selected:
                 return
-            self.report, self.errors, self.preview, self.histogram = {}, [], [], []
+            self.report, self.errors, self.preview, self.pair_preview, self.histogram = {}, [], [], [], []
             path, model = inside(datasets_dir(), self.selected), self.model
         report = await asyncio.to_thread(analyze, path, model)
         async with self:
             self.errors, self.preview, self.histogram = report.pop("errors"), report.pop("preview"), report.pop("histogram")
+            self.pair_preview = report.pop("pair_preview")
             turns, tokens = report.pop("turns"), report.pop("tokens")
             self.report = {k: str(v) for k, v in report.items()} | {"tokenizer": model} | {
                 "turns": f"{turns['min']}-{turns['max']} (mean {turns['mean']})" if turns["count"] else "-",
@@ -154,4 +164,6 @@ class DatasetState(rx.State):
         train = await self.get_state(TrainState)
         train.dataset = str(inside(datasets_dir(), self.selected))
         train.validation_split = self.validation
+        if self.report.get("pairs", "0") != "0" and train.method == "sft":
+            train.method = "dpo"  # preference pairs: train on them as such (ORPO can still be picked there)
         return rx.redirect("/")

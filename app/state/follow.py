@@ -10,6 +10,7 @@ from typing import Any
 from app.state.plot import Line, Plot, plot
 from training.events import read_events
 
+PREFERENCE = ("reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps")  # metrics of a DPO/ORPO step
 MAX_POINTS = 400  # chart points kept per series; older points are thinned, not dropped
 LOG_LINES = 60
 
@@ -23,7 +24,10 @@ class Progress:
     status: str = "queued"
     step: int = 0
     max_steps: int = 0
-    loss: list[dict] = field(default_factory=list)  # {"step", "loss"} and {"step", "eval_loss"} points
+    # {"step", "loss"} and {"step", "eval_loss"} points; a preference run's also carry its PREFERENCE metrics
+    # (an eval point with the eval_ names)
+    loss: list[dict] = field(default_factory=list)
+    method: str = "sft"  # the `started` event's: sft, dpo or orpo
     tokens_per_s: float = 0.0
     started: float | None = None
     log: list[str] = field(default_factory=list)
@@ -47,19 +51,25 @@ class Progress:
             self.started = self.started or e["t"]
             self.max_steps = e.get("max_steps") or self.max_steps
             self.status = "running"
+            self.method = e.get("method") or self.method
             how = ", ".join(f"{k.replace('_', ' ')} {e[k]}" for k in ("attention", "loss_kernel") if e.get(k))
+            what = f" {self.method.upper()}" if self.method != "sft" else ""
             self._say(
                 e,
-                f"started on {e.get('device', '?')}: {e.get('examples', '?')} examples, {self.max_steps} steps"
+                f"started{what} on {e.get('device', '?')}: {e.get('examples', '?')} examples, {self.max_steps} steps"
                 + (f" ({how})" if how else ""),
             )
         elif kind == "step":
             self.step, self.max_steps = e["step"], e.get("max_steps") or self.max_steps
             self.tokens_per_s = e.get("tokens_per_s", 0.0)
-            self.loss = _thin([*self.loss, {"step": e["step"], "loss": e["loss"]}])
+            metrics = {k: e[k] for k in PREFERENCE if e.get(k) is not None}
+            self.loss = _thin([*self.loss, {"step": e["step"], "loss": e["loss"], **metrics}])
         elif kind == "eval":
-            self.loss = _thin([*self.loss, {"step": e["step"], "eval_loss": e["eval_loss"]}])
-            self._say(e, f"step {e['step']}: eval loss {e['eval_loss']:.4f}")
+            metrics = {f"eval_{k}": e[f"eval_{k}"] for k in PREFERENCE if e.get(f"eval_{k}") is not None}
+            self.loss = _thin([*self.loss, {"step": e["step"], "eval_loss": e["eval_loss"], **metrics}])
+            accuracy = metrics.get("eval_reward_accuracy")
+            self._say(e, f"step {e['step']}: eval loss {e['eval_loss']:.4f}"
+                      + (f", reward accuracy {accuracy:.2f}" if accuracy is not None else ""))  # fmt: skip
         elif kind in ("queued", "paused", "resumed"):
             self.status = {"queued": "queued", "paused": "paused", "resumed": "running"}[kind]
             self._say(e, f"{kind}: {e.get('reason', '')}")
@@ -99,6 +109,15 @@ class Progress:
         return telemetry_plot(self.telemetry)
 
     @property
+    def preference(self) -> bool:
+        """A DPO or ORPO run (said by its `started` event, or by the metrics of its steps)."""
+        return self.method in ("dpo", "orpo") or any("reward_accuracy" in p for p in self.loss)
+
+    def preference_plots(self) -> dict[str, Plot]:
+        """Reward accuracy, reward margin and chosen vs rejected log-probabilities; empty plots for an SFT run."""
+        return preference_plots(self.loss, self.max_steps)
+
+    @property
     def eta(self) -> str:
         if not self.started or not self.step or not self.max_steps or self.status != "running":
             return ""
@@ -119,6 +138,32 @@ def loss_plot(points: list[dict], max_steps: int = 0) -> Plot:
     last = max((p["step"] for p in points), default=0)
     lines = [Line("train loss", "accent", train)] + ([Line("eval loss", "orange", evals, dots=True)] if evals else [])
     return plot(lines, x_range=(0, max(max_steps, last, 1)))
+
+
+def preference_plots(points: list[dict], max_steps: int = 0) -> dict[str, Plot]:
+    """A DPO/ORPO run's charts, keyed like the page's vars: train lines and held-out dots, against steps.
+
+    Reward accuracy (share of pairs whose chosen answer out-scores the rejected one) spans 0-1; the margin and the
+    log-probabilities (summed over the answer's tokens) span their data."""
+    if not any("reward_accuracy" in p or "eval_reward_accuracy" in p for p in points):
+        return {"reward_accuracy": Plot(), "reward_margin": Plot(), "logps": Plot()}
+    last = max((p["step"] for p in points), default=0)
+    x_range = (0, max(max_steps, last, 1))
+
+    def series(key: str) -> list[tuple[float, float | None]]:
+        return [(p["step"], p[key]) for p in points if key in p]
+
+    def lines(key: str, name: str, color: str, eval_color: str) -> list[Line]:
+        held_out = series(f"eval_{key}")
+        return [Line(name, color, series(key))] + ([Line(f"eval {name}", eval_color, held_out, dots=True)] if held_out else [])
+
+    return {
+        "reward_accuracy": plot(lines("reward_accuracy", "reward accuracy", "accent", "orange"), x_range=x_range,
+                                y_range=(0, 1)),
+        "reward_margin": plot(lines("reward_margin", "reward margin", "accent", "orange"), x_range=x_range),
+        "logps": plot(lines("chosen_logps", "chosen", "green", "grass") + lines("rejected_logps", "rejected", "red", "tomato"),
+                      x_range=x_range),
+    }  # fmt: skip
 
 
 UTIL_COLORS = ["orange", "amber", "gold", "brown", "yellow", "bronze", "lime", "grass"]  # one per GPU, warm for utilisation

@@ -11,7 +11,7 @@ from app.state.errors import handler
 from app.state.follow import Progress, assign_changed
 from app.state.form import setter
 from app.state.plot import Plot
-from app.state.train import DEMO_DATASET, _cuda_available, nproc_value
+from app.state.train import DEMO_DATASET, _cuda_available, method_options, nproc_value
 from training import jobs
 from training.config import load_settings, nest_options
 from training.errors import BackpropError
@@ -67,6 +67,9 @@ class MultiRunState(rx.State):
     report_to: str = ""  # empty: training.report_to from config or env (auto)
     nproc: str = ""  # "GPUs" on an NVIDIA machine, "processes" on CPU; empty: distributed.nproc from config (1)
     strategy: str = ""  # how several GPUs share the model (training.distributed.STRATEGIES); empty: from config (ddp)
+    method: str = "sft"  # every run of the multi-run trains with it: sft, dpo or orpo
+    beta: str = ""  # DPO only; empty: from config (0.1)
+    orpo_lambda: str = ""  # ORPO only; empty: from config (0.1)
     cuda: bool = _cuda_available()
 
     multi_run_id: str = ""
@@ -94,13 +97,16 @@ class MultiRunState(rx.State):
     set_report_to = setter("report_to")
     set_nproc = setter("nproc")
     set_strategy = setter("strategy")
+    set_method = setter("method")
+    set_beta = setter("beta")
+    set_orpo_lambda = setter("orpo_lambda")
 
     @handler()
     def start(self):
         self.error = ""
         options = {"model": self.model.strip() or None, "report_to": self.report_to.strip() or None,
                    "nproc": nproc_value(self.nproc, "GPUs" if self.cuda else "Processes"),
-                   "strategy": self.strategy or None}  # fmt: skip
+                   "strategy": self.strategy or None, **method_options(self.method, self.beta, self.orpo_lambda)}  # fmt: skip
         settings = load_settings(**nest_options(options))
         files = [line.strip() for line in self.datasets.splitlines() if line.strip()]
         try:

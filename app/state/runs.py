@@ -88,6 +88,7 @@ def run_view(registry: Registry, run_id: str, progress: Progress | None) -> tupl
         "info": info,
         "params": [[k, str(v)] for k, v in sorted(run.params.items()) if v is not None],
         "loss": progress.loss_plot(),
+        **progress.preference_plots(),  # empty for an SFT run: the page shows them only when they have points
         "log": progress.log[-40:],
         "telemetry": progress.telemetry_plot(),
         "checkpoints": [f"step {c.step}: {c.path}" for c in registry.checkpoints(run.id)],
@@ -122,6 +123,9 @@ class RunDetailState(rx.State):
     info: dict[str, str] = {}
     params: list[list[str]] = []
     loss: Plot = Plot()
+    reward_accuracy: Plot = Plot()  # a DPO/ORPO run's charts
+    reward_margin: Plot = Plot()
+    logps: Plot = Plot()
     log: list[str] = []
     checkpoints: list[str] = []
     exports: list[str] = []

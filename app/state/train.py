@@ -6,6 +6,7 @@ import asyncio
 import shutil
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import reflex as rx
 
@@ -45,6 +46,13 @@ def detect(path: str) -> str:
 UPDATE_EVERY_S = 1.0  # one state update a second: each one redraws the charts in the browser
 
 
+def adapter_runs(registry: Registry) -> list[dict[str, str]]:
+    """The runs a new run can continue from: completed training runs and multi-runs with an adapter, newest first."""
+    return [{"id": r.id, "label": f"{r.id}  {r.name or Path(r.dataset or '').name} · {r.model}"}
+            for r in registry.list(status="completed") if r.kind in ("train", "multi-run")
+            and (r.path / "adapter" / "adapter_model.safetensors").is_file()]  # fmt: skip
+
+
 def _cuda_available() -> bool:
     """QLoRA and unsloth need an NVIDIA GPU; the page offers them only then (checked without importing torch)."""
     return shutil.which("nvidia-smi") is not None
@@ -72,6 +80,11 @@ class TrainState(rx.State):
     response_only: bool = True
     qlora: bool = False
     use_unsloth: bool = True
+    method: str = "sft"  # sft, dpo or orpo (training.method)
+    beta: str = ""  # DPO only; empty: training.beta from config (0.1)
+    orpo_lambda: str = ""  # ORPO only; empty: training.orpo_lambda from config (0.1)
+    from_run: str = "none"  # a completed run whose adapter the run starts from (and DPO measures against)
+    from_runs: list[dict[str, str]] = []  # the runs offered for that: {"id", "label"}
     cuda: bool = _cuda_available()
 
     run_id: str = ""
@@ -81,6 +94,10 @@ class TrainState(rx.State):
     tokens_per_s: str = ""
     eta: str = ""
     loss: Plot = Plot()
+    preference: bool = False  # the run trains on preference pairs: its reward charts are shown
+    reward_accuracy: Plot = Plot()
+    reward_margin: Plot = Plot()
+    logps: Plot = Plot()
     log: list[str] = []
     error: str = ""
     hint: str = ""
@@ -119,6 +136,9 @@ class TrainState(rx.State):
     set_response_only = setter("response_only", bool)
     set_qlora = setter("qlora", bool)
     set_use_unsloth = setter("use_unsloth", bool)
+    set_method = setter("method")
+    set_beta = setter("beta")
+    set_orpo_lambda = setter("orpo_lambda")
 
     @handler(hint="hint")
     def pick_model(self, label: str):
@@ -128,6 +148,13 @@ class TrainState(rx.State):
     def pick_dataset(self, name: str):
         self.dataset = str(inside(datasets_dir(), name))
         self.dataset_format = detect(self.dataset)
+
+    @handler(hint="hint")
+    def pick_from_run(self, run_id: str):
+        """Continue from a finished run: the new run trains that run's model (shown in Model), on its adapter."""
+        self.from_run = run_id
+        if run_id != "none":
+            self.model = Registry(load_settings().home).get(run_id).model or self.model
 
     @handler(hint="hint")
     def check_dataset(self):
@@ -149,9 +176,10 @@ class TrainState(rx.State):
                    "use_unsloth": self.use_unsloth if self.cuda else None,
                    "report_to": self.report_to.strip() or None,
                    "nproc": nproc_value(self.nproc, "GPUs" if self.cuda else "Processes"),
-                   "strategy": self.strategy or None}  # fmt: skip
+                   "strategy": self.strategy or None, **method_options(self.method, self.beta, self.orpo_lambda)}  # fmt: skip
         settings = load_settings(**nest_options(options))
-        run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root())
+        from_run = self.from_run if self.from_run != "none" else None
+        run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root(), from_run=from_run)
         self._attach(run.id)
         return TrainState.follow
 
@@ -164,6 +192,7 @@ class TrainState(rx.State):
     def reattach(self):
         """On page load: follow this tab's run, or the newest training run still active (started anywhere)."""
         self.sandbox_datasets = sorted(p.name for p in datasets_dir().iterdir() if not p.name.startswith("."))
+        self.from_runs = adapter_runs(Registry(load_settings().home))
         self.check_dataset()
         if not self.run_id:
             active = [r for r in Registry(load_settings().home).list(kind="train") if r.status in ACTIVE]
@@ -175,6 +204,7 @@ class TrainState(rx.State):
     def _attach(self, run_id: str) -> None:
         self.run_id, self.status, self.step, self.max_steps = run_id, "queued", 0, 0
         self.loss, self.log, self.adapter, self.tokens_per_s, self.eta = Plot(), [], "", "", ""
+        self.preference, self.reward_accuracy, self.reward_margin, self.logps = False, Plot(), Plot(), Plot()
 
     @handler(background=True, busy="_following", claim=lambda state: state.run_id, hint="hint")
     async def follow(self):
@@ -189,11 +219,14 @@ class TrainState(rx.State):
             if ended:
                 await asyncio.to_thread(progress.read)  # the last words
                 progress.status = (await asyncio.to_thread(registry.get, run_id)).status
+                finished = await asyncio.to_thread(adapter_runs, registry)  # it may be continued from now
             async with self:
                 if self.run_id != run_id:
                     return  # the tab moved on to another run
                 if changed or ended:
                     self._show(progress)
+                if ended:
+                    self.from_runs = finished
             if ended:
                 return
             await asyncio.sleep(UPDATE_EVERY_S)
@@ -201,10 +234,17 @@ class TrainState(rx.State):
     def _show(self, progress: Progress) -> None:
         shown = {"status": progress.status, "step": progress.step, "max_steps": progress.max_steps,
                  "loss": progress.loss_plot(), "log": progress.log, "adapter": progress.adapter, "eta": progress.eta,
-                 "tokens_per_s": f"{progress.tokens_per_s:.0f} tok/s" if progress.tokens_per_s else ""}  # fmt: skip
+                 "tokens_per_s": f"{progress.tokens_per_s:.0f} tok/s" if progress.tokens_per_s else "",
+                 "preference": progress.preference, **progress.preference_plots()}  # fmt: skip
         if progress.error:
             shown |= {"error": progress.error, "hint": progress.hint}
         assign_changed(self, shown)
+
+
+def method_options(method: str, beta: str, orpo_lambda: str) -> dict[str, Any]:
+    """The method and its own hyperparameter (beta for DPO, lambda for ORPO); the other's field is not read."""
+    return {"method": method or None, "beta": _float(beta, "Beta") if method == "dpo" else None,
+            "orpo_lambda": _float(orpo_lambda, "Lambda") if method == "orpo" else None}  # fmt: skip
 
 
 def nproc_value(text: str, label: str) -> int | str | None:
