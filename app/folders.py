@@ -1,5 +1,5 @@
 """The web app's folders, all inside its sandbox (training.sandbox) at BACKPROPAGATE_UI__OUTPUT_DIR: runs started from
-the browser, uploaded datasets, and exports of anything that has no run folder of the app's own."""
+the browser, uploaded datasets, exports of anything that has no run folder of the app's own, and Chat's votes."""
 
 from __future__ import annotations
 
@@ -27,3 +27,10 @@ def datasets_dir() -> Path:
 
 def exports_dir() -> Path:
     return root() / "exports"
+
+
+def preferences_dir() -> Path:
+    """Arena votes from the Chat page: one preference file per tuned run (training.votes)."""
+    folder = root() / "preferences"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -157,3 +157,87 @@ def test_the_votes_file_loads_as_preference_pairs(tmp_path):
     assert examples[1].prompt == history
     assert examples[1].chosen == [{"role": "assistant", "content": "Tokyo."}]
     assert examples[1].rejected == [{"role": "assistant", "content": "Kyoto."}]
+
+
+# --- the Chat page's votes, without a browser (tests/test_ui.py has the whole path) -----------------------------------
+
+
+@pytest.fixture
+def chat(home, tmp_path, monkeypatch):
+    from app import folders
+    from app.state.chat import ChatState, turn
+
+    monkeypatch.setenv("BACKPROPAGATE_UI__OUTPUT_DIR", str(tmp_path / "sandbox"))
+    folders.root.cache_clear()
+    state = ChatState(_reflex_internal_init=True)
+    state.messages = [
+        turn("user", "What is the capital of France?"),
+        turn("assistant", "Paris.", base="France is a country.", run="run-abc", done="1"),
+        turn("user", "And of Japan?"),
+        turn("assistant", "Tokyo.", base="Tokyo.", run="run-abc", done="1", same="1"),
+        turn("user", "And of Italy?"),
+        turn("assistant", "Rome.", base="Milan.", run="", done="1"),  # answered by a GGUF or a typed folder
+    ]
+    yield state
+    folders.root.cache_clear()
+
+
+def test_the_chat_page_stores_a_vote_on_a_finished_pair_in_the_sandbox(chat, tmp_path):
+    from app.state.chat import ChatState
+
+    ChatState.vote.fn(chat, 1, "base")
+    assert chat.vote_error == "" and chat.messages[1]["vote"] == "base"
+    [row] = read_votes(tmp_path / "sandbox" / "preferences" / "run-abc.jsonl")
+    assert row["prompt"] == [{"role": "user", "content": "What is the capital of France?"}]
+    assert (row["chosen"][0]["content"], row["rejected"][0]["content"]) == ("France is a country.", "Paris.")
+    assert (row["chosen_by"], row["rejected_by"]) == ("base", "tuned")
+
+
+def test_a_better_answer_written_on_the_chat_page_is_chosen_over_the_tuned_one(chat, tmp_path):
+    from app.state.chat import ChatState
+
+    ChatState.write_better.fn(chat, 3)  # a tie between the models, but the user knows better
+    ChatState.edit_correction.fn(chat, "  The capital of Japan is Tokyo.  ")
+    ChatState.save_correction.fn(chat)
+    assert chat.vote_error == "" and chat.messages[3]["vote"] == "user" and chat.correcting == -1
+    [row] = read_votes(tmp_path / "sandbox" / "preferences" / "run-abc.jsonl")
+    assert row["chosen"][0]["content"] == "The capital of Japan is Tokyo." and row["rejected"][0]["content"] == "Tokyo."
+    assert row["prompt"][-1] == {"role": "user", "content": "And of Japan?"} and len(row["prompt"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("index", "winner", "code"),
+    [
+        (3, "tuned", "INPUT_DATASET_BAD_PAIR"),  # both models gave the same answer
+        (5, "tuned", "UI_EVENT_REFUSED"),  # no run's adapter answered: nothing to train from
+        (0, "tuned", "UI_EVENT_REFUSED"),  # the user's message
+        (9, "tuned", "UI_EVENT_REFUSED"),
+        ("1", "tuned", "UI_EVENT_REFUSED"),  # a tampered page's index
+        (1, "user", "UI_EVENT_REFUSED"),
+    ],
+)
+def test_a_vote_the_chat_page_cannot_take_shows_its_code_and_writes_nothing(chat, tmp_path, index, winner, code):
+    from app.state.chat import ChatState
+
+    ChatState.vote.fn(chat, index, winner)
+    assert chat.vote_error.startswith(f"[{code}]")
+    assert not (tmp_path / "sandbox" / "preferences" / "run-abc.jsonl").exists()
+
+
+def test_a_pair_is_voted_on_once(chat):
+    from app.state.chat import ChatState
+
+    ChatState.vote.fn(chat, 1, "tuned")
+    ChatState.vote.fn(chat, 1, "base")
+    assert chat.vote_error.startswith("[UI_EVENT_REFUSED]") and chat.messages[1]["vote"] == "tuned"
+
+
+def test_training_on_votes_needs_two_of_them(chat):
+    from app.state.chat import ChatState
+
+    chat._targets, chat.source = {"run-abc · adapter": ["run-abc", "run-abc"]}, "run-abc · adapter"
+    ChatState.vote.fn(chat, 1, "tuned")
+    assert (chat.vote_run, chat.votes) == ("run-abc", 1)  # the count the page shows
+    ChatState.train_on_votes.fn(chat)
+    assert chat.vote_error.startswith("[INPUT_INVALID_ARGUMENT] 1 vote so far: at least 2 are needed")
+    assert chat.training is False
