@@ -8,6 +8,16 @@ Formats (detected per row, the majority named, or forced with `fmt`):
     prompt_completion  {"prompt": ..., "completion": ...}
     chatml             {"text": "<|im_start|>user\\n...<|im_end|>..."}
     text               {"text": "..."} or the paragraphs of a .txt / .md file (trained on every token)
+Preference pairs (DPO, ORPO; a row with "chosen" or "rejected" is one, whatever else it holds):
+    preference         {"prompt": ..., "chosen": ..., "rejected": ...}: the prompt a string (one user turn) or OpenAI
+                       messages (system and earlier turns allowed), each answer a string, one assistant message or a
+                       list of them; without "prompt", chosen and rejected are whole conversations and the prompt is
+                       the turns they share (TRL's "implicit prompt"); an optional row-level "system"
+    sharegpt_preference {"conversations": [...the prompt, ShareGPT turns], "chosen": {"from": "gpt", "value": ...} or a
+                       string, "rejected": the same}
+    A pair becomes one Example: `messages` the prompt then the chosen answer (what SFT trains on), `rejected` the
+    other answer. It must end its prompt with a user turn (or a tool result), hold assistant turns only in its
+    answers, and have two non-empty answers that differ; anything else is INPUT_DATASET_BAD_PAIR with file:line.
 Files: .jsonl, .json (array or JSONL), .csv, .parquet, .txt, .md (UTF-8, with or without a byte-order mark, LF or
 CRLF line ends), or a hub dataset: "owner/name", "owner/name:config", "owner/name@split", "owner/name:config@split"
 (default split "train"; slices like "@train[:1000]" work), loaded with the `datasets` library, every shard of the split.
@@ -40,7 +50,9 @@ from typing import Any
 from training import chat_template
 from training.errors import BackpropError
 
-FORMATS = ("sharegpt", "openai", "alpaca", "prompt_completion", "chatml", "text")
+PREFERENCE_FORMATS = ("preference", "sharegpt_preference")
+FORMATS = ("sharegpt", "openai", "alpaca", "prompt_completion", "chatml", "text", *PREFERENCE_FORMATS)
+BAD_PAIR = "INPUT_DATASET_BAD_PAIR"
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 TEXT_ROLE = "text"  # a raw-text example is one message with this role
 MAX_ERRORS_KEPT = 1000
@@ -143,6 +155,7 @@ class DatasetReport:
     file_type: str
     rows: int = 0
     valid_rows: int = 0
+    pairs: int = 0  # valid preference rows (prompt, chosen, rejected)
     formats: Counter = field(default_factory=Counter)
     errors: list[RowError] = field(default_factory=list)
     error_count: int = 0
@@ -166,7 +179,7 @@ class DatasetReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": self.path, "file_type": self.file_type, "format": self.format, "formats": dict(self.formats),
-            "rows": self.rows, "valid_rows": self.valid_rows, "invalid_rows": self.error_count,
+            "rows": self.rows, "valid_rows": self.valid_rows, "invalid_rows": self.error_count, "pairs": self.pairs,
             "errors": [{"line": e.line, "code": e.code, "reason": e.reason} for e in self.errors],
             "turns": self.turns.to_dict(), "tokens": self.tokens.to_dict() if self.tokens else None,
             "usable": self.usable,
@@ -188,21 +201,33 @@ class Dataset:
 
 
 def normalize(record: Any, fmt: str | None = None) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """Return (format, messages, tools) for one parsed row, or raise RowProblem saying what is wrong."""
+    """Return (format, messages, tools) for one parsed row, or raise RowProblem saying what is wrong. For a
+    preference pair, messages are the prompt and the chosen answer; `normalize_example` keeps the rejected one too."""
+    example = normalize_example(record, fmt)
+    return example.format, example.messages, example.tools
+
+
+def normalize_example(record: Any, fmt: str | None = None, line: int = 0, path: str = "") -> Example:
+    """One parsed row as an Example (a preference row with its rejected answer), or raise RowProblem."""
     if not isinstance(record, dict):
         raise RowProblem(f"expected a JSON object, got {_type_name(record)}")
     fmt = fmt or detect_format(record)
     if fmt is None:
         keys = ", ".join(sorted(record)[:6]) or "no keys"
         raise RowProblem(f"no known format fits this row (keys: {keys})", code="INPUT_DATASET_UNKNOWN_FORMAT")
+    if fmt in PREFERENCE_FORMATS:
+        prompt, chosen, rejected, tools = _pair(record, fmt)
+        return Example(prompt + chosen, line, fmt, tools, path, rejected=rejected, prompt_turns=len(prompt))
     messages = _NORMALIZERS[fmt](record)
     tools = _tools(record.get("tools")) if fmt in ("openai", "sharegpt") else None
     if fmt != "text":
         _check_chat(messages)
-    return fmt, messages, tools
+    return Example(messages, line, fmt, tools, path)
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
+    if "chosen" in record or "rejected" in record:  # first: pairs also carry "prompt" or "conversations"
+        return "sharegpt_preference" if "conversations" in record else "preference"
     if "conversations" in record:
         return "sharegpt"
     if "messages" in record:
@@ -217,10 +242,13 @@ def detect_format(record: dict[str, Any]) -> str | None:
 
 
 def _sharegpt(record: dict[str, Any]) -> list[dict[str, Any]]:
-    turns = _require_list(record, "conversations")
+    return _sharegpt_turns(_require_list(record, "conversations"), "conversations")
+
+
+def _sharegpt_turns(turns: list[Any], key: str, single: bool = False) -> list[dict[str, Any]]:
     messages = []
     for i, turn in enumerate(turns):
-        where = f"conversations[{i}]"
+        where = key if single else f"{key}[{i}]"
         if not isinstance(turn, dict):
             raise RowProblem(f"{where} must be an object, got {_type_name(turn)}")
         speaker = turn.get("from", turn.get("role"))
@@ -236,10 +264,13 @@ def _sharegpt(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _openai(record: dict[str, Any]) -> list[dict[str, Any]]:
-    turns = _require_list(record, "messages")
+    return _openai_turns(_require_list(record, "messages"), "messages")
+
+
+def _openai_turns(turns: list[Any], key: str, single: bool = False) -> list[dict[str, Any]]:
     messages = []
     for i, turn in enumerate(turns):
-        where = f"messages[{i}]"
+        where = key if single else f"{key}[{i}]"
         if not isinstance(turn, dict):
             raise RowProblem(f"{where} must be an object, got {_type_name(turn)}")
         role = _role(turn.get("role"), where + ".role")
@@ -306,6 +337,117 @@ _NORMALIZERS = {
     "sharegpt": _sharegpt, "openai": _openai, "alpaca": _alpaca,
     "prompt_completion": _prompt_completion, "chatml": _chatml, "text": _raw_text,
 }  # fmt: skip
+
+
+# ---------------------------------------------------------------- preference pairs
+
+Messages = list[dict[str, Any]]
+
+
+def _pair(record: dict[str, Any], fmt: str) -> tuple[Messages, Messages, Messages, list[dict[str, Any]] | None]:
+    """(prompt, chosen, rejected, tools) of a preference row; every problem with it is INPUT_DATASET_BAD_PAIR."""
+    try:
+        for key in ("chosen", "rejected"):
+            if record.get(key) is None:
+                raise RowProblem(f"'{key}' is missing: a preference row needs a chosen and a rejected answer")
+        prompt, chosen, rejected = (_preference if fmt == "preference" else _sharegpt_preference)(record)
+        _check_pair(prompt, chosen, rejected)
+        tools = _tools(record.get("tools"))
+        _check_chat(prompt + chosen)  # tool results follow tool calls, as in any conversation
+    except RowProblem as problem:
+        raise RowProblem(problem.reason, BAD_PAIR) from None
+    return prompt, chosen, rejected, tools
+
+
+def _preference(record: dict[str, Any]) -> tuple[Messages, Messages, Messages]:
+    value = record.get("prompt")
+    if value is None:
+        if isinstance(record["chosen"], list) and isinstance(record["rejected"], list):
+            return _implicit_prompt(_openai_turns(record["chosen"], "chosen"), _openai_turns(record["rejected"], "rejected"))
+        raise RowProblem("'prompt' is missing (or give chosen and rejected as whole conversations that share it)")
+    if isinstance(value, str):
+        prompt = [{"role": "user", "content": value}]
+    elif isinstance(value, dict):
+        prompt = _openai_turns([value], "prompt", single=True)
+    elif isinstance(value, list):
+        prompt = _openai_turns(value, "prompt")
+    else:
+        raise RowProblem(f"'prompt' must be a string or a list of messages, got {_type_name(value)}")
+    chosen = _answer(record["chosen"], "chosen", _openai_turns)
+    return _with_system(record, prompt), chosen, _answer(record["rejected"], "rejected", _openai_turns)
+
+
+def _sharegpt_preference(record: dict[str, Any]) -> tuple[Messages, Messages, Messages]:
+    prompt = _with_system(record, _sharegpt_turns(_require_list(record, "conversations"), "conversations"))
+    return prompt, _answer(record["chosen"], "chosen", _sharegpt_turns), _answer(record["rejected"], "rejected", _sharegpt_turns)
+
+
+def _answer(value: Any, key: str, parse: Any) -> Messages:
+    """An answer as assistant messages: a string, one message (its role may be left out) or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict):
+        message = value if "role" in value or "from" in value else {"role": "assistant", **value}
+        return parse([message], key, single=True)
+    if isinstance(value, list):
+        return parse(value, key)
+    raise RowProblem(f"'{key}' must be a string, a message or a list of messages, got {_type_name(value)}")
+
+
+def _implicit_prompt(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
+    """TRL's implicit prompt: the turns both conversations start with; the answers are what follows the last of
+    them that is not the assistant's (a shared opening of the answer stays part of both answers)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n and chosen[n - 1]["role"] == "assistant":
+        n -= 1
+    if n == 0:
+        raise RowProblem("without 'prompt', chosen and rejected must be conversations that start with the same prompt turns")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _with_system(record: dict[str, Any], prompt: Messages) -> Messages:
+    """A row-level "system" (LLaMA-Factory, Orca pairs) opens the prompt unless the prompt has its own."""
+    system = record.get("system")
+    if isinstance(system, str) and system.strip() and not (prompt and prompt[0]["role"] == "system"):
+        return [{"role": "system", "content": system}, *prompt]
+    return prompt
+
+
+def _check_pair(prompt: Messages, chosen: Messages, rejected: Messages) -> None:
+    if not prompt or (prompt[-1]["role"] == "user" and not prompt[-1]["content"].strip()):
+        raise RowProblem("the prompt is empty")
+    if prompt[-1]["role"] not in ("user", "tool"):
+        raise RowProblem(f"the prompt must end with a user turn (or a tool result), but its last turn is '{prompt[-1]['role']}'")
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        for i, message in enumerate(answer):
+            if message["role"] != "assistant":
+                where = f"'{key}'" if len(answer) == 1 else f"'{key}[{i}]'"
+                raise RowProblem(f"{where} is a '{message['role']}' turn; an answer holds assistant turns only")
+        if not any(m["content"].strip() or m.get("tool_calls") for m in answer):
+            raise RowProblem(f"the {key} answer is empty")
+    if _reply_key(chosen) == _reply_key(rejected):
+        raise RowProblem("chosen and rejected are the same answer: a pair needs two different answers")
+
+
+def _reply_key(answer: Messages) -> list[tuple[str, str]]:
+    return [(m["content"].strip(), json.dumps(m.get("tool_calls"), sort_keys=True)) for m in answer]
+
+
+def _json_messages_cell(value: str) -> Any:
+    """A CSV cell of a preference row holding a message or a message list as JSON (as pandas writes them); any
+    other text, JSON-looking or not, stays the text it is."""
+    if not value.lstrip().startswith(("{", "[")):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    items = parsed if isinstance(parsed, list) else [parsed]
+    if items and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in items):
+        return parsed
+    return value
 
 
 def _check_chat(messages: list[dict[str, Any]]) -> None:
@@ -646,6 +788,10 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any | RowError]]:
                 except json.JSONDecodeError as exc:
                     record = RowError(start, "INPUT_DATASET_INVALID_JSON", f"column '{key}': invalid JSON: {exc.msg}")  # type: ignore[assignment]
                     break
+        if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
+            for key in ("prompt", "chosen", "rejected"):
+                if isinstance(record.get(key), str):
+                    record[key] = _json_messages_cell(record[key])
         yield start, record
         start = reader.line_num + 1
 
@@ -717,18 +863,17 @@ def scan(
             report.add_error(record)
             continue
         try:
-            row_format, messages, tools = normalize(record, fmt)
-            example = Example(messages, line, row_format, tools, report.path)
+            example = normalize_example(record, fmt, line, report.path)
             if tokenizer is not None and not example.is_raw_text:
-                found = chat_template.problem(tokenizer, messages, tools)
-                if found is not None:
-                    raise RowProblem(found[1], code=found[0])
+                _check_template(tokenizer, example)
         except RowProblem as problem:
             report.add_error(RowError(line, problem.code, problem.reason))
             continue
         report.valid_rows += 1
-        report.formats[row_format] += 1
-        report.turns.add(len(messages))
+        if example.is_preference:
+            report.pairs += 1
+        report.formats[example.format] += 1
+        report.turns.add(len(example.messages))
         if report.tokens is not None:
             report.tokens.add(len(render_tokens(tokenizer, example)))
         if keep is not None:
@@ -737,6 +882,17 @@ def scan(
         raise BackpropError("INPUT_DATASET_EMPTY", path=path)
     report.sha256 = digest.hexdigest() if digest is not None else None
     return report
+
+
+def _check_template(tokenizer: Any, example: Example) -> None:
+    """The model's chat template must render the conversation; for a pair, both (prompt + chosen, prompt + rejected)."""
+    conversations = [("", example.messages)]
+    if example.rejected is not None:
+        conversations.append(("the rejected conversation: ", example.prompt + example.rejected))
+    for label, messages in conversations:
+        found = chat_template.problem(tokenizer, messages, example.tools)
+        if found is not None:
+            raise RowProblem(label + found[1], code=found[0])
 
 
 def load_dataset(
@@ -763,6 +919,17 @@ def load_dataset(
     return Dataset(examples, report, report.sha256 or file_sha256(Path(path)))
 
 
+def require_preference(dataset: Dataset, method: str) -> None:
+    """Refuse (INPUT_DATASET_NOT_PREFERENCE) a dataset for a preference method (dpo, orpo) unless every example is a
+    pair; the reason names the first row that is not one."""
+    for example in dataset.examples:
+        if not example.is_preference:
+            where = "row" if dataset.report.file_type in ("parquet", "hub") else "line"
+            reason = f"{where} {example.line} is a {example.format} row, not a pair (prompt, chosen, rejected)"
+            raise BackpropError("INPUT_DATASET_NOT_PREFERENCE", path=dataset.report.path, method=method, reason=reason,
+                                line=example.line)  # fmt: skip
+
+
 def split(examples: list[Example], validation_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Seeded train/validation split; the validation side gets at least one row when asked for any."""
     if validation_fraction <= 0:
@@ -779,7 +946,8 @@ def split(examples: list[Example], validation_fraction: float, seed: int) -> tup
 
 
 def render_tokens(tokenizer: Any, example: Example) -> list[int]:
-    """The token ids an example trains on (chat template applied; raw text as is)."""
+    """The token ids an example trains on (chat template applied; raw text as is). For a preference pair, the
+    prompt and the chosen answer: what SFT trains on, and what the token statistics of a pair file count."""
     if example.is_raw_text:
         return tokenizer(example.messages[0]["content"], add_special_tokens=False)["input_ids"]
     text = chat_template.render(tokenizer, example.messages, example.tools)

@@ -1,4 +1,5 @@
-"""`backprop validate`: a dataset's format, counts, token lengths and every bad line as file:line."""
+"""`backprop validate`: a dataset's format, counts (preference pairs among them), token lengths and every bad line as
+file:line."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import argparse
 import json
 
 from training.cli.common import DATASET_FORMATS
+from training.datasets import PREFERENCE_FORMATS
+
+FORMATS = list(dict.fromkeys([*DATASET_FORMATS, *PREFERENCE_FORMATS]))
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     validate = sub.add_parser("validate", parents=[common], help="check a dataset: format, counts, token lengths, bad lines",
                               description="Exit 0: all rows valid; 3: some rows invalid; 1: unusable.")  # fmt: skip
     validate.add_argument("data")
-    validate.add_argument("--format", choices=DATASET_FORMATS)
+    validate.add_argument("--format", choices=FORMATS)
     validate.add_argument("--model", "-m", default="demo", help="tokenizer: token lengths, template check (default demo)")
     validate.add_argument("--no-tokens", action="store_true", help="skip token-length stats (fastest)")
     validate.add_argument("--streaming", action="store_true",
@@ -42,12 +46,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     console.print(f"[bold]{report.path}[/] ({report.file_type})")
     console.print(f"format: {report.format or 'unknown'}  ({formats})")
     console.print(f"rows: {report.rows}   valid: {report.valid_rows}   invalid: {report.error_count}")
+    if report.pairs:
+        console.print(f"{report.pairs} preference pairs (prompt, chosen, rejected): ready for --method dpo or orpo")
     if report.turns.count:
         turns = report.turns.to_dict()
         console.print(f"turns per conversation: min {turns['min']}  mean {turns['mean']}  max {turns['max']}")
     if report.tokens and report.tokens.count:
         t = report.tokens.to_dict()
-        console.print(f"tokens ({args.model} tokenizer): min {t['min']}  mean {t['mean']}  max {t['max']}  total {t['total']}")
+        counted = "tokens, prompt + chosen" if report.pairs else "tokens"  # of a pair: the conversation SFT trains on
+        stats = f"min {t['min']}  mean {t['mean']}  max {t['max']}  total {t['total']}"
+        console.print(f"{counted} ({args.model} tokenizer): {stats}")
         console.print("  " + "  ".join(f"{k}: {v}" for k, v in t["histogram"].items()))
     for error in report.errors:
         console.print(f"[red]{escape(error.describe(report.path))}[/] [dim]{escape(f'[{error.code}]')}[/]")
