@@ -45,6 +45,20 @@ def head_loss(hidden: Any, head: Any, labels: Any, kernel: str, chunk_rows: int 
     return _chunked(hidden, head.weight, head.bias, labels, chunk_rows, None)
 
 
+def head_token_losses(hidden: Any, head: Any, labels: Any, kernel: str, chunk_rows: int | None = None) -> Any:
+    """Cross-entropy of each row of `head(hidden)` against its label ([rows]): what a preference loss weighs per answer.
+
+    "liger" has no per-row result: it takes the chunked path, which gives the same numbers."""
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    if kernel == "plain":
+        return F.cross_entropy(head(hidden).float(), labels, reduction="none")
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return ChunkedTokenCrossEntropy.apply(hidden, head.weight, head.bias, labels, chunk_rows)
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    _chunked(hidden, head.weight, head.bias, labels, chunk_rows, None, losses)
+    return losses
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of hidden @ W.T (+ b), chunk by chunk; the hidden states' gradient is computed in forward.
 
@@ -63,8 +77,28 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None, None
 
 
-def _chunked(hidden: Any, weight: Any, bias: Any, labels: Any, chunk_rows: int, grad: Any | None) -> Any:
-    """The summed loss; with `grad`, also fill it with d loss / d hidden."""
+class ChunkedTokenCrossEntropy(torch.autograd.Function):
+    """As ChunkedCrossEntropy, one loss a row: a row's loss depends on its hidden state alone, so the gradient of row i
+    is its own (softmax - onehot) @ W times the weight the caller gives loss i."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Any, weight: Any, bias: Any, labels: Any, chunk_rows: int) -> Any:
+        grad = torch.empty_like(hidden)
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        _chunked(hidden, weight, bias, labels, chunk_rows, grad, losses)
+        ctx.save_for_backward(grad)
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Any) -> tuple:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype)[:, None], None, None, None, None
+
+
+def _chunked(
+    hidden: Any, weight: Any, bias: Any, labels: Any, chunk_rows: int, grad: Any | None, losses: Any | None = None
+) -> Any:
+    """The summed loss; with `grad`, also fill it with d loss / d hidden (per row); with `losses`, each row's loss."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
@@ -72,7 +106,10 @@ def _chunked(hidden: Any, weight: Any, bias: Any, labels: Any, chunk_rows: int, 
         # Logits in the head's dtype (what a bf16 matmul gives), the softmax in float32 (as the plain path's .float()).
         logits = F.linear(hidden[rows], weight, bias).float()
         lse = torch.logsumexp(logits, dim=-1)
-        total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+        row_losses = lse - logits.gather(1, target[:, None]).squeeze(1)
+        total += row_losses.sum()
+        if losses is not None:
+            losses[rows] = row_losses
         if grad is not None:
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             probs[torch.arange(target.shape[0], device=target.device), target] -= 1.0

@@ -39,7 +39,11 @@ class Batch:
     position_ids: Any | None  # packed rows: restarts at each example
     attention_mask: Any | None  # padded rows: 1 for real tokens
     tokens: int  # real (non-padding) tokens
-    target_tokens: int  # tokens that carry loss
+    target_tokens: int  # tokens that carry loss (preference batches: pairs, each one unit of loss)
+    # Preference batches (training/preference.py): 2 * pair + (0 chosen, 1 rejected) at each token, -1 at padding; and
+    # the reference's summed log-probability of each answer, at the answer's first target token (0 elsewhere).
+    sequence_ids: Any | None = None
+    reference: Any | None = None
 
 
 class ChatEncoder:
@@ -130,7 +134,18 @@ def pack(encoded: list[Encoded], max_seq_length: int) -> list[list[Encoded]]:
 class BatchPlan:
     """The deterministic order of micro-batches, epoch after epoch, so a resumed run sees the same data."""
 
-    def __init__(self, encoded: list[Encoded], batch_size: int, max_seq_length: int, packing: bool, seed: int, pad_id: int):
+    def __init__(
+        self,
+        encoded: list,
+        batch_size: int,
+        max_seq_length: int,
+        packing: bool,
+        seed: int,
+        pad_id: int,
+        collate_rows: Any = None,
+    ):
+        """`encoded`: Encoded examples (or any items with a length, such as preference pairs, with `collate_rows`)."""
+        self.collate_rows = collate_rows or (lambda rows: collate(rows, pad_id, packing))
         self.batch_size = batch_size
         self.packing = packing
         self.seed = seed
@@ -152,7 +167,7 @@ class BatchPlan:
     def micro_batches(self, start: int = 0):
         """Yield micro-batches forever, starting at global index `start` (for resume)."""
         for rows in self.row_batches(start):
-            yield collate(rows, self.pad_id, self.packing)
+            yield self.collate_rows(rows)
 
     def row_batches(self, start: int = 0):
         """The rows of each micro-batch, uncollated (several ranks each collate their share of them)."""
@@ -199,5 +214,6 @@ def flatten(batch: Batch) -> Batch:
     predict the next row's first, whose label is always IGNORE (an example's first token, or padding)."""
     if batch.position_ids is None or batch.input_ids.shape[0] == 1:
         return batch
+    one_row = [None if t is None else t.reshape(1, -1) for t in (batch.sequence_ids, batch.reference)]
     return Batch(batch.input_ids.reshape(1, -1), batch.labels.reshape(1, -1), batch.position_ids.reshape(1, -1), None,
-                 batch.tokens, batch.target_tokens)  # fmt: skip
+                 batch.tokens, batch.target_tokens, *one_row)  # fmt: skip

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from training import atomic, checkpoints, memory, slao
+from training import atomic, checkpoints, memory, preference, slao
 from training.checkpoints import TrainerState
 from training.config import Settings, load_settings
 from training.control import Control
-from training.datasets import load_dataset, split
+from training.datasets import load_dataset, require_preference, split
 from training.distributed import CONTINUE, EARLY_STOP, FAIL, PAUSE, STOP, TIMEBOX, ControlFile, World, is_collective_failure
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
@@ -139,6 +139,11 @@ class _Loop:
         self.losses: list[float] = []
         self.evals: list[float] = []  # eval losses so far, for early stopping
         self.oom_splits = 0
+        method = settings.training.method
+        # DPO / ORPO: the loss of a batch's pairs (training/preference.py); None for supervised fine-tuning.
+        self.preference = preference.PreferenceLoss(method, settings.training.beta, settings.training.orpo_lambda) \
+            if method in preference.PREFERENCE_METHODS else None  # fmt: skip
+        self.pair_metrics: dict[str, float] = {}  # this step's preference metrics, summed over its pairs
 
     # ------------------------------------------------------------------ setup
 
@@ -161,6 +166,8 @@ class _Loop:
         if dataset.report.error_count:
             self.events.emit("log", level="warning", message=f"skipped {dataset.report.error_count} invalid rows",
                              skipped=[e.describe(dataset.report.path) for e in dataset.report.errors[:50]])  # fmt: skip
+        if self.preference is not None:
+            require_preference(dataset, t.method)
         self._check_dataset(dataset.report.path, dataset.sha256, resuming=bool(self._saved_checkpoints()))
         train_examples, val_examples = split(dataset.examples, t.validation_split, t.seed)
         if self.spec.get("validation_data"):  # a held-out set given with the run (multi-runs do this)
@@ -174,7 +181,8 @@ class _Loop:
             weights = load_file(self.spec["init_adapter"])
             slao.check_fits(get_peft_model_state_dict(self.model), weights, self.spec["init_adapter"])
             set_peft_model_state_dict(self.model, weights)
-        encoder = ChatEncoder(self.tokenizer, t.max_seq_length, t.response_only)
+        encoder = ChatEncoder(self.tokenizer, t.max_seq_length, t.response_only) if self.preference is None \
+            else preference.PairEncoder(self.tokenizer, t.max_seq_length)  # fmt: skip
         train_encoded = [encoder(e) for e in train_examples]
         self.val_encoded = [encoder(e) for e in val_examples]
         if encoder.truncated:
@@ -183,7 +191,7 @@ class _Loop:
                 level="warning",
                 message=f"{encoder.truncated} examples longer than {t.max_seq_length} tokens were truncated",
             )
-        if encoder.fallbacks:
+        if getattr(encoder, "fallbacks", 0):
             self.events.emit(
                 "log",
                 level="warning",
@@ -196,7 +204,13 @@ class _Loop:
 
         # One global batch of world_size x batch_size rows a micro-batch, split across the ranks (distributed.shard).
         rows = self._batch_size() * self.world.world_size
-        self.plan = BatchPlan(train_encoded, rows, t.max_seq_length, t.packing, t.seed, self.tokenizer.pad_token_id)
+        pad_id = self.tokenizer.pad_token_id
+        if self.preference is None:
+            self.plan = BatchPlan(train_encoded, rows, t.max_seq_length, t.packing, t.seed, pad_id)
+        else:  # a pair's two answers always share a row: up to twice max_seq_length tokens
+            self.plan = BatchPlan(train_encoded, rows, 2 * t.max_seq_length, t.packing, t.seed, pad_id,
+                                  collate_rows=lambda r: preference.collate_pairs(r, pad_id))  # fmt: skip
+        self.train_pairs = train_encoded if self.preference is not None else []
         self._use_gradient_checkpointing()
         self.max_steps = t.steps or max(1, math.ceil(t.epochs * self.plan.batches_per_epoch / t.gradient_accumulation))
         self.optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], t.learning_rate, t.weight_decay)
@@ -204,6 +218,8 @@ class _Loop:
         state = self._resume_state() or TrainerState(step=0, micro_batch=0, tokens_seen=0, loss=None)
         if self.world.distributed:
             self._prepare_ranks()
+        if self.preference is not None and self.preference.method == "dpo":
+            self._reference_logps()
         devices = self.world.gather_devices(self.device)
         self.registry.update(self.run_record.id, max_steps=self.max_steps)
         self.events.emit("started", durable=True, model=self.settings.model, dataset=dataset.report.path,
@@ -211,7 +227,7 @@ class _Loop:
                          resumed_from=state.step or None, device=self.device, trainable_params=self._trainable(),
                          world_size=self.world.world_size, strategy=self.settings.distributed.strategy if
                          self.world.distributed else None, devices=devices,
-                         attention=self.attention, gradient_checkpointing=self.gradient_checkpointing,
+                         method=t.method, attention=self.attention, gradient_checkpointing=self.gradient_checkpointing,
                          loss_kernel=loss_kernel(self.model.get_base_model().get_output_embeddings(), self.device,
                                                  t.loss_kernel))  # fmt: skip
         return self._train(state)
@@ -429,6 +445,52 @@ class _Loop:
                              f"{self.world.world_size} ranks holds about {local / max(1, total):.0%} of the frozen weights "
                              f"({local:,} of {total:,} on rank 0)", frozen_local=local, frozen_total=total)  # fmt: skip
 
+    def _reference_logps(self) -> None:
+        """DPO's reference: the summed log-probabilities of every pair's answers under the model as the run starts (its
+        adapter is the identity, or --from-run's), computed once before the first step and kept in
+        RUN_DIR/reference_logps.json, which a resumed run reads back (its weights have moved on by then).
+
+        The ranks split the pairs between them (each has the whole model) and sum the results; under FSDP or ZeRO-3
+        every rank takes part in every pass, so they all go through every pair."""
+        import torch
+
+        path = self.run_record.path / "reference_logps.json"
+        pairs = self.train_pairs + self.val_encoded
+        sha256 = self.registry.get(self.run_record.id).dataset_sha256
+        saved = json.loads(path.read_text()) if self.world.is_main and path.exists() else None
+        if self.world.distributed:
+            saved = self.world.broadcast_object(saved)
+        if saved and saved.get("sha256") == sha256 and len(saved["pairs"]) == len(pairs):
+            scores = [tuple(s) for s in saved["pairs"]]
+        else:
+            started = time.perf_counter()
+            split = self.world.distributed and not self.sharded
+            mine = pairs[self.world.rank :: self.world.world_size] if split else pairs
+            rows = max(1, self.plan.batch_size // self.world.world_size)
+            self.model.eval()
+            mine_scores = preference.score_pairs(self._answer_sums, mine, rows, self.t.max_seq_length,
+                                                 self.tokenizer.pad_token_id)  # fmt: skip
+            self.model.train()
+            scores = mine_scores
+            if split:
+                table = torch.zeros((len(pairs), 2), dtype=torch.float64, device=self._collective_device())
+                table[self.world.rank :: self.world.world_size] = torch.tensor(mine_scores, dtype=torch.float64)
+                torch.distributed.all_reduce(table)
+                scores = [tuple(row) for row in table.cpu().tolist()]
+            if self.world.is_main:
+                atomic.write_json(path, {"sha256": sha256, "pairs": [list(s) for s in scores]})
+            self.events.emit("log", level="info", message=f"reference log-probabilities of {len(pairs)} pairs computed in "
+                             f"{time.perf_counter() - started:.1f} s (the model as the run starts; no second copy)")  # fmt: skip
+        for pair, score in zip(pairs, scores, strict=True):
+            pair.reference = (float(score[0]), float(score[1]))
+
+    def _answer_sums(self, batch: Batch) -> Any:
+        """Each answer's summed log-probability in a preference batch (through the ranks' loss module when there is one)."""
+        if self.step_loss is not None:
+            return self.step_loss(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask,
+                                  batch.sequence_ids)  # fmt: skip
+        return preference.answer_logps(self.model, batch, self.device, self.t.loss_kernel)
+
     def _trainable(self) -> int:
         # ZeRO-3 leaves a rank a part of each tensor; `ds_numel` is the whole one's size.
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
@@ -461,6 +523,7 @@ class _Loop:
                 micro = [next(batches) for _ in range(t.gradient_accumulation)]
                 targets = sum(b.target_tokens for b in micro)
                 tokens = sum(b.tokens for b in micro)
+            self.pair_metrics = {}
             loss_sum = self._accumulate(micro, max(1, targets), state)
             lr = self.scheduler.get_last_lr()[0]
             grad_norm = self._apply_gradients()
@@ -472,7 +535,7 @@ class _Loop:
             self.losses.append(loss)
             self.events.emit("step", step=state.step, max_steps=self.max_steps, loss=round(loss, 5), lr=lr,
                              grad_norm=round(float(grad_norm), 4), tokens=tokens, target_tokens=targets,
-                             tokens_per_s=round(tokens / elapsed, 1))  # fmt: skip
+                             tokens_per_s=round(tokens / elapsed, 1), **self._step_metrics())  # fmt: skip
             now = time.time()
             if now - last_registry_write >= 1.0 or state.step == self.max_steps:
                 self.registry.update(run_id, step=state.step, loss=loss, heartbeat=now)
@@ -500,6 +563,16 @@ class _Loop:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
+
+    def _step_metrics(self) -> dict[str, float]:
+        """A preference step's reward accuracy, margin and log-probabilities, means over the step's pairs on all ranks."""
+        if self.preference is None:
+            return {}
+        if self.world.distributed:
+            names = ["pairs", *preference.METRICS]
+            self.pair_metrics = {n: self.world.all_sum(self.pair_metrics.get(n, 0.0), self._collective_device())
+                                 for n in names}  # fmt: skip
+        return preference.mean_metrics(self.pair_metrics)
 
     def _no_longer_improving(self, eval_loss: float | None) -> bool:
         patience = self.t.early_stopping_patience
@@ -579,6 +652,7 @@ class _Loop:
 
         step = state.step + 1
         while True:
+            self.pair_metrics = {}
             try:
                 return self._forward_backward(micro, targets, step)
             except torch.OutOfMemoryError:
@@ -631,7 +705,7 @@ class _Loop:
             for k, (index, part, weight) in enumerate(passes):
                 if self.control.before_forward is not None:
                     self.control.before_forward(step, index, int(part.input_ids.shape[0]))
-                summed = self.step_loss(part.input_ids, part.labels, part.position_ids, part.attention_mask)
+                summed = self._loss(part, weight)
                 if self.zero is not None:
                     self.zero.backward(summed * (weight * scale), boundary=k == len(passes) - 1)
                 else:
@@ -649,7 +723,15 @@ class _Loop:
             self.world.average_gradients([p for p in self.model.parameters() if p.requires_grad])
         return self.world.all_sum(total, self._collective_device())
 
-    def _loss(self, batch) -> Any:
+    def _loss(self, batch: Batch, weight: float = 1.0) -> Any:
+        """A batch's summed loss: over its target tokens, or (DPO, ORPO) over its pairs, whose metrics are added to
+        this step's with `weight` (0 for a rank's stand-in share, see distributed.shard)."""
+        if self.preference is not None:
+            loss, metrics = self.preference(preference.PairScores.of(self._answer_sums(batch), batch))
+            preference.add_metrics(self.pair_metrics, metrics, weight)
+            return loss
+        if self.step_loss is not None:
+            return self.step_loss(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
         return target_loss(self.model, batch, self.device, self.t.loss_kernel)
 
     def _evaluate(self, step: int) -> float | None:
@@ -658,15 +740,32 @@ class _Loop:
         if not self.val_encoded or not (self.world.is_main or self.sharded):
             return None
         self.model.eval()
-        eval_loss = mean_loss(self.model, self.val_encoded, self.plan.batch_size, self.t.max_seq_length, self.t.packing,
-                              self.tokenizer.pad_token_id, self.device, self.t.loss_kernel,
-                              step_loss=self.step_loss if self.sharded else None)  # fmt: skip
+        extra: dict[str, float] = {}
+        if self.preference is not None:
+            eval_loss, extra = self._evaluate_pairs()
+        else:
+            eval_loss = mean_loss(self.model, self.val_encoded, self.plan.batch_size, self.t.max_seq_length, self.t.packing,
+                                  self.tokenizer.pad_token_id, self.device, self.t.loss_kernel,
+                                  step_loss=self.step_loss if self.sharded else None)  # fmt: skip
         self.model.train()
         if not self.world.is_main:
             return None
-        self.events.emit("eval", step=step, eval_loss=round(eval_loss, 5))
+        self.events.emit("eval", step=step, eval_loss=round(eval_loss, 5), **extra)
         self.registry.update(self.run_record.id, eval_loss=eval_loss)
         return eval_loss
+
+    def _evaluate_pairs(self) -> tuple[float, dict[str, float]]:
+        """The held-out pairs' mean loss and their eval_reward_accuracy, eval_reward_margin, eval_*_logps."""
+        import torch
+
+        total, metrics = 0.0, {}
+        rows = max(1, self.plan.batch_size // self.world.world_size)
+        with torch.no_grad():
+            for _held, batch in preference.batches(self.val_encoded, rows, self.t.max_seq_length, self.tokenizer.pad_token_id):
+                loss, more = self.preference(preference.PairScores.of(self._answer_sums(batch), batch))
+                total += float(loss)
+                preference.add_metrics(metrics, more)
+        return total / max(1.0, metrics.get("pairs", 0.0)), preference.mean_metrics(metrics, "eval_")
 
     def _checkpoint(self, state: TrainerState) -> Path | None:
         """Every rank calls it; rank 0 writes the checkpoint (every rank holds the same LoRA weights and optimizer
@@ -734,8 +833,8 @@ class _Loop:
 
 
 def _StepLoss(model: Any, device: str, kernel: str) -> Any:
-    """A torch module whose forward is the summed target loss of a batch (`target_loss`): what the ranks compute through
-    (FSDP's root unit, DeepSpeed's engine module)."""
+    """A torch module whose forward is the summed target loss of a batch (`target_loss`), or of a preference batch each
+    answer's summed log-probability: what the ranks compute through (FSDP's root unit, DeepSpeed's engine module)."""
     import torch
 
     class StepLoss(torch.nn.Module):
@@ -743,8 +842,12 @@ def _StepLoss(model: Any, device: str, kernel: str) -> Any:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: Any, labels: Any, position_ids: Any = None, attention_mask: Any = None) -> Any:
-            batch = Batch(input_ids, labels, position_ids, attention_mask, 0, 0)
+        def forward(
+            self, input_ids: Any, labels: Any, position_ids: Any = None, attention_mask: Any = None, sequence_ids: Any = None
+        ) -> Any:
+            batch = Batch(input_ids, labels, position_ids, attention_mask, 0, 0, sequence_ids)
+            if sequence_ids is not None:  # a preference batch: each answer's summed log-probability
+                return preference.answer_logps(self.model, batch, device, kernel)
             return target_loss(self.model, batch, device, kernel)
 
     return StepLoss()
@@ -880,8 +983,9 @@ def _split(batch, parts: int) -> list:
         ids = batch.input_ids[sl]
         labels = batch.labels[sl]
         real = int((labels[:, 1:] != -100).sum())
-        out.append(Batch(ids, labels, None if batch.position_ids is None else batch.position_ids[sl],
-                         None if batch.attention_mask is None else batch.attention_mask[sl], int(ids.numel()), real))  # fmt: skip
+        rest = [None if t is None else t[sl] for t in (batch.position_ids, batch.attention_mask, batch.sequence_ids,
+                                                         batch.reference)]  # fmt: skip
+        out.append(Batch(ids, labels, rest[0], rest[1], int(ids.numel()), real, rest[2], rest[3]))
     return out
 
 

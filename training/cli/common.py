@@ -11,7 +11,7 @@ from training.distributed import STRATEGIES
 from training.errors import BackpropError, redact
 
 DEMO_DATASET = Path(__file__).resolve().parents[2] / "assets" / "demo" / "capitals.jsonl"
-DATASET_FORMATS = ["sharegpt", "openai", "alpaca", "prompt_completion", "chatml", "text"]
+DATASET_FORMATS = ["sharegpt", "openai", "alpaca", "prompt_completion", "chatml", "text", "preference", "sharegpt_preference"]
 GOVERNOR_OPTIONS = ("max_run_minutes", "max_parallel", "min_free_ram_gb", "gpu_memory_limit", "gpu_probe", "gpu_min_vram",
                     "gpu_max_temp")  # fmt: skip
 SPEED_OPTIONS = ("gradient_checkpointing", "attention", "loss_kernel")

@@ -34,6 +34,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     train.add_argument("--format", choices=DATASET_FORMATS, help="force a dataset format")
     train.add_argument("--skip-invalid", action="store_true", help="train on the valid rows and report the bad ones")
     train.add_argument("--name", help="a name for the run")
+    train.add_argument(
+        "--method",
+        choices=["sft", "dpo", "orpo"],
+        help='sft (default): learn the answers; dpo or orpo: learn from preference pairs (README "Preferences")',
+    )
+    train.add_argument("--beta", type=float, help="DPO: how far the tuned model may move from the reference (default 0.1)")
+    train.add_argument("--orpo-lambda", type=float, help="ORPO: weight of the odds-ratio term (default 0.1)")
+    train.add_argument(
+        "--from-run",
+        metavar="RUN_ID",
+        help="start from a finished run's adapter (its model and LoRA shape); DPO's reference is that adapter",
+    )
     train.add_argument("--steps", type=int, help="optimizer steps (wins over --epochs)")
     train.add_argument("--epochs", type=float)
     train.add_argument("--lr", type=float, help="learning rate")
@@ -83,7 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in ("model", "steps", "epochs", "lr", "batch_size", "gradient_accumulation", "max_seq_length",
                     "warmup_ratio", "lr_scheduler", "seed", "lora_r", "lora_alpha", "lora_dropout", "validation_split",
-                    "eval_every", "save_every", "packing", "response_only", "qlora", "use_unsloth", *SPEED_OPTIONS,
+                    "eval_every", "save_every", "packing", "response_only", "qlora", "use_unsloth", "method", "beta",
+                    "orpo_lambda", *SPEED_OPTIONS,
                     *TRACKING_OPTIONS, *GOVERNOR_OPTIONS)
     }  # fmt: skip
     if args.target_modules:
@@ -102,7 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "INPUT_INVALID_ARGUMENT", reason="--data is required", hint="Pass --data FILE, or use --model demo."
             )
         data = str(DEMO_DATASET)
-    run = jobs.submit_train(settings, data, fmt=args.format, skip_invalid=args.skip_invalid, name=args.name)
+    run = jobs.submit_train(settings, data, fmt=args.format, skip_invalid=args.skip_invalid, name=args.name,
+                            from_run=args.from_run)  # fmt: skip
     return follow_in_foreground(run.id, args)
 
 
