@@ -29,6 +29,7 @@ from training.config import TRACKERS, Settings
 from training.errors import BackpropError
 from training.events import Event
 from training.extras import installed  # a tracker's name is its module's
+from training.preference import METRICS as PREFERENCE_METRICS
 
 TRACKING_FILE = "tracking.json"
 FLUSH_S = 1.0  # trackers that batch (MLflow) send at most this often
@@ -81,10 +82,12 @@ def metrics_of(event: Event) -> dict[str, float]:
     """The numbers an event carries, under tracker names (train/loss, eval/loss, system/gpu0/util, ...)."""
     kind = event.get("event")
     if kind == "step":
-        names = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s"}
+        names = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",
+                 **{m: f"train/{m}" for m in PREFERENCE_METRICS}}  # fmt: skip
         return {name: float(event[key]) for key, name in names.items() if _number(event.get(key))}
     if kind == "eval" and _number(event.get("eval_loss")):
-        return {"eval/loss": float(event["eval_loss"])}
+        names = {"eval_loss": "eval/loss", **{f"eval_{m}": f"eval/{m}" for m in PREFERENCE_METRICS}}
+        return {name: float(event[key]) for key, name in names.items() if _number(event.get(key))}
     if kind == "telemetry":
         out = {"system/cpu_percent": event.get("cpu"), "system/ram_used_mb": event.get("ram_used")}
         if _number(event.get("ram_used")) and event.get("ram_total"):

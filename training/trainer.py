@@ -456,11 +456,13 @@ class _Loop:
 
         path = self.run_record.path / "reference_logps.json"
         pairs = self.train_pairs + self.val_encoded
-        sha256 = self.registry.get(self.run_record.id).dataset_sha256
+        sha256 = self.registry.get(self.run_record.id).dataset_sha256 if self.world.is_main else None
         saved = json.loads(path.read_text()) if self.world.is_main and path.exists() else None
-        if self.world.distributed:
+        if not (saved and saved.get("sha256") == sha256 and len(saved["pairs"]) == len(pairs)):
+            saved = None  # none yet, or for other data (a resume allowed to continue on changed data)
+        if self.world.distributed:  # rank 0's folder and registry decide for every rank
             saved = self.world.broadcast_object(saved)
-        if saved and saved.get("sha256") == sha256 and len(saved["pairs"]) == len(pairs):
+        if saved:
             scores = [tuple(s) for s in saved["pairs"]]
         else:
             started = time.perf_counter()
@@ -479,8 +481,9 @@ class _Loop:
                 scores = [tuple(row) for row in table.cpu().tolist()]
             if self.world.is_main:
                 atomic.write_json(path, {"sha256": sha256, "pairs": [list(s) for s in scores]})
-            self.events.emit("log", level="info", message=f"reference log-probabilities of {len(pairs)} pairs computed in "
-                             f"{time.perf_counter() - started:.1f} s (the model as the run starts; no second copy)")  # fmt: skip
+            seconds = time.perf_counter() - started
+            self.events.emit("log", level="info", seconds=round(seconds, 3), message=f"reference log-probabilities of "
+                             f"{len(pairs)} pairs computed in {seconds:.1f} s (the starting model; no second copy)")  # fmt: skip
         for pair, score in zip(pairs, scores, strict=True):
             pair.reference = (float(score[0]), float(score[1]))
 
@@ -641,7 +644,7 @@ class _Loop:
         mine, counts = shard(rows, self.world)
         targets = sum(item.target_tokens for row in rows for item in row)
         tokens = sum(len(item) for row in rows for item in row)
-        return collate(mine, self.tokenizer.pad_token_id, self.t.packing), 1.0 if counts else 0.0, targets, tokens
+        return self.plan.collate_rows(mine), 1.0 if counts else 0.0, targets, tokens
 
     def _accumulate(self, micro: list, targets: int, state: TrainerState) -> float:
         """Forward and backward over a step's micro-batches; out of memory, split them in halves and retry the step.

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     multi.add_argument("--early-stopping", action="store_true", help="end a run when its task's eval loss stops improving")
     multi.add_argument("--seed", type=int)
     multi.add_argument("--lora-r", type=int)
+    multi.add_argument("--method", choices=["sft", "dpo", "orpo"], help="as for train: every run of the campaign uses it")
+    multi.add_argument("--beta", type=float, help="DPO's beta (default 0.1)")
+    multi.add_argument("--orpo-lambda", type=float, help="ORPO's lambda (default 0.1)")
     multi.add_argument("--format", choices=DATASET_FORMATS)
     multi.add_argument("--name")
     multi.add_argument("--output", type=Path, help="also copy the merged adapter to this folder at the end")
@@ -55,7 +58,8 @@ def cmd_multi_run(args: argparse.Namespace) -> int:
     from training import jobs
     from training.config import load_settings, nest_options
 
-    options = {key: getattr(args, key) for key in ("model", "lr", "seed", "lora_r", *TRACKING_OPTIONS, *GOVERNOR_OPTIONS)}
+    keys = ("model", "lr", "seed", "lora_r", "method", "beta", "orpo_lambda", *TRACKING_OPTIONS, *GOVERNOR_OPTIONS)
+    options = {key: getattr(args, key) for key in keys}
     settings = load_settings(**nest_options({**options, **distributed_options(args)}))
     check_distributed(settings)
     run = jobs.submit_multi_run(settings, args.data, num_runs=args.runs, steps_per_run=args.steps,
