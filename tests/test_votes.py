@@ -143,16 +143,25 @@ def test_a_torn_row_longer_than_one_read_is_cut_off_whole(tmp_path):
     assert [r["chosen"][0]["content"] for r in read_votes(path)] == ["Paris.", "Rome."]
 
 
+def test_training_on_votes_makes_three_passes_over_them_whatever_the_models_preset_step_count():
+    from training.config import load_settings, nest_options
+    from training.votes import dpo_options
+
+    settings = load_settings()
+    assert dpo_options(settings, "demo", 2) == {"method": "dpo", "epochs": 3, "steps": 3}  # demo: 2 pairs a step, 300 steps
+    assert dpo_options(settings, "demo", 5)["steps"] == 9
+    assert dpo_options(settings, "Qwen/Qwen2.5-0.5B-Instruct", 20)["steps"] == 9  # 8 pairs a step by default
+    accumulating = load_settings(**nest_options({"batch_size": 4, "gradient_accumulation": 2}))
+    assert dpo_options(accumulating, "demo", 17)["steps"] == 9  # batches as configured: 8 pairs an optimizer step
+
+
 def test_the_votes_file_loads_as_preference_pairs(tmp_path):
     from training import datasets
 
-    if datasets.detect_format({"prompt": PROMPT, "chosen": "a", "rejected": "b"}) is None:
-        pytest.skip("training.datasets does not read preference rows yet")  # another helper is adding them (issue 15)
     record_vote(tmp_path, "run-abc", PROMPT, "Paris.", "Lyon.", "tuned", "base")
     history = [*PROMPT, {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Japan?"}]
     path = record_vote(tmp_path, "run-abc", history, "Tokyo.", "Kyoto.", "user", "tuned")
-    loaded = datasets.load_dataset(path)
-    examples = loaded.examples if hasattr(loaded, "examples") else loaded
+    examples = datasets.load_dataset(path).examples
     assert [e.is_preference for e in examples] == [True, True]
     assert examples[1].prompt == history
     assert examples[1].chosen == [{"role": "assistant", "content": "Tokyo."}]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from training.errors import BackpropError
 from training.sandbox import inside, safe_name
 
 ROLES = ("system", "user", "assistant", "tool")
+EPOCHS = 3  # passes over the votes of a "Train on my votes" run: a handful of pairs, seen a few times
 
 
 def votes_file(folder: Path, source: str) -> Path:
@@ -62,6 +64,17 @@ def count_votes(path: Path) -> int:
     except FileNotFoundError:
         return 0
     return sum(1 for line in data.split(b"\n")[:-1] if line.strip())
+
+
+def dpo_options(settings: Any, model: str, votes: int) -> dict[str, Any]:
+    """Flat options (training.config.nest_options) of a DPO run on `votes` pairs for `model`: EPOCHS passes over them,
+    given as steps, since a model's preset step count (the demo's 300) would win over epochs; batch size and the rest
+    as configured."""
+    from training.models import apply_model_defaults
+
+    training = apply_model_defaults(settings.model_copy(update={"model": model})).training
+    per_step = training.batch_size * training.gradient_accumulation
+    return {"method": "dpo", "epochs": EPOCHS, "steps": max(1, math.ceil(votes / per_step)) * EPOCHS}
 
 
 def _problem(prompt: list[dict], chosen: str, rejected: str) -> str:

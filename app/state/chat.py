@@ -21,12 +21,10 @@ from training.config import load_settings, nest_options
 from training.errors import BackpropError
 from training.generate import load_chat_model
 from training.runs import Registry
-from training.votes import count_votes, record_vote, votes_file
+from training.votes import count_votes, dpo_options, record_vote, votes_file
 
 ADAPTER = " · adapter"  # the label suffix of a run's adapter: the one source votes can train (DPO starts from it)
 MIN_VOTES = 2
-# A DPO run on a handful of votes: a few passes over them, other settings as configured (backprop.config.json, env).
-VOTE_TRAINING = {"method": "dpo", "epochs": 3}
 
 _models: dict[tuple[str, bool], Any] = {}  # loaded once per process: (source, base?) -> ChatModel
 _lock = threading.Lock()
@@ -195,7 +193,9 @@ class ChatState(rx.State):
             so_far = f"{self.votes} vote{'' if self.votes == 1 else 's'} so far"
             raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"{so_far}: at least {MIN_VOTES} are needed",
                                 hint="Vote on more side-by-side replies first.")  # fmt: skip
-        settings = load_settings(**nest_options(VOTE_TRAINING))
+        settings = load_settings()
+        model = Registry(settings.home).get(self.vote_run).model or ""
+        settings = load_settings(**nest_options(dpo_options(settings, model, self.votes)))  # a few passes over the votes
         data = votes_file(preferences_dir(), self.vote_run)
         run = jobs.submit_train(settings, str(data), from_run=self.vote_run, name=f"votes on {self.vote_run}",
                                 runs_root=runs_root())  # fmt: skip
