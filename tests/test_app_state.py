@@ -202,6 +202,26 @@ def test_the_method_chosen_on_the_multi_run_page_reaches_the_multi_run(sandbox, 
     stop_queued(state.multi_run_id)
 
 
+def test_a_preference_file_is_previewed_as_pairs_and_counted(home, tmp_path):
+    from app.state.dataset import analyze
+
+    rows = [{"prompt": "Where is the library?", "chosen": "On Elm Street, happy to help!", "rejected": "Look it up."},
+            {"prompt": "Where is the library?", "chosen": "On Elm Street, happy to help!", "rejected": "No idea."},
+            {"prompt": [{"role": "system", "content": "You are a hotel desk."}, {"role": "user", "content": "Late checkout?"}],
+             "chosen": [{"role": "assistant", "content": "Certainly, noon is fine."}],
+             "rejected": [{"role": "assistant", "content": "Be out by ten."}]}]  # fmt: skip
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = analyze(data, "demo")
+    assert (report["pairs"], report["valid"], report["preview"]) == (3, 3, [])  # pairs only, no conversation cards
+    assert report["duplicates"] == 0  # the same prompt and chosen answer against another rejected one is another pair
+    assert report["pair_preview"][0] == {"prompt": [{"role": "user", "content": "Where is the library?"}],
+                                         "chosen": [{"role": "assistant", "content": "On Elm Street, happy to help!"}],
+                                         "rejected": [{"role": "assistant", "content": "Look it up."}]}  # fmt: skip
+    assert [m["role"] for m in report["pair_preview"][2]["prompt"]] == ["system", "user"]
+    assert report["pair_preview"][2]["rejected"][0]["content"] == "Be out by ten."
+
+
 # --- following a run --------------------------------------------------------------------------------------------------
 
 

@@ -75,17 +75,20 @@ def status_pill(status: rx.Var, id: str | None = None) -> rx.Component:
 def preference_charts(accuracy: rx.Var, margin: rx.Var, logps: rx.Var, id: str, height: str = "200px") -> rx.Component:
     """A DPO/ORPO run's charts: reward accuracy and reward margin side by side, chosen vs rejected log-probs below."""
 
-    def titled(title: str, plot: rx.Var, name: str, empty: str) -> rx.Component:
-        return rx.vstack(rx.text(title, size="2", weight="bold"),
-                         line_chart(plot, height=height, id=f"{id}-{name}", empty=empty), width="100%", spacing="1")  # fmt: skip
+    def titled(title: str, about: str, plot: rx.Var, name: str) -> rx.Component:
+        return rx.vstack(rx.text(title, size="2", weight="bold"), rx.text(about, size="1", color_scheme="gray"),
+                         line_chart(plot, height=height, id=f"{id}-{name}", empty="Appears with the first steps."),
+                         width="100%", spacing="1")  # fmt: skip
 
-    first = "Appears with the first steps."
     return rx.vstack(
         rx.grid(
-            titled("Reward accuracy (chosen answer scored above the rejected one)", accuracy, "accuracy", first),
-            titled("Reward margin", margin, "margin", first),
+            titled("Reward accuracy", "Share of pairs whose chosen answer the model now prefers to the rejected one",
+                   accuracy, "accuracy"),
+            titled("Reward margin", "Chosen reward minus rejected reward: how strongly it prefers the chosen answer", margin,
+                   "margin"),
             columns="2", spacing="4", width="100%",
         ),
-        titled("Log-probability of the chosen and the rejected answers", logps, "logps", first),
+        titled("Log-probabilities of the answers", "Chosen and rejected, summed over each answer's tokens; dots: held-out "
+               "pairs", logps, "logps"),
         width="100%", id=id,
     )  # fmt: skip
