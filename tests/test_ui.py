@@ -382,6 +382,69 @@ def test_a_file_that_is_not_a_dataset_is_refused(server, page, tmp_path):
     assert not list((server["sandbox"] / "datasets").glob("evil*"))
 
 
+def test_dpo_on_a_preference_file_continued_from_an_sft_run_charts_reward_accuracy_and_margin_as_it_trains(server, page):
+    # A finished SFT run to continue from: its page shows the loss and no reward charts.
+    sft = cli_run(server, "sft-before-dpo")
+    page.goto(server["url"] + f"runs/{sft['run_id']}")
+    wait_for(lambda: points_drawn(page, "#run-loss polyline") == 3, 30, "the SFT run's loss")
+    assert page.query_selector("#run-preference") is None
+
+    # The Dataset page shows a preference file as pairs: the prompt, chosen (left) beside rejected (right).
+    upload(page, server, ROOT / "assets" / "preferences_example.jsonl")
+    wait_for(lambda: page.query_selector("#dataset-pairs") is not None, 120, "the pairs to be counted")
+    assert page.inner_text("#dataset-pairs").startswith("8 preference pairs")
+    first = page.locator("#dataset-preview .pair").first
+    assert "Where is the library?" in first.inner_text()
+    chosen, rejected = first.locator(".pair-chosen"), first.locator(".pair-rejected")
+    assert "next to the post office" in chosen.inner_text() and "Look it up yourself" in rejected.inner_text()
+    assert chosen.bounding_box()["x"] < rejected.bounding_box()["x"]  # side by side, chosen on the left
+    shot(page, "dataset-pairs")
+
+    # Use for training: the Train page gets the file with DPO picked; continue from the SFT run.
+    page.click("#use-for-training")
+    page.wait_for_url(server["url"])
+    page.wait_for_selector("#start:not([disabled])")
+    assert page.input_value("#field-dataset").endswith("preferences_example.jsonl")
+    assert "DPO" in page.inner_text("#field-method") and page.query_selector("#field-beta") is not None
+    page.fill("#field-beta", "0.2")
+    page.click("#field-from-run")
+    page.get_by_role("option", name=re.compile(sft["run_id"])).click()
+    wait_for(lambda: sft["run_id"] in page.inner_text("#field-from-run"), 10, "the run to continue from")
+    page.fill("#field-steps", "8")
+    assert page.query_selector("#train-preference") is None  # nothing trains yet
+    page.click("#start")
+
+    # The reward charts fill as the run goes, one point a step, then end with the run.
+    wait_for(lambda: page.query_selector("#train-preference") is not None, 180, "the reward charts")
+    wait_for(lambda: points_drawn(page, "#train-preference-accuracy polyline") >= 2, 180, "reward accuracy points")
+    wait_for(lambda: page.inner_text("#status-pill") == "completed", 300, "the DPO run to complete")
+    for chart in ("accuracy", "margin", "logps"):
+        wait_for(lambda chart=chart: points_drawn(page, f"#train-preference-{chart} polyline") == 8, 30, f"the {chart} chart")
+    legend = page.locator("#train-preference-logps .chart-legend").inner_text()
+    assert "chosen" in legend and "rejected" in legend
+    assert "started DPO" in page.inner_text("#event-log")
+    shot(page, "train-dpo")
+    run_id = page.inner_text("#train-run-id")
+    shown = json.loads(backprop("show-run", run_id, "--json", env=server["env"], check=True).stdout)
+    assert shown["status"] == "completed" and (shown["params"]["method"], shown["params"]["beta"]) == ("dpo", 0.2)
+
+    # The run's page shows the same charts.
+    page.goto(server["url"] + f"runs/{run_id}")
+    wait_for(lambda: points_drawn(page, "#run-preference-margin polyline") == 8, 30, "the run page's reward margin")
+    assert points_drawn(page, "#run-preference-accuracy polyline") == 8
+    shot(page, "run-detail-dpo")
+
+    # The Multi-Run page offers the same methods, each with its own setting.
+    page.goto(server["url"] + "multi-run")
+    page.wait_for_selector("#mr-start")
+    assert page.query_selector("#mr-beta") is None and page.query_selector("#mr-orpo_lambda") is None  # SFT
+    page.click("#mr-method")
+    page.get_by_role("option", name="ORPO (preference pairs)").click()
+    page.wait_for_selector("#mr-orpo_lambda")
+    assert page.query_selector("#mr-beta") is None
+    shot(page, "multi-run-orpo")
+
+
 def test_the_trained_run_exports_to_gguf_verified_by_llama_cpp_and_answers_in_chat(server, page):
     # Continues the new user's path with the run trained from the browser in the first test (60 steps).
     runs = json.loads(backprop("list", "--json", env=server["env"], check=True).stdout)
