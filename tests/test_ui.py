@@ -681,3 +681,74 @@ def test_dark_mode_at_1024_pixels(server, browser):
         shot(page, "runs-dark-1024")
     finally:
         context.close()
+
+
+def test_votes_and_a_corrected_answer_in_side_by_side_chat_become_a_dpo_run_from_the_tuned_adapter(server, page):
+    from training.datasets import load_dataset
+
+    # A run tuned enough that its answers differ from the base model's (20 steps at a high rate on the demo data).
+    out = backprop("train", "--model", "demo", "--steps", "20", "--lr", "3e-3", "--name", "arena", "--json",
+                   env=server["env"], check=True)  # fmt: skip
+    run_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
+    page.goto(server["url"] + f"chat?source={run_id}")  # the run page's Chat button opens this
+    wait_for(lambda: page.query_selector("#chat-votes") and page.inner_text("#chat-votes") == f"0 votes for {run_id}", 60,
+             "the run's vote count")  # fmt: skip
+    assert page.is_disabled("#chat-train-votes") and "at least 2" in page.inner_text("#chat-votes-hint")
+    page.get_by_text("Side by side with the base model").click()
+    votes = server["sandbox"] / "preferences" / f"{run_id}.jsonl"
+    asked = [("What is the capital of France?", ".vote-tuned"), ("What is the capital of Japan?", ".vote-base")]
+    for n, (question, button) in enumerate(asked, start=1):
+        page.fill("#chat-input", question)
+        page.click("#chat-send")
+        wait_for(lambda button=button: page.locator(button).count() == 1, 300, "both replies to finish and ask for a vote")
+        if n == 1:
+            shot(page, "chat-vote-buttons")
+        page.locator(button).click()
+        wait_for(lambda n=n: page.locator(".vote-done").count() == n, 30, "the vote to be taken")
+        wait_for(lambda n=n: page.inner_text("#chat-votes") == f"{n} vote{'s' if n > 1 else ''} for {run_id}", 30,
+                 "the count to grow")  # fmt: skip
+    replies = page.locator(".reply").all_inner_texts()
+    bases = page.locator(".base-reply").all_inner_texts()
+
+    # Two whole preference rows in the sandbox: the prompt so far, both answers, and who gave them.
+    rows = [json.loads(line) for line in votes.read_text().splitlines()]
+    assert [(r["chosen_by"], r["rejected_by"]) for r in rows] == [("tuned", "base"), ("base", "tuned")]
+    assert [r["prompt"][-1]["content"] for r in rows] == [q for q, _ in asked]
+    assert rows[1]["prompt"][:2] == [{"role": "user", "content": asked[0][0]}, {"role": "assistant", "content": replies[0]}]
+    assert rows[0]["chosen"][0]["content"] == replies[0] and rows[0]["rejected"][0]["content"] == bases[0]
+    assert rows[1]["chosen"][0]["content"] == bases[1] and rows[1]["rejected"][0]["content"] == replies[1]
+    pairs = load_dataset(votes)  # the file is valid preference data as it is
+    assert len(pairs.examples) == 2 and all(e.is_preference for e in pairs.examples)
+    assert page.is_enabled("#chat-train-votes") and page.query_selector("#chat-votes-hint") is None
+
+    # A third answer is corrected: the user's text is chosen over the tuned model's.
+    page.fill("#chat-input", "What is the capital of Italy?")
+    page.click("#chat-send")
+    wait_for(lambda: page.locator(".vote-write").count() == 1, 300, "the third pair to finish")
+    page.locator(".vote-write").click()
+    page.fill("#chat-correction", "The capital of Italy is Rome.")
+    page.click("#chat-save-correction")
+    wait_for(lambda: page.inner_text("#chat-votes") == f"3 votes for {run_id}", 30, "the corrected answer to count")
+    third = json.loads(votes.read_text().splitlines()[2])
+    assert (third["chosen"][0]["content"], third["chosen_by"], third["rejected_by"]) == ("The capital of Italy is Rome.",
+                                                                                        "user", "tuned")  # fmt: skip
+    assert third["rejected"][0]["content"] == page.locator(".reply").last.inner_text()
+    assert "Your better answer is saved" in page.locator(".vote-done").last.inner_text()
+    shot(page, "chat-votes")
+
+    # Train on my votes: a DPO run from the tuned adapter, on the vote file; the page opens it and follows it to the end.
+    page.click("#chat-train-votes")
+    page.wait_for_url(re.compile(r"/runs/\w+$"))
+    dpo_id = page.url.rstrip("/").rsplit("/", 1)[1]
+    assert dpo_id != run_id
+    wait_for(lambda: page.query_selector("#run-status") and page.inner_text("#run-status") == "completed", 600,
+             "the DPO run to complete")  # fmt: skip
+    shown = json.loads(backprop("show-run", dpo_id, "--json", env=server["env"], check=True).stdout)
+    assert shown["status"] == "completed" and shown["params"]["method"] == "dpo" and shown["parent_id"] == run_id
+    assert shown["max_steps"] == 6  # three passes over three votes, two pairs a step on the demo model
+    assert Path(shown["dataset"]) == votes.resolve() and Path(shown["run_dir"]).is_relative_to(server["sandbox"])
+    assert (Path(shown["run_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
+    shot(page, "run-dpo-from-votes")
+    page.goto(server["url"] + "runs")
+    wait_for(lambda: page.query_selector("#runs-table") and dpo_id in page.inner_text("#runs-table"), 30, "the run in Runs")
+    assert f"votes on {run_id}" in page.inner_text("#runs-table")
