@@ -95,6 +95,15 @@ _ONE_NAME_FOR_MULTI_RUNS = """
 UPDATE runs SET kind = 'multi-run' WHERE kind = 'multirun';
 ALTER TABLE forgetting RENAME COLUMN campaign_id TO multi_run_id;
 """
+_EVALUATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS evaluations (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    created_at REAL NOT NULL,
+    report TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evaluations_run ON evaluations(run_id, created_at);
+"""
 
 
 def _statements(script: str) -> list[str]:
@@ -124,6 +133,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _create(_FORGETTING_TABLE),  # 4: the forgetting matrix of multi-runs
     _create(_ONE_NAME_FOR_MULTI_RUNS),  # 5: "campaign"/"multirun" became "multi-run" everywhere
     lambda db: _add_columns(db, "runs", {"gpus": "TEXT"}),  # 6: every GPU a job holds ("0,2"), for GPU-counted slots
+    _create(_EVALUATIONS_TABLE),  # 7: did-it-help reports (base vs tuned), one JSON report a row
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -440,6 +450,31 @@ class Registry:
         for row in rows:
             row["verification"], row["ollama"] = json.loads(row["verification"] or "null"), json.loads(row["ollama"] or "null")
         return [r for r in rows if Path(r["path"]).exists()]
+
+    # ------------------------------------------------------------ evaluations
+
+    def add_evaluation(self, run_id: str, report: dict[str, Any]) -> dict[str, Any]:
+        """Store a did-it-help report (training/evaluate.py) with its run: one INSERT, so a crash leaves it whole or
+        absent. Returns the report with its `id` and `created_at`."""
+        report = {**report, "id": report.get("id") or uuid.uuid4().hex[:12], "run_id": run_id,
+                  "created_at": report.get("created_at") or time.time()}  # fmt: skip
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO evaluations (id, run_id, created_at, report) VALUES (?, ?, ?, ?)",
+                (report["id"], run_id, report["created_at"], json.dumps(report)),
+            )
+        return report
+
+    def evaluations(self, run_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """A run's stored reports, newest first."""
+        query = "SELECT report FROM evaluations WHERE run_id = ? ORDER BY created_at DESC, rowid DESC"
+        with self._connect() as db:
+            rows = db.execute(query + (" LIMIT ?" if limit else ""), (run_id, limit) if limit else (run_id,)).fetchall()
+        return [json.loads(r["report"]) for r in rows]
+
+    def latest_evaluation(self, run_id: str) -> dict[str, Any] | None:
+        found = self.evaluations(run_id, limit=1)
+        return found[0] if found else None
 
     # ------------------------------------------------------------ helpers
 

@@ -49,6 +49,39 @@ def runs_page() -> rx.Component:
     )  # fmt: skip
 
 
+def report_card() -> rx.Component:
+    """Did it help? The latest evaluation: base vs tuned per metric, then prompts with both answers side by side."""
+    return rx.card(
+        rx.vstack(
+            rx.heading("Did it help?", size="3"),
+            rx.text(RunDetailState.eval_summary, size="1", color_scheme="gray", id="eval-summary"),
+            rx.table.root(
+                rx.table.header(rx.table.row(*[rx.table.column_header_cell(c) for c in ("", "metric", "base", "tuned",
+                                                                                        "change")])),
+                rx.table.body(rx.foreach(RunDetailState.eval_rows, lambda r: rx.table.row(
+                    rx.table.cell(r[0]), rx.table.cell(r[1]), rx.table.cell(r[2]), rx.table.cell(r[3], weight="bold"),
+                    rx.table.cell(r[4], color=rx.cond(r[4].contains("better"), "var(--green-11)",
+                                                      rx.cond(r[4].contains("worse"), "var(--red-11)", "inherit"))),
+                ))),
+                size="1", id="eval-metrics",
+            ),
+            rx.foreach(RunDetailState.eval_examples, lambda e: rx.vstack(
+                rx.text(e["prompt"], size="2", weight="bold"),
+                rx.grid(_answer("reference", e["reference"], "gray"), _answer("base", e["base"], "orange"),
+                        _answer("tuned", e["tuned"], "green"), columns="3", spacing="3", width="100%"),
+                spacing="1", width="100%", class_name="eval-example",
+            )),
+            width="100%", align="start",
+        ),
+        width="100%", id="eval-card",
+    )  # fmt: skip
+
+
+def _answer(label: str, text: rx.Var, scheme: str) -> rx.Component:
+    return rx.vstack(rx.text(label, size="1", weight="medium", color_scheme=scheme),
+                     rx.text(text, size="2", white_space="pre-wrap"), spacing="1", align="start", width="100%")  # fmt: skip
+
+
 def run_detail_page() -> rx.Component:
     info = RunDetailState.info
     active = (info["status"] == "queued") | (info["status"] == "running") | (info["status"] == "paused")
@@ -76,6 +109,8 @@ def run_detail_page() -> rx.Component:
                     rx.button("Refresh", on_click=RunDetailState.load, variant="soft"),
                     rx.link(rx.button("Export", variant="soft"), href="/export?run=" + info["id"], id="run-export"),
                     rx.link(rx.button("Chat", variant="soft"), href="/chat?source=" + info["id"], id="run-chat"),
+                    rx.button("Evaluate", on_click=RunDetailState.evaluate, variant="soft", id="run-evaluate",
+                              loading=RunDetailState.evaluating, disabled=info["status"] != "completed"),
                     rx.alert_dialog.root(
                         rx.alert_dialog.trigger(rx.button("Delete", color_scheme="red", variant="outline", id="delete-run")),
                         rx.alert_dialog.content(
@@ -91,6 +126,11 @@ def run_detail_page() -> rx.Component:
                     ),
                 ),
                 rx.cond(RunDetailState.error != "", rx.callout(RunDetailState.error, color_scheme="red", id="run-error")),
+                rx.cond(RunDetailState.eval_error != "", rx.callout(RunDetailState.eval_error, color_scheme="red",
+                                                                    id="eval-error")),
+                rx.cond(RunDetailState.evaluating, rx.text("Evaluating the base and the tuned model on held-out data...",
+                                                           size="2", color_scheme="gray", id="eval-busy")),
+                rx.cond(RunDetailState.eval_rows.length() > 0, report_card()),
                 line_chart(RunDetailState.loss, id="run-loss", empty="No training steps recorded."),
                 rx.cond(~RunDetailState.reward_accuracy.empty, preference_charts(
                     RunDetailState.reward_accuracy, RunDetailState.reward_margin, RunDetailState.logps, id="run-preference")),

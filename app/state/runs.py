@@ -16,6 +16,7 @@ from training import jobs
 from training.compare import MAX_RUNS, MIN_RUNS
 from training.config import load_settings
 from training.errors import BackpropError
+from training.evaluate import METRICS, evaluate_run
 from training.runs import ACTIVE, Registry
 from training.tracking import read_tracking
 
@@ -94,8 +95,43 @@ def run_view(registry: Registry, run_id: str, progress: Progress | None) -> tupl
         "checkpoints": [f"step {c.step}: {c.path}" for c in registry.checkpoints(run.id)],
         "exports": [f"{e['format']} {e['quantization'] or ''} {e['file'] or e['path']}" for e in registry.exports(run.id)],
         "tracking": tracked_in(read_tracking(run.path)),
+        **report_card(registry.latest_evaluation(run.id)),
     }
     return view, progress
+
+
+def report_card(report: dict | None) -> dict:
+    """The latest did-it-help report (training/evaluate.py) as the run page shows it: one row per metric (and per task
+    of a multi-run) with base, tuned and the change, and the prompts with both answers side by side."""
+    if report is None:
+        return {"eval_summary": "", "eval_rows": [], "eval_examples": []}
+    data = report["data"]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(report["created_at"]))
+    scopes = [("all", report)] + [(task["task"], task) for task in report.get("tasks", [])]
+    rows = []
+    for scope, part in scopes:
+        for key, label, higher in METRICS:
+            if key in part["tuned"]:
+                base, tuned = part["base"].get(key), part["tuned"].get(key)
+                change = _change(base, tuned, higher)
+                rows.append([scope if len(scopes) > 1 else "", label, _figure(base), _figure(tuned), change])
+    examples = [{k: str(e.get(k, "")) for k in ("prompt", "reference", "base", "tuned")} for e in report["examples"]]
+    summary = f"{data['examples']} held-out examples ({data['source']}, {data['kind']} data), evaluated {when}"
+    return {"eval_summary": summary, "eval_rows": rows, "eval_examples": examples}
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _change(base: float | None, tuned: float | None, higher_is_better: bool) -> str:
+    """The change from base to tuned, marked better or worse: "+0.95 better"."""
+    if base is None or tuned is None:
+        return "-"
+    if tuned == base:
+        return "same"
+    better = tuned > base if higher_is_better else tuned < base
+    return f"{tuned - base:+.4g} {'better' if better else 'worse'}"
 
 
 def run_gpus(run) -> set[int] | None:
@@ -131,6 +167,11 @@ class RunDetailState(rx.State):
     exports: list[str] = []
     tracking: list[str] = []
     telemetry: Plot = Plot()
+    eval_summary: str = ""  # the latest did-it-help report: what was measured, when
+    eval_rows: list[list[str]] = []  # [task, metric, base, tuned, change]
+    eval_examples: list[dict[str, str]] = []  # prompt, reference, base, tuned
+    evaluating: bool = False
+    eval_error: str = ""
     error: str = ""
     _following: str = ""
 
@@ -159,6 +200,16 @@ class RunDetailState(rx.State):
             if view["info"]["status"] not in ACTIVE:
                 return
             await asyncio.sleep(1.0)
+
+    @handler(background=True, busy="evaluating", error="eval_error")
+    async def evaluate(self):
+        """Base vs tuned on the run's held-out data (training/evaluate.py), off the event loop; the card shows the result."""
+        async with self:
+            run_id = self.run_id
+        report = await asyncio.to_thread(evaluate_run, _registry(), run_id)
+        async with self:
+            if self.run_id == run_id:
+                assign_changed(self, report_card(report))
 
     @handler()
     def stop(self):

@@ -5,6 +5,7 @@
   data.py       validate                       export.py     export, push
   chat.py       chat, generate                 ui.py         ui
   info.py       info                           compare.py    compare (2-6 runs side by side)
+  eval.py       eval (did it help? base vs tuned)
   follow.py     following a job in the foreground (progress bar, Ctrl-C)
   common.py     what several commands share: flags, the registry, printing errors and statuses
 
@@ -20,10 +21,11 @@ import sys
 import warnings
 
 from training.cli import chat, compare, data, export, info, jobs, multi_run, runs, train, ui
+from training.cli import eval as eval_command
 from training.cli.common import print_error
 from training.errors import BackpropError
 
-COMMAND_GROUPS = (train, multi_run, jobs, runs, compare, data, export, chat, ui, info)
+COMMAND_GROUPS = (train, multi_run, jobs, runs, compare, eval_command, data, export, chat, ui, info)
 
 
 def main(argv: list[str] | None = None) -> int:
