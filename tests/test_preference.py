@@ -195,3 +195,21 @@ def test_dpo_on_two_processes_trains_as_one_process_at_twice_the_batch(home, tmp
     two, one = (events_of(registry.get(ids[n]).path, "step") for n in (2, 1))
     for key in ("loss", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"):
         assert [e[key] for e in two] == pytest.approx([e[key] for e in one], rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.extra("track")
+def test_reward_metrics_reach_tensorboard(home, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pairs = write_jsonl(tmp_path / "rule.jsonl", [{"prompt": q, "chosen": a, "rejected": short(a)} for q, a in CAPITALS])
+    run = Trainer("demo").train(pairs, steps=4, method="dpo", report_to="tensorboard", validation_split=0.2, eval_every=2)
+    assert run.status == "completed"
+    steps = {e["step"]: e for e in events_of(run.run_dir, "step")}
+    evals = {e["step"]: e for e in events_of(run.run_dir, "eval")}
+    accumulator = EventAccumulator(str(run.run_dir / "tensorboard"))
+    accumulator.Reload()
+    for name in ("reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"):
+        logged = {s.step: s.value for s in accumulator.Scalars(f"train/{name}")}
+        assert logged == pytest.approx({s: e[name] for s, e in steps.items()}, rel=1e-5)
+        logged = {s.step: s.value for s in accumulator.Scalars(f"eval/{name}")}
+        assert logged == pytest.approx({s: e[f"eval_{name}"] for s, e in evals.items()}, rel=1e-5)
