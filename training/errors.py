@@ -76,7 +76,7 @@ CATALOGUE: dict[str, ErrorSpec] = {
     "INPUT_DATASET_BAD_PAIR": ErrorSpec(
         "{path}:{line}: {reason}",
         "A preference row needs a prompt, a chosen and a rejected answer, both non-empty and different from each other "
-        "(README \"Preferences\"); fix the row or pass --skip-invalid to train on the others.",
+        '(README "Preferences"); fix the row or pass --skip-invalid to train on the others.',
     ),
     "INPUT_DATASET_NOT_PREFERENCE": ErrorSpec(
         "{path}: --method {method} trains on preference pairs, and {reason}",
