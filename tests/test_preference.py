@@ -150,12 +150,12 @@ def test_a_sigkilled_dpo_run_resumes_on_the_same_curve(home, tmp_path):
     """Killed after a checkpoint, resumed: the steps after it equal an uninterrupted run's, and the reference
     log-probabilities are read back (the resumed model has moved on), not computed again."""
     pairs = write_jsonl(tmp_path / "rule.jsonl", [{"prompt": q, "chosen": a, "rejected": short(a)} for q, a in CAPITALS])
-    options = {"steps": 120, "method": "dpo", "save_every": 8, "batch_size": 4, "lr": 1e-3}
+    options = {"steps": 60, "method": "dpo", "save_every": 8, "batch_size": 4, "lr": 1e-3}
     full = Trainer("demo").train(pairs, **options)
     assert full.status == "completed"
 
     registry = Registry(home)
-    args = ["train", "--model", "demo", "--data", str(pairs), "--method", "dpo", "--steps", "120", "--save-every", "8",
+    args = ["train", "--model", "demo", "--data", str(pairs), "--method", "dpo", "--steps", "60", "--save-every", "8",
             "--batch-size", "4", "--lr", "1e-3", "--json"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "training.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     run = wait_for(lambda: next((r for r in registry.list() if r.id != full.run_id and registry.checkpoints(r.id)), None),
@@ -168,8 +168,8 @@ def test_a_sigkilled_dpo_run_resumes_on_the_same_curve(home, tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "completed"
     losses = {e["step"]: e["loss"] for e in events_of(run.path, "step")}
     expected = {e["step"]: e["loss"] for e in events_of(full.run_dir, "step")}
-    assert sorted(losses) == list(range(1, 121))
-    for step in range(1, 121):
+    assert sorted(losses) == list(range(1, 61))
+    for step in range(1, 61):
         assert losses[step] == pytest.approx(expected[step], rel=1e-3, abs=1e-4), step
     computed = [e for e in events_of(run.path, "log") if "reference log-probabilities" in e.get("message", "")]
     assert len(computed) == 1  # once, before the first step; the resumed session read them back

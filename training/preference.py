@@ -25,6 +25,9 @@ from training.packing import IGNORE, Batch, Encoded, pack
 METHODS = ("sft", "dpo", "orpo")
 PREFERENCE_METHODS = ("dpo", "orpo")
 METRICS = ("reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps")
+# A reward margin this small is a tie, not a preference: at the first step the policy is the reference, and every margin
+# is 0 up to the rounding of two differently packed passes.
+TIE = 1e-4
 
 
 @dataclass
@@ -191,7 +194,7 @@ class PreferenceLoss:
     DPO:  -log σ(β · ((chosen - ref_chosen) - (rejected - ref_rejected))); rewards β · (logp - ref logp).
     ORPO: the chosen answer's mean token loss - λ · log σ(log odds(chosen) - log odds(rejected)), a sequence's odds
           from its mean token log-probability p as p / (1 - p); rewards λ · mean log-probability (as TRL reports them).
-    Reward accuracy is the share of pairs whose chosen reward is the higher one."""
+    Reward accuracy is the share of pairs whose chosen reward is the higher one (by more than TIE)."""
 
     method: str
     beta: float = 0.1
@@ -217,7 +220,7 @@ class PreferenceLoss:
             margin = (chosen_rewards - rejected_rewards).float()
             metrics = {
                 "pairs": float(losses.shape[0]),
-                "reward_accuracy": float((margin > 0).float().sum()),
+                "reward_accuracy": float((margin > TIE).float().sum()),
                 "reward_margin": float(margin.sum()),
                 "chosen_logps": float(scores.chosen.detach().sum()),
                 "rejected_logps": float(scores.rejected.detach().sum()),
