@@ -38,6 +38,7 @@ from training.runs import Registry, RunRecord
 DEFAULT_MAX_EXAMPLES = 200  # held-out examples measured (the first ones); a big --data file is sampled, not read whole
 DEFAULT_SHOWN = 5  # prompts shown with both answers
 ANSWER_MARGIN_TOKENS = 16  # a greedy answer may run this much longer than its reference before it is cut off
+GENERATION_BATCH = 16  # prompts answered at once
 # Every metric a report may hold: key, label, True when higher is better (the order the CLI and the run page show).
 METRICS = (
     ("loss", "loss", False),
@@ -262,7 +263,7 @@ class _Scorer:
                 measured.loss_sum[side] = self._loss(encoded) * measured.target_tokens
                 if kind == "preference":
                     measured.scores[side] = self._pair_logps([e for e in examples if e.is_preference])
-                answers[side] = [self._answer(*prompt_and_reference(e)) for e in answered]  # type: ignore[misc]
+                answers[side] = self._answers([prompt_and_reference(e) for e in answered])  # type: ignore[misc]
         for example, base, tuned in zip(answered, answers["base"], answers["tuned"], strict=True):
             prompt, reference = prompt_and_reference(example)  # type: ignore[misc]
             if kind == "chat":
@@ -282,15 +283,43 @@ class _Scorer:
         return mean_loss(self.peft, encoded, t.batch_size, t.max_seq_length, t.packing, self.chat.tokenizer.pad_token_id,
                          self.device, t.loss_kernel)  # fmt: skip
 
-    def _answer(self, prompt: list[dict[str, Any]], reference: str) -> str:
-        """The greedy answer, cut off a little past the reference's length (a model that never stops costs no more)."""
-        budget = len(self.chat.tokenizer(reference, add_special_tokens=False)["input_ids"]) + ANSWER_MARGIN_TOKENS
-        try:
-            return self.chat.reply(prompt, max_new_tokens=budget, temperature=0.0)
-        except BackpropError as exc:
-            if exc.code == "INPUT_INVALID_ARGUMENT":  # a prompt longer than the model's context: no answer
-                return ""
-            raise
+    def _answers(self, asked: list[tuple[list[dict[str, Any]], str]]) -> list[str]:
+        """Greedy answers to (prompt, reference) pairs, GENERATION_BATCH prompts at a time (left-padded, so every row
+        ends where its answer starts), each cut off a little past its reference's length and at the first end-of-turn
+        token. The prompt is the chat template's, as in Chat (training.generate); a prompt that fills the context gets
+        no answer."""
+        import torch
+        from transformers import GenerationConfig
+
+        tokenizer, stops = self.chat.tokenizer, self.chat.stop_ids
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        todo = []
+        for i, (prompt, reference) in enumerate(asked):
+            ids = self.chat.prompt_ids(prompt)
+            budget = len(tokenizer(reference, add_special_tokens=False)["input_ids"]) + ANSWER_MARGIN_TOKENS
+            if self.chat.context_length:
+                budget = min(budget, self.chat.context_length - len(ids))
+            if budget > 0:
+                todo.append((i, ids, budget))
+        todo.sort(key=lambda job: len(job[1]))  # similar lengths together: little padding
+        answers = [""] * len(asked)
+        for start in range(0, len(todo), GENERATION_BATCH):
+            group = todo[start : start + GENERATION_BATCH]
+            width = max(len(ids) for _, ids, _ in group)
+            rows = [[pad] * (width - len(ids)) + ids for _, ids, _ in group]
+            mask = [[0] * (width - len(ids)) + [1] * len(ids) for _, ids, _ in group]
+            # A config of its own: a model's defaults (Qwen's repetition penalty, sampling) must not change greedy answers.
+            config = GenerationConfig(max_new_tokens=max(b for _, _, b in group), do_sample=False, num_beams=1,
+                                      eos_token_id=sorted(stops), pad_token_id=pad)  # fmt: skip
+            device = self.peft.device
+            with torch.inference_mode():
+                out = self.peft.generate(input_ids=torch.tensor(rows, device=device),
+                                         attention_mask=torch.tensor(mask, device=device), generation_config=config)  # fmt: skip
+            for (i, _, budget), new in zip(group, out[:, width:].tolist(), strict=True):
+                new = new[:budget]
+                end = next((k for k, token in enumerate(new) if token in stops), len(new))
+                answers[i] = tokenizer.decode(new[:end], skip_special_tokens=True).strip()
+        return answers
 
     def _pair_logps(self, pairs: list[Example]) -> list[tuple[float, float]]:
         from training.preference import pair_logps
