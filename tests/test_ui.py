@@ -231,6 +231,32 @@ def test_the_runs_page_lists_a_run_started_from_the_command_line(server, page):
     assert not run_dir.exists()
 
 
+def test_evaluate_on_the_run_page_shows_a_report_card_of_base_vs_tuned_with_answers_side_by_side(server, page):
+    from training.runs import Registry
+
+    out = backprop("train", "--model", "demo", "--steps", "20", "--validation-split", "0.1", "--name", "did-it-help",
+                   "--json", env=server["env"], check=True)  # fmt: skip
+    run_id = json.loads(out.stdout.strip().splitlines()[-1])["run_id"]
+    page.goto(server["url"] + f"runs/{run_id}")
+    wait_for(lambda: "did-it-help" in page.inner_text("body") and page.is_enabled("#run-evaluate"), 30, "the run page")
+    assert page.query_selector("#eval-card") is None  # nothing measured yet
+    page.click("#run-evaluate")
+    wait_for(lambda: page.query_selector("#eval-card") is not None, 300, "the report card")
+    assert page.query_selector("#eval-error") is None and page.is_enabled("#run-evaluate")
+    metrics = page.locator("#eval-metrics tbody tr td:nth-child(2)").all_inner_texts()
+    assert metrics == ["loss", "perplexity", "exact match", "F1"]
+    report = Registry(server["home"]).latest_evaluation(run_id)  # the card shows the report stored with the run
+    assert report["run_id"] == run_id and report["tuned"]["loss"] < report["base"]["loss"]
+    first_row = page.locator("#eval-metrics tbody tr").first.locator("td").all_inner_texts()
+    assert first_row[2:4] == [f"{report['base']['loss']:.4g}", f"{report['tuned']['loss']:.4g}"] and "better" in first_row[4]
+    assert page.locator(".eval-example").count() == len(report["examples"]) == 4  # 10% of the demo's 40 rows
+    assert report["examples"][0]["reference"] in page.inner_text("#eval-card")
+    assert "4 held-out examples (validation split, chat data)" in page.inner_text("#eval-summary")
+    shot(page, "run-evaluation")
+    page.reload()  # the card comes back from the registry
+    wait_for(lambda: page.query_selector("#eval-card") is not None, 30, "the stored report card")
+
+
 def test_three_runs_ticked_on_the_runs_page_are_compared_side_by_side(server, page):
     runs = []
     for lr in ("1e-3", "3e-3", "1e-2"):  # three real runs of the CLI, only the learning rate apart
