@@ -13,9 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import DEMO_DATA, backprop
 
-from training.evaluate import exact_match, f1_score
+from training.evaluate import evaluate_run, exact_match, f1_score
 from training.runs import Registry
 
 WORDINGS = ("What is the capital of {}?", "Which city is the capital of {}?", "Name the capital of {}.",
@@ -156,3 +157,16 @@ def test_evaluations_are_stored_whole_with_their_run_and_leave_with_it(tmp_path)
     assert Registry(tmp_path / "home").latest_evaluation(run.id)["tuned"] == {"loss": 0.5}  # another process reads it
     registry.delete(run.id)
     assert registry.evaluations(run.id) == [] and registry.latest_evaluation(run.id) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
+def test_on_cuda_the_report_agrees_with_the_one_measured_on_the_cpu(trained):
+    """The GPU check runs this (pytest -m gpu tests/test_evaluate.py): the same run measured on CUDA and on the CPU."""
+    registry = Registry(trained["home"])
+    on_gpu = evaluate_run(registry, trained["run_id"], device="cuda")
+    on_cpu = evaluate_run(registry, trained["run_id"], device="cpu")
+    assert on_gpu["tuned"]["exact_match"] >= 0.8 and on_gpu["base"]["exact_match"] <= 0.1
+    for side in ("base", "tuned"):
+        assert on_gpu[side]["loss"] == pytest.approx(on_cpu[side]["loss"], rel=0.05, abs=0.01)
+    assert [e["tuned"] for e in on_gpu["examples"]] == [e["tuned"] for e in on_cpu["examples"]]
