@@ -58,7 +58,8 @@ def pair_tokens(tokenizer, pairs: list[dict]) -> int:
     total = 0
     for p in pairs:
         for side in ("chosen", "rejected"):
-            total += len(tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=True))
+            text = tokenizer.apply_chat_template(p["prompt"] + p[side], tokenize=False)
+            total += len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return total
 
 

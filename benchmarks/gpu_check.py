@@ -632,9 +632,10 @@ def gpu_tests(plan: Plan) -> dict[str, Any]:
     needs_cuda(plan, "tests marked gpu")
     if not (ROOT / "tests" / "test_gpu.py").exists():
         raise Skip("tests/test_gpu.py not there yet")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
+    files = ["tests/test_gpu.py", "tests/test_evaluate.py"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", *files, "-q", "-p", "no:cacheprovider",
                            "-x", "--timeout=300"] if _has_timeout_plugin() else
-                          [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"],
+                          [sys.executable, "-m", "pytest", "-m", "gpu", *files, "-q", "-p", "no:cacheprovider"],
                           cwd=ROOT, capture_output=True, text=True, timeout=420)  # fmt: skip
     tail = (done.stdout + done.stderr).strip().splitlines()
     return {"exit": done.returncode, "summary": tail[-1] if tail else "", "tail": "\n".join(tail[-30:])}

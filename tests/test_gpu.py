@@ -139,3 +139,30 @@ def test_a_real_cuda_oom_under_a_memory_limit_recovers_or_ends_with_a_checkpoint
         assert run.status == "failed" and run.error_code == "RUNTIME_OOM_RECOVERY_EXHAUSTED"
         saved = registry.checkpoints(run.id)
         assert saved and checkpoints.is_readable(Path(saved[-1].path)), "no checkpoint of the last good step"
+
+
+def test_dpo_trains_on_cuda_in_bf16_and_scores_answers_as_the_cpu_does(home, tmp_path):
+    """Preference training on CUDA: answer log-probabilities (chunked head loss, bf16 weights) agree with the CPU's
+    fp32 ones to bf16 precision, and a DPO run's reward accuracy rises."""
+    from training.datasets import load_dataset
+    from training.models import load_model, load_tokenizer, resolve_model
+    from training.preference import PairEncoder, answer_logps, batches
+
+    rows = [json.loads(line)["messages"] for line in DEMO_DATA.open()]
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps({"prompt": m[0]["content"], "chosen": m[1]["content"],
+                                              "rejected": "I do not know."}) + "\n" for m in rows))  # fmt: skip
+    source = resolve_model("demo", home)
+    tokenizer = load_tokenizer(source)
+    pairs = [PairEncoder(tokenizer, 128)(e) for e in load_dataset(pairs_file).examples]
+    (_held, batch), *_ = batches(pairs, rows=4, max_seq_length=128, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        cpu = answer_logps(load_model(source, dtype=torch.float32, device="cpu"), batch, "cpu")
+        cuda = answer_logps(load_model(source, dtype=torch.bfloat16, device="cuda"), batch, "cuda").float().cpu()
+    assert torch.allclose(cuda, cpu, rtol=0.05, atol=0.5)
+
+    result = Trainer("demo", **ENGINE).train(pairs_file, steps=20, method="dpo", validation_split=0.25)
+    assert result.status == "completed"
+    steps = [e for e in events_of(result.run_dir) if e["event"] == "step"]
+    assert steps[-1]["reward_accuracy"] > steps[0]["reward_accuracy"]
+    assert next(e for e in events_of(result.run_dir) if e["event"] == "started")["device"] == "cuda"
