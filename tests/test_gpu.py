@@ -143,7 +143,7 @@ def test_a_real_cuda_oom_under_a_memory_limit_recovers_or_ends_with_a_checkpoint
 
 def test_dpo_trains_on_cuda_in_bf16_and_scores_answers_as_the_cpu_does(home, tmp_path):
     """Preference training on CUDA: answer log-probabilities (chunked head loss, bf16 weights) agree with the CPU's
-    fp32 ones to bf16 precision, and a DPO run's reward accuracy rises."""
+    fp32 ones to bf16 precision, and a DPO run learns to prefer the held-out pairs' chosen answers."""
     from training.datasets import load_dataset
     from training.models import load_model, load_tokenizer, resolve_model
     from training.preference import PairEncoder, answer_logps, batches
@@ -161,8 +161,8 @@ def test_dpo_trains_on_cuda_in_bf16_and_scores_answers_as_the_cpu_does(home, tmp
         cuda = answer_logps(load_model(source, dtype=torch.bfloat16, device="cuda"), batch, "cuda").float().cpu()
     assert torch.allclose(cuda, cpu, rtol=0.05, atol=0.5)
 
-    result = Trainer("demo", **ENGINE).train(pairs_file, steps=20, method="dpo", validation_split=0.25)
+    result = Trainer("demo", **ENGINE).train(pairs_file, steps=20, method="dpo", lr=1e-3, validation_split=0.25)
     assert result.status == "completed"
-    steps = [e for e in events_of(result.run_dir) if e["event"] == "step"]
-    assert steps[-1]["reward_accuracy"] > steps[0]["reward_accuracy"]
+    evals = [e for e in events_of(result.run_dir) if e["event"] == "eval"]
+    assert evals[-1]["eval_reward_accuracy"] >= 0.9, evals[-1]
     assert next(e for e in events_of(result.run_dir) if e["event"] == "started")["device"] == "cuda"

@@ -65,6 +65,56 @@ def test_a_pair_scores_as_two_independent_answers_packed_side_by_side(home):
     assert collate_pairs([[pairs[0]]], tokenizer.pad_token_id).target_tokens == 1  # a pair is one unit of loss
 
 
+def test_the_dpo_and_orpo_losses_and_rewards_are_the_papers_formulas():
+    """DPO (Rafailov et al. 2023) and ORPO (Hong et al. 2024), worked out by hand for two pairs."""
+    import math
+
+    import torch
+
+    from training.preference import PairScores, PreferenceLoss
+
+    scores = PairScores(chosen=torch.tensor([-4.0, -9.0]), rejected=torch.tensor([-6.0, -8.0]),
+                        reference_chosen=torch.tensor([-5.0, -9.0]), reference_rejected=torch.tensor([-5.0, -9.0]),
+                        chosen_tokens=torch.tensor([4.0, 3.0]), rejected_tokens=torch.tensor([3.0, 4.0]))  # fmt: skip
+
+    def logsigmoid(x: float) -> float:
+        return -math.log1p(math.exp(-x))
+
+    loss, metrics = PreferenceLoss("dpo", beta=0.5)(scores)
+    margins = [0.5 * ((-4 + 5) - (-6 + 5)), 0.5 * ((-9 + 9) - (-8 + 9))]  # beta * (policy - reference) log-ratios
+    assert float(loss) == pytest.approx(-sum(logsigmoid(m) for m in margins), rel=1e-6)
+    assert metrics["reward_accuracy"] == 1 and metrics["reward_margin"] == pytest.approx(sum(margins))
+    assert (metrics["chosen_logps"], metrics["rejected_logps"], metrics["pairs"]) == (-13.0, -14.0, 2.0)
+
+    loss, metrics = PreferenceLoss("orpo", orpo_lambda=0.2)(scores)
+    expected = 0.0
+    for c, nc, r, nr in ((-4, 4, -6, 3), (-9, 3, -8, 4)):
+        pc, pr = c / nc, r / nr  # mean token log-probabilities
+        log_odds = (pc - math.log1p(-math.exp(pc))) - (pr - math.log1p(-math.exp(pr)))
+        expected += -pc - 0.2 * logsigmoid(log_odds)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # Rewards are lambda * mean log-probabilities: pair 1 prefers chosen by 1 nat a token, pair 2 rejected by 1.
+    assert metrics["reward_accuracy"] == 1 and metrics["reward_margin"] == pytest.approx(0.2 * (1 - 1), abs=1e-6)
+
+
+def test_a_long_pair_keeps_the_same_prompt_tail_for_both_answers(home):
+    from training.datasets import Example
+    from training.models import load_tokenizer, resolve_model
+    from training.preference import IGNORE, PairEncoder
+
+    tokenizer = load_tokenizer(resolve_model("demo", home))
+    prompt = [{"role": "user", "content": "Tell me about capitals. " * 30 + "Which one is in France?"}]
+    example = Example(prompt + [{"role": "assistant", "content": "Paris, the capital of France, on the Seine."}], 7,
+                      "preference", rejected=[{"role": "assistant", "content": "Paris."}], prompt_turns=1)  # fmt: skip
+    encoder = PairEncoder(tokenizer, 64)
+    pair = encoder(example)
+    assert encoder.truncated == 1 and len(pair.chosen) == 64
+    prompt_part = [t for t, label in zip(pair.chosen.input_ids, pair.chosen.labels, strict=True) if label == IGNORE]
+    rejected_prompt = [t for t, label in zip(pair.rejected.input_ids, pair.rejected.labels, strict=True) if label == IGNORE]
+    assert prompt_part[: len(rejected_prompt)] == rejected_prompt  # the rejected side sees exactly the chosen's prompt
+    assert tokenizer.decode(pair.chosen.input_ids).rstrip().endswith("on the Seine.<|im_end|>")
+
+
 def test_dpo_and_orpo_teach_a_rule_from_pairs_alone(home, tmp_path):
     """An SFT run learns both answer styles; DPO (and ORPO) on pairs where the chosen answer follows the rule then make
     the held-out pairs' chosen answer win (reward accuracy >= 0.9) and greedy answers follow the rule."""
@@ -88,6 +138,9 @@ def test_dpo_and_orpo_teach_a_rule_from_pairs_alone(home, tmp_path):
 
         spec = json.loads((tuned.run_dir / "spec.json").read_text())
         assert spec["from_run"] == sft.run_id and spec["settings"]["training"]["method"] == method
+        assert Registry(home).get(tuned.run_id).parent_id is None  # a run of its own, not a multi-run's child
+        if method == "dpo":  # the reference is the adapter the run started from
+            assert_reference_is_the_adapter(home, tuned.run_dir, sft.adapter_path, pairs)
         from training.datasets import load_dataset, split
 
         _train, held_out = split(load_dataset(pairs).examples, 0.25, spec["settings"]["training"]["seed"])
@@ -95,6 +148,19 @@ def test_dpo_and_orpo_teach_a_rule_from_pairs_alone(home, tmp_path):
             answers = [chat.reply(e.prompt, max_new_tokens=24) for e in held_out]
         follows = sum(a.startswith(RULE) for a in answers)
         assert follows >= 0.9 * len(answers), (method, answers)
+
+
+def assert_reference_is_the_adapter(home: Path, run_dir: Path, adapter: Path, pairs: Path) -> None:
+    from training.datasets import load_dataset, split
+    from training.generate import AdapterModel
+    from training.preference import pair_logps
+
+    spec = json.loads((run_dir / "spec.json").read_text())
+    train, held_out = split(load_dataset(pairs).examples, 0.25, spec["settings"]["training"]["seed"])
+    saved = json.loads((run_dir / "reference_logps.json").read_text())["pairs"]
+    with AdapterModel(adapter, home) as start:
+        scored = pair_logps(start.model, start.tokenizer, train + held_out, "cpu", 128)
+    assert [s for pair in saved for s in pair] == pytest.approx([s for pair in scored for s in pair], rel=1e-4, abs=1e-4)
 
 
 def test_a_dpo_run_holds_one_copy_of_the_base_weights(home, tmp_path):
@@ -146,20 +212,22 @@ def test_dpo_on_chat_data_or_bad_pairs_is_refused_with_a_code_and_a_line(home, t
     assert f"{bad}:2" in result.stderr + result.stdout
 
 
-def test_a_sigkilled_dpo_run_resumes_on_the_same_curve(home, tmp_path):
+def test_a_sigkilled_dpo_run_from_another_run_resumes_on_the_same_curve(home, tmp_path):
     """Killed after a checkpoint, resumed: the steps after it equal an uninterrupted run's, and the reference
     log-probabilities are read back (the resumed model has moved on), not computed again."""
+    sft = Trainer("demo").train(DEMO_DATA, steps=5)
     pairs = write_jsonl(tmp_path / "rule.jsonl", [{"prompt": q, "chosen": a, "rejected": short(a)} for q, a in CAPITALS])
-    options = {"steps": 60, "method": "dpo", "save_every": 8, "batch_size": 4, "lr": 1e-3}
-    full = Trainer("demo").train(pairs, **options)
+    options = {"steps": 100, "method": "dpo", "save_every": 8, "batch_size": 4, "lr": 1e-3}
+    full = Trainer().train(pairs, from_run=sft.run_id, **options)
     assert full.status == "completed"
 
     registry = Registry(home)
-    args = ["train", "--model", "demo", "--data", str(pairs), "--method", "dpo", "--steps", "60", "--save-every", "8",
-            "--batch-size", "4", "--lr", "1e-3", "--json"]  # fmt: skip
+    args = ["train", "--data", str(pairs), "--from-run", sft.run_id, "--method", "dpo", "--steps", "100", "--save-every",
+            "8", "--batch-size", "4", "--lr", "1e-3", "--json"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "training.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    run = wait_for(lambda: next((r for r in registry.list() if r.id != full.run_id and registry.checkpoints(r.id)), None),
-                   what="a checkpoint of the second run")  # fmt: skip
+    known = {sft.run_id, full.run_id}
+    run = wait_for(lambda: next((r for r in registry.list() if r.id not in known and registry.checkpoints(r.id)), None),
+                   what="a checkpoint of the third run")  # fmt: skip
     os.kill(run.pid, signal.SIGKILL)
     proc.wait(timeout=120)
     assert Registry(home).get(run.id).status == "interrupted"
@@ -168,8 +236,8 @@ def test_a_sigkilled_dpo_run_resumes_on_the_same_curve(home, tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "completed"
     losses = {e["step"]: e["loss"] for e in events_of(run.path, "step")}
     expected = {e["step"]: e["loss"] for e in events_of(full.run_dir, "step")}
-    assert sorted(losses) == list(range(1, 61))
-    for step in range(1, 61):
+    assert sorted(losses) == list(range(1, 101))
+    for step in range(1, 101):
         assert losses[step] == pytest.approx(expected[step], rel=1e-3, abs=1e-4), step
     computed = [e for e in events_of(run.path, "log") if "reference log-probabilities" in e.get("message", "")]
     assert len(computed) == 1  # once, before the first step; the resumed session read them back

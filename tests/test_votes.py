@@ -145,14 +145,13 @@ def test_a_torn_row_longer_than_one_read_is_cut_off_whole(tmp_path):
 
 def test_training_on_votes_makes_three_passes_over_them_whatever_the_models_preset_step_count():
     from training.config import load_settings, nest_options
+    from training.models import apply_model_defaults
     from training.votes import dpo_options
 
-    settings = load_settings()
-    assert dpo_options(settings, "demo", 2) == {"method": "dpo", "epochs": 3, "steps": 3}  # demo: 2 pairs a step, 300 steps
-    assert dpo_options(settings, "demo", 5)["steps"] == 9
-    assert dpo_options(settings, "Qwen/Qwen2.5-0.5B-Instruct", 20)["steps"] == 9  # 8 pairs a step by default
-    accumulating = load_settings(**nest_options({"batch_size": 4, "gradient_accumulation": 2}))
-    assert dpo_options(accumulating, "demo", 17)["steps"] == 9  # batches as configured: 8 pairs an optimizer step
+    assert dpo_options() == {"method": "dpo", "epochs": 3}
+    for model in ("demo", "Qwen/Qwen2.5-0.5B-Instruct"):
+        training = apply_model_defaults(load_settings(**nest_options({"model": model, **dpo_options()}))).training
+        assert (training.method, training.epochs, training.steps) == ("dpo", 3, None), model  # the demo's 300 steps do not win
 
 
 def test_the_votes_file_loads_as_preference_pairs(tmp_path):

@@ -102,7 +102,8 @@ class Example:
         if self.is_raw_text:
             return {"text": self.messages[0]["content"]}
         if self.is_preference:
-            return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+            return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected,
+                    **({"tools": self.tools} if self.tools else {})}  # fmt: skip
         return {"messages": self.messages, **({"tools": self.tools} if self.tools else {})}
 
 

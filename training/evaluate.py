@@ -7,7 +7,7 @@ The model is loaded once, as the run's adapter on its base; the base model is th
 `model.disable_adapter()`, so no second copy is held. Both are measured alike:
 
     loss, perplexity          per target token, with the trainer's own masking (ChatEncoder + mean_loss): on the
-                              validation split, the tuned loss is the run's final eval loss
+                              validation split, the tuned loss is an SFT run's final eval loss
     exact_match, f1           chat data: greedy answers to each prompt (the conversation up to its last assistant
                               turn) against that turn; exact match after whitespace normalization, F1 of the word
                               overlap (lowercase, punctuation dropped: SQuAD style)

@@ -56,8 +56,10 @@ def submit_train(
     extra = None
     if from_run:
         settings, extra = _start_from(registry, settings, from_run)
+    # Not the run's parent in the registry (that is a multi-run's child): it stays a run of its own, resumable, kept
+    # when the run it started from is deleted; spec.json names it.
     run = new_train_run(registry, settings, data, fmt=fmt, skip_invalid=skip_invalid, name=name, runs_root=runs_root,
-                        parent_id=extra["from_run"] if extra else None, extra=extra)  # fmt: skip
+                        extra=extra)  # fmt: skip
     return start(registry, run)
 
 

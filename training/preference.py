@@ -57,22 +57,30 @@ class PairEncoder:
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.truncated = 0
+        self.fallbacks = 0  # as ChatEncoder's: a pair's template is never replaced by training on every token
 
     def __call__(self, example: Example) -> Pair:
         if not example.is_preference:
             raise BackpropError("INPUT_DATASET_NOT_PREFERENCE", path=example.path or "dataset", method="dpo or orpo",
                                 reason=f"line {example.line} is a {example.format} row")  # fmt: skip
-        prompt = example.prompt
-        truncated = False
-        sides = []
-        for reply in (example.chosen, example.rejected):
-            encoded, cut = self._encode(prompt, reply, example)
-            truncated |= cut
-            sides.append(encoded)
-        self.truncated += truncated
-        return Pair(sides[0], sides[1], example.line)
+        prompt_ids, chosen_ids, chosen_labels = self._encode(example.prompt, example.chosen, example)
+        _, rejected_ids, rejected_labels = self._encode(example.prompt, example.rejected, example)
+        longer = max(len(chosen_ids), len(rejected_ids))
+        # Both answers see the same prompt: its tail that leaves room for the longer answer.
+        room = max(0, self.max_seq_length - longer)
+        kept = prompt_ids[max(0, len(prompt_ids) - room) :]
+        self.truncated += len(kept) < len(prompt_ids) or longer > self.max_seq_length
+        return Pair(self._side(kept, chosen_ids, chosen_labels), self._side(kept, rejected_ids, rejected_labels),
+                    example.line)  # fmt: skip
 
-    def _encode(self, prompt: list[dict[str, Any]], reply: list[dict[str, Any]], example: Example) -> tuple[Encoded, bool]:
+    def _side(self, prompt_ids: list[int], ids: list[int], labels: list[int]) -> Encoded:
+        n = self.max_seq_length
+        return Encoded((prompt_ids + ids)[:n], ([IGNORE] * len(prompt_ids) + labels)[:n])
+
+    def _encode(
+        self, prompt: list[dict[str, Any]], reply: list[dict[str, Any]], example: Example
+    ) -> tuple[list[int], list[int], list[int]]:
+        """(the prompt's ids, the answer's ids, the answer's labels): the rendered pair cut where the prompt ends."""
         try:
             pieces = chat_template.segments(self.tokenizer, prompt + reply, example.tools)
         except Exception as exc:
@@ -93,11 +101,7 @@ class PairEncoder:
                 ids += piece
                 labels += piece if kind == "assistant" else [IGNORE] * len(piece)
             at += len(text)
-        room = self.max_seq_length - len(ids)
-        cut = room < len(prompt_ids)
-        kept_prompt = prompt_ids[len(prompt_ids) - max(0, room) :] if cut else prompt_ids
-        ids, labels = kept_prompt + ids, [IGNORE] * len(kept_prompt) + labels
-        return Encoded(ids[: self.max_seq_length], labels[: self.max_seq_length]), cut
+        return prompt_ids, ids, labels
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

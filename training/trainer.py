@@ -174,12 +174,16 @@ class _Loop:
             val_examples = load_dataset(self.spec["validation_data"], fmt, tokenizer=self.tokenizer).examples
 
         self.model = self._load_lora_model(source)
-        if self.spec.get("init_adapter"):  # start from given LoRA weights (a checkpoint, if any, still wins below)
+        init = self.spec.get("init_adapter")
+        if init and not Path(init).is_file() and not self._saved_checkpoints():
+            raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"the adapter this run starts from is gone: {init}",
+                                hint="Start a new run from an existing run or adapter.")  # fmt: skip
+        if init and Path(init).is_file():  # start from given LoRA weights (a checkpoint, if any, still wins below)
             from peft import get_peft_model_state_dict, set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            weights = load_file(self.spec["init_adapter"])
-            slao.check_fits(get_peft_model_state_dict(self.model), weights, self.spec["init_adapter"])
+            weights = load_file(init)
+            slao.check_fits(get_peft_model_state_dict(self.model), weights, init)
             set_peft_model_state_dict(self.model, weights)
         encoder = ChatEncoder(self.tokenizer, t.max_seq_length, t.response_only) if self.preference is None \
             else preference.PairEncoder(self.tokenizer, t.max_seq_length)  # fmt: skip
@@ -191,7 +195,7 @@ class _Loop:
                 level="warning",
                 message=f"{encoder.truncated} examples longer than {t.max_seq_length} tokens were truncated",
             )
-        if getattr(encoder, "fallbacks", 0):
+        if encoder.fallbacks:
             self.events.emit(
                 "log",
                 level="warning",
@@ -219,7 +223,7 @@ class _Loop:
         if self.world.distributed:
             self._prepare_ranks()
         if self.preference is not None and self.preference.method == "dpo":
-            self._reference_logps()
+            self._reference_logps(resuming=state.step > 0)
         devices = self.world.gather_devices(self.device)
         self.registry.update(self.run_record.id, max_steps=self.max_steps)
         self.events.emit("started", durable=True, model=self.settings.model, dataset=dataset.report.path,
@@ -281,7 +285,7 @@ class _Loop:
 
             free, _total = torch.cuda.mem_get_info()
             shape, step = _step_estimate(self.model, self.settings.lora.r)
-            rows, length = self.plan.batch_size, self.t.max_seq_length
+            rows, length = self.plan.batch_size, self._row_length()
             if not needs_gradient_checkpointing(free, shape, rows, length, **step):
                 return
             need = memory.step_bytes(shape, rows, length, **step)
@@ -328,15 +332,20 @@ class _Loop:
         if free_bytes is None:
             free_bytes, _total = torch.cuda.mem_get_info()
         shape, step = _step_estimate(self.model, self.settings.lora.r)
-        size = memory.auto_batch_size(free_bytes, shape, t.max_seq_length, **step)
-        needs = memory.step_bytes(shape, size, t.max_seq_length, **step)
+        length = self._row_length()
+        size = memory.auto_batch_size(free_bytes, shape, length, **step)
+        needs = memory.step_bytes(shape, size, length, **step)
         self.events.emit("log", level="info", batch_size=size, free_vram_gb=round(free_bytes / memory.GIB, 2),
                          estimated_gb=round(needs / memory.GIB, 2),
                          message=f"auto batch size {size} from {free_bytes / memory.GIB:.1f} GiB free VRAM "
-                         f"(~{needs / memory.GIB:.1f} GiB estimated for {size} x {t.max_seq_length} tokens)")  # fmt: skip
+                         f"(~{needs / memory.GIB:.1f} GiB estimated for {size} x {length} tokens)")  # fmt: skip
         self.spec["auto_batch_size"] = size
         atomic.write_json(self.run_record.path / "spec.json", self.spec)
         return size
+
+    def _row_length(self) -> int:
+        """The most tokens a row of a micro-batch holds: a preference pair's two answers share a row."""
+        return self.t.max_seq_length * (2 if self.preference is not None else 1)
 
     def _lr_factor(self, step: int) -> float:
         warmup = int(self.t.warmup_ratio * self.max_steps)
@@ -445,7 +454,7 @@ class _Loop:
                              f"{self.world.world_size} ranks holds about {local / max(1, total):.0%} of the frozen weights "
                              f"({local:,} of {total:,} on rank 0)", frozen_local=local, frozen_total=total)  # fmt: skip
 
-    def _reference_logps(self) -> None:
+    def _reference_logps(self, resuming: bool) -> None:
         """DPO's reference: the summed log-probabilities of every pair's answers under the model as the run starts (its
         adapter is the identity, or --from-run's), computed once before the first step and kept in
         RUN_DIR/reference_logps.json, which a resumed run reads back (its weights have moved on by then).
@@ -464,19 +473,23 @@ class _Loop:
             saved = self.world.broadcast_object(saved)
         if saved:
             scores = [tuple(s) for s in saved["pairs"]]
+        elif resuming:  # the weights have moved on since the start: they cannot stand in for the reference
+            raise BackpropError("STATE_NOT_RESUMABLE", run_id=self.run_record.id, reason="its DPO reference "
+                                "(reference_logps.json) is missing or was computed on other data",
+                                hint="Start a new DPO run; --from-run starts it from the same adapter.")  # fmt: skip
         else:
             started = time.perf_counter()
             split = self.world.distributed and not self.sharded
             mine = pairs[self.world.rank :: self.world.world_size] if split else pairs
             rows = max(1, self.plan.batch_size // self.world.world_size)
             self.model.eval()
-            mine_scores = preference.score_pairs(self._answer_sums, mine, rows, self.t.max_seq_length,
+            mine_scores = preference.score_pairs(self._score_answers, mine, rows, self.t.max_seq_length,
                                                  self.tokenizer.pad_token_id)  # fmt: skip
             self.model.train()
             scores = mine_scores
             if split:
                 table = torch.zeros((len(pairs), 2), dtype=torch.float64, device=self._collective_device())
-                table[self.world.rank :: self.world.world_size] = torch.tensor(mine_scores, dtype=torch.float64)
+                table[self.world.rank :: self.world.world_size] = torch.tensor(mine_scores, dtype=torch.float64).reshape(-1, 2)
                 torch.distributed.all_reduce(table)
                 scores = [tuple(row) for row in table.cpu().tolist()]
             if self.world.is_main:
@@ -488,10 +501,17 @@ class _Loop:
             pair.reference = (float(score[0]), float(score[1]))
 
     def _answer_sums(self, batch: Batch) -> Any:
-        """Each answer's summed log-probability in a preference batch (through the ranks' loss module when there is one)."""
+        """Each answer's summed log-probability in a training pass (through the ranks' loss module when there is one)."""
         if self.step_loss is not None:
             return self.step_loss(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask,
                                   batch.sequence_ids)  # fmt: skip
+        return preference.answer_logps(self.model, batch, self.device, self.t.loss_kernel)
+
+    def _score_answers(self, batch: Batch) -> Any:
+        """As `_answer_sums`, outside training (the reference, evaluation): through the model itself, which a rank may
+        run alone, unless FSDP or ZeRO-3 shard it and every rank must take part (DeepSpeed's engine runs training only)."""
+        if self.sharded:
+            return self._answer_sums(batch)
         return preference.answer_logps(self.model, batch, self.device, self.t.loss_kernel)
 
     def _trainable(self) -> int:
@@ -765,7 +785,7 @@ class _Loop:
         rows = max(1, self.plan.batch_size // self.world.world_size)
         with torch.no_grad():
             for _held, batch in preference.batches(self.val_encoded, rows, self.t.max_seq_length, self.tokenizer.pad_token_id):
-                loss, more = self.preference(preference.PairScores.of(self._answer_sums(batch), batch))
+                loss, more = self.preference(preference.PairScores.of(self._score_answers(batch), batch))
                 total += float(loss)
                 preference.add_metrics(metrics, more)
         return total / max(1.0, metrics.get("pairs", 0.0)), preference.mean_metrics(metrics, "eval_")

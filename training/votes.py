@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,15 +65,10 @@ def count_votes(path: Path) -> int:
     return sum(1 for line in data.split(b"\n")[:-1] if line.strip())
 
 
-def dpo_options(settings: Any, model: str, votes: int) -> dict[str, Any]:
-    """Flat options (training.config.nest_options) of a DPO run on `votes` pairs for `model`: EPOCHS passes over them,
-    given as steps, since a model's preset step count (the demo's 300) would win over epochs; batch size and the rest
-    as configured."""
-    from training.models import apply_model_defaults
-
-    training = apply_model_defaults(settings.model_copy(update={"model": model})).training
-    per_step = training.batch_size * training.gradient_accumulation
-    return {"method": "dpo", "epochs": EPOCHS, "steps": max(1, math.ceil(votes / per_step)) * EPOCHS}
+def dpo_options() -> dict[str, Any]:
+    """Flat options (training.config.nest_options) of a DPO run on the votes: EPOCHS passes over them (epochs given win
+    over a model preset's step count); batch size and the rest as configured."""
+    return {"method": "dpo", "epochs": EPOCHS}
 
 
 def _problem(prompt: list[dict], chosen: str, rejected: str) -> str:

@@ -193,9 +193,7 @@ class ChatState(rx.State):
             so_far = f"{self.votes} vote{'' if self.votes == 1 else 's'} so far"
             raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"{so_far}: at least {MIN_VOTES} are needed",
                                 hint="Vote on more side-by-side replies first.")  # fmt: skip
-        settings = load_settings()
-        model = Registry(settings.home).get(self.vote_run).model or ""
-        settings = load_settings(**nest_options(dpo_options(settings, model, self.votes)))  # a few passes over the votes
+        settings = load_settings(**nest_options(dpo_options()))  # a few passes over the votes
         data = votes_file(preferences_dir(), self.vote_run)
         run = jobs.submit_train(settings, str(data), from_run=self.vote_run, name=f"votes on {self.vote_run}",
                                 runs_root=runs_root())  # fmt: skip

@@ -9,8 +9,8 @@ from typing import Any
 
 from app.state.plot import Line, Plot, plot
 from training.events import read_events
+from training.preference import METRICS as PREFERENCE  # the metrics of a DPO/ORPO step
 
-PREFERENCE = ("reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps")  # metrics of a DPO/ORPO step
 MAX_POINTS = 400  # chart points kept per series; older points are thinned, not dropped
 LOG_LINES = 60
 
