@@ -287,3 +287,22 @@ def nest_options(flat: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(parent, {})
         node[leaf] = value
     return nested
+
+
+def fill_unset(settings: Settings, flat: dict[str, Any], *, mark_set: bool = True) -> Settings:
+    """`settings` with the flat options (FLAT_OPTIONS names) the user did not set; what was set stays. `mark_set`: the
+    filled values count as set from now on (a plan's choices); else they stay defaults (a model's own)."""
+    nested = nest_options(flat)
+    changed: dict[str, Any] = {}
+    for section, values in nested.items():
+        current = getattr(settings, section)
+        if not isinstance(values, dict):
+            if section not in settings.model_fields_set:
+                changed[section] = values
+            continue
+        unset = {k: v for k, v in values.items() if k not in current.model_fields_set}
+        if unset:
+            merged = current.model_copy(update=unset)
+            merged.__pydantic_fields_set__ = set(current.model_fields_set) | (set(unset) if mark_set else set())
+            changed[section] = merged
+    return settings.model_copy(update=changed) if changed else settings

@@ -120,6 +120,11 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "`backprop train`, which adds and trains the chat tokens.",
     ),
     "INPUT_INVALID_ARGUMENT": ErrorSpec("{reason}", "{hint}"),
+    "INPUT_RUN_WONT_FIT": ErrorSpec(
+        "The run will not fit: {reason}",
+        "Lower --batch-size or --max-seq-length, or use --qlora; `backprop plan` shows the estimate, --no-plan starts "
+        "anyway.",
+    ),
     # The web app.
     "UI_OUTPUT_DIR_FORBIDDEN": ErrorSpec(
         "The web app's output folder {path} is not allowed: {reason}",

@@ -42,25 +42,44 @@ def submit_train(
     name: str | None = None,
     runs_root: Path | None = None,
     from_run: str | None = None,
+    plan: bool = True,
 ) -> RunRecord:
     """Register a training run and start its worker (its folder under `runs_root`, default HOME/runs).
 
     `from_run` (a completed run's id) starts from that run's adapter, on its model and LoRA shape; for DPO that
-    adapter is also the reference the run is measured against."""
+    adapter is also the reference the run is measured against. `plan` (training/plan.py) fills what the user left
+    unset from the model, the data and this machine, records it in spec.json, and refuses a run that will not fit
+    (INPUT_RUN_WONT_FIT) before it starts."""
     from training.distributed import check_supported
     from training.trainer import new_train_run
 
     check_supported(settings, "train")
 
     registry = Registry(settings.home)
-    extra = None
+    extra: dict[str, Any] = {}
     if from_run:
         settings, extra = _start_from(registry, settings, from_run)
+    if plan:
+        settings, extra["plan"] = _planned(settings, data, fmt)
     # Not the run's parent in the registry (that is a multi-run's child): it stays a run of its own, resumable, kept
     # when the run it started from is deleted; spec.json names it.
     run = new_train_run(registry, settings, data, fmt=fmt, skip_invalid=skip_invalid, name=name, runs_root=runs_root,
                         extra=extra)  # fmt: skip
     return start(registry, run)
+
+
+def _planned(settings: Settings, data: str, fmt: str | None) -> tuple[Settings, dict[str, Any]]:
+    """The settings with the plan's choices for what the user left unset, and the plan as spec.json keeps it."""
+    from training.plan import make_plan
+
+    planned = make_plan(settings, data, fmt=fmt)
+    if planned.problems:
+        first = planned.problems[0]
+        if first.code == "INPUT_RUN_WONT_FIT":
+            raise BackpropError(first.code, reason=first.message, hint=f"{first.hint} `backprop plan` shows the "
+                                "estimate; --no-plan starts anyway.")  # fmt: skip
+        raise BackpropError(first.code, reason=first.message, hint=first.hint)
+    return planned.apply(settings), planned.to_dict()
 
 
 def _start_from(registry: Registry, settings: Settings, run_id: str) -> tuple[Settings, dict[str, Any]]:

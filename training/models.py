@@ -189,10 +189,12 @@ def _from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
         raise BackpropError("DEP_MODEL_LOAD_FAILED", model=source.name, reason=reason) from exc
 
 
-# Defaults that suit a model better than the global ones; a value the user set always wins.
+# Defaults that suit a model better than the global ones (flat option names, as config.FLAT_OPTIONS); a value the user
+# set always wins. The plan (training/plan.py) takes them as this model's tuned values.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # A random-initialized tiny model needs a high learning rate to learn in a minute on a CPU.
-    DEMO: {"learning_rate": 3e-3, "steps": 300, "batch_size": 2, "max_seq_length": 128, "save_every": 100},
+    DEMO: {"lr": 3e-3, "steps": 300, "batch_size": 2, "gradient_accumulation": 1, "max_seq_length": 128,
+           "save_every": 100, "lora_r": 16, "lora_alpha": 32},  # fmt: skip
 }
 
 
@@ -201,17 +203,13 @@ PREFERENCE_LR_FACTOR = 0.1
 
 
 def apply_model_defaults(settings: Any) -> Any:
+    """`settings` with this model's defaults for what the user left unset (they stay "not set")."""
+    from training.config import fill_unset
+
     training = settings.training
     defaults = dict(MODEL_DEFAULTS.get(settings.model, {}))
     if "epochs" in training.model_fields_set:
         defaults.pop("steps", None)  # epochs given: a preset's step count must not win over them
     if training.method != "sft":
-        defaults["learning_rate"] = float(f"{defaults.get('learning_rate', training.learning_rate) * PREFERENCE_LR_FACTOR:.6g}")
-    if not defaults:
-        return settings
-    unset = {k: v for k, v in defaults.items() if k not in training.model_fields_set}
-    if not unset:
-        return settings
-    merged = training.model_copy(update=unset)
-    merged.__pydantic_fields_set__ = set(training.model_fields_set)  # defaults stay "not given"
-    return settings.model_copy(update={"training": merged})
+        defaults["lr"] = float(f"{defaults.get('lr', training.learning_rate) * PREFERENCE_LR_FACTOR:.6g}")
+    return fill_unset(settings, defaults, mark_set=False)

@@ -20,12 +20,12 @@ import logging
 import sys
 import warnings
 
-from training.cli import chat, compare, data, export, info, jobs, multi_run, runs, train, ui
+from training.cli import chat, compare, data, export, info, jobs, multi_run, plan, runs, train, ui
 from training.cli import eval as eval_command
 from training.cli.common import print_error
 from training.errors import BackpropError
 
-COMMAND_GROUPS = (train, multi_run, jobs, runs, compare, eval_command, data, export, chat, ui, info)
+COMMAND_GROUPS = (plan, train, multi_run, jobs, runs, compare, eval_command, data, export, chat, ui, info)
 
 
 def main(argv: list[str] | None = None) -> int:

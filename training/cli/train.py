@@ -71,6 +71,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add_speed_flags(train)
     add_tracking_flags(train)
     add_distributed_flags(train)
+    train.add_argument("--no-plan", dest="plan", action="store_false",
+                       help="skip the plan (`backprop plan`): generic defaults for what you leave unset, no fit check")  # fmt: skip
     train.add_argument("--print-launch", action="store_true",
                        help="print the torchrun command and a Slurm sbatch script for this job, and exit")  # fmt: skip
     add_governor_flags(train)
@@ -116,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         data = str(DEMO_DATASET)
     run = jobs.submit_train(settings, data, fmt=args.format, skip_invalid=args.skip_invalid, name=args.name,
-                            from_run=args.from_run)  # fmt: skip
+                            from_run=args.from_run, plan=args.plan)  # fmt: skip
     return follow_in_foreground(run.id, args)
 
 
