@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     add_tracking_flags(train)
     add_distributed_flags(train)
     train.add_argument("--no-plan", dest="plan", action="store_false",
-                       help="skip the plan (`backprop plan`): generic defaults for what you leave unset, no fit check")  # fmt: skip
+                       help="skip the plan (`backprop plan`): generic defaults, no fit check")  # fmt: skip
     train.add_argument("--print-launch", action="store_true",
                        help="print the torchrun command and a Slurm sbatch script for this job, and exit")  # fmt: skip
     add_governor_flags(train)
