@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -837,7 +838,8 @@ class _Loop:
             return TrainResult(run_id, status, state.step, state.loss, None, None, run_dir, self.losses)
         if status == "completed":
             self.events.emit("completed", durable=True, step=state.step, final_loss=state.loss, eval_loss=eval_loss,
-                             adapter=str(adapter), peak_vram_mb=_peak_vram_mb(self.device))  # fmt: skip
+                             adapter=str(adapter), peak_vram_mb=_peak_vram_mb(self.device),
+                             peak_rss_mb=_peak_rss_mb())  # fmt: skip
         else:
             self.events.emit(
                 "log",
@@ -962,6 +964,16 @@ def _peak_vram_mb(device: str) -> int | None:
     import torch
 
     return round(torch.cuda.max_memory_allocated() / 2**20)
+
+
+def _peak_rss_mb() -> int | None:
+    """The most resident memory this process held at once, in MiB (the CPU side of a run; Linux and macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10))
 
 
 def adamw(params: list, lr: float, weight_decay: float, fused: bool | None = None) -> Any:
