@@ -602,6 +602,23 @@ def resolve_path(source: str | Path | HubDataset, streaming: bool = False) -> Pa
     raise BackpropError("INPUT_DATASET_NOT_FOUND", path=source)
 
 
+def hub_validation(source: str | Path) -> str | None:
+    """'owner/name[:config]@validation' when `source` is a hub dataset taken whole from its train split (the default)
+    and the dataset has a validation split (held out by its authors: training evaluates on it); else None."""
+    hub = None if isinstance(source, Path) or Path(source).expanduser().is_file() else parse_hub_id(source)
+    if hub is None or hub.split != "train":
+        return None
+    validation = HubDataset(hub.repo, hub.config, "validation")
+    try:
+        with _hub_errors(validation):
+            _open_hub(validation)  # the split's files come into the cache, as loading it next would anyway
+    except BackpropError as exc:
+        if exc.code == "INPUT_DATASET_HUB_SELECTION":  # no such split
+            return None
+        raise
+    return str(validation)
+
+
 def _hub_rows(hub: HubDataset) -> Iterator[tuple[int, Any]]:
     """(row number, row) over the whole split, shard after shard; failures become coded errors."""
     with _hub_errors(hub):

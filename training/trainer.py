@@ -26,7 +26,7 @@ from training import atomic, checkpoints, memory, preference, slao
 from training.checkpoints import TrainerState
 from training.config import Settings, load_settings
 from training.control import Control
-from training.datasets import load_dataset, require_preference, split
+from training.datasets import hub_validation, load_dataset, require_preference, split
 from training.distributed import CONTINUE, EARLY_STOP, FAIL, PAUSE, STOP, TIMEBOX, ControlFile, World, is_collective_failure
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
@@ -161,6 +161,10 @@ class _Loop:
         if self.device == "cuda" and t.use_unsloth and not self.world.distributed:
             _import_unsloth_first()
         source = resolve_model(self.settings.model, self.settings.home)
+        if not source.is_local:  # a hub model not cached yet downloads first, with `download` events (no time box yet)
+            from training.download import DownloadEvents, download_model
+
+            download_model(source.path, on_progress=DownloadEvents(source.path, self.events.emit))
         self.tokenizer = load_tokenizer(source)  # before the data: rows its chat template cannot render are refused by line
         fmt = self.spec.get("format")
         dataset = load_dataset(self.spec["data"], fmt, self.spec.get("skip_invalid", False), tokenizer=self.tokenizer)
@@ -171,8 +175,11 @@ class _Loop:
             require_preference(dataset, t.method)
         self._check_dataset(dataset.report.path, dataset.sha256, resuming=bool(self._saved_checkpoints()))
         train_examples, val_examples = split(dataset.examples, t.validation_split, t.seed)
-        if self.spec.get("validation_data"):  # a held-out set given with the run (multi-runs do this)
-            val_examples = load_dataset(self.spec["validation_data"], fmt, tokenizer=self.tokenizer).examples
+        # A held-out set given with the run (multi-runs do this), else a hub dataset's own validation split unless a
+        # fraction of the training rows was asked for.
+        validation = self.spec.get("validation_data") or (None if t.validation_split else hub_validation(self.spec["data"]))
+        if validation:
+            val_examples = load_dataset(validation, fmt, tokenizer=self.tokenizer).examples
 
         self.model = self._load_lora_model(source)
         init = self.spec.get("init_adapter")

@@ -91,12 +91,14 @@ class TrainingProgress:
             console=Console(stderr=quiet, quiet=quiet),
         )  # fmt: skip
         self.task = self.progress.add_task(f"run {run_id}", total=None, loss="-", tps="-", start=False)
+        self.download = DownloadLine()
+        self.live = False
 
     def __enter__(self) -> TrainingProgress:
-        self.progress.start()
-        return self
+        return self  # the bar appears with the first training event: a model download draws its own line before it
 
     def __exit__(self, *exc: object) -> None:
+        self.download.close()
         self.progress.stop()
 
     def say(self, text: str) -> None:
@@ -106,6 +108,13 @@ class TrainingProgress:
         from rich.markup import escape  # reasons and log lines are text, not markup
 
         kind = event["event"]
+        if kind == "download":
+            self.download.show(event)
+            return
+        if kind not in ("queued", "log") and not self.live:
+            self.download.close()
+            self.progress.start()
+            self.live = True
         if kind == "queued":
             self.say(f"[magenta]queued[/]: {event['reason']}")
         elif kind == "started":
@@ -143,3 +152,40 @@ class TrainingProgress:
             self.say(f"[green]resumed[/]: {escape(str(event.get('reason', '')))}")
         elif kind == "log" and event.get("level") in ("warning", "error"):
             self.say(f"[yellow]{escape(str(event['message']))}[/]")
+
+
+class DownloadLine:
+    """A model download's `download` events on stderr: on a terminal one line redrawn in place (bar, bytes, rate,
+    ETA), otherwise a plain line per event (the worker sends one a second at most, and the last)."""
+
+    def __init__(self, stream: Any = None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.width = 0  # of the line drawn last, to blank what a shorter one leaves
+        self.open = False  # a redrawn line waits for its newline
+
+    def show(self, event: dict[str, Any]) -> None:
+        done, total = event.get("done_mb", 0.0), event.get("total_mb") or 0.0
+        rate, eta = event.get("rate_mb_s") or 0.0, event.get("eta_s")
+        finished = event.get("stage") == "downloaded model"
+        if finished:
+            line = f"{event['message']} ({rate:.1f} MB/s)"
+        else:
+            left = f"ETA {eta // 60:.0f}:{eta % 60:02.0f}" if isinstance(eta, int | float) else "ETA -"
+            bar = ""
+            if self.tty and total:
+                filled = round(24 * min(done / total, 1.0))
+                bar = f" [{'=' * filled}{' ' * (24 - filled)}]"
+            line = f"downloading {event.get('model', 'model')}{bar} {done:.1f} / {total:.1f} MB, {rate:.1f} MB/s, {left}"
+        if not self.tty:
+            print(line, file=self.stream, flush=True)
+            return
+        self.stream.write("\r" + line.ljust(self.width) + ("\n" if finished else ""))
+        self.stream.flush()
+        self.width, self.open = (0, False) if finished else (len(line), True)
+
+    def close(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False

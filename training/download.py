@@ -1,0 +1,233 @@
+"""Fetching a hub model into the Hugging Face cache before it is loaded: progress, resuming where a download stopped.
+
+    download_model("Qwen/Qwen2.5-1.5B-Instruct", on_progress=lambda done, total: ...)  # bytes
+
+Only what loading a causal LM reads is fetched: configs, tokenizer files, chat templates and the safetensors weights
+(PyTorch `.bin` weights only for a repo without safetensors; never GGUF, ONNX or a repo's other folders). The cache is
+huggingface_hub's (HF_HOME, by default ~/.cache/huggingface): a model fetched once loads offline afterwards.
+
+Why not just `snapshot_download`: since huggingface_hub 1.x every download writes to a temporary file unique to its
+process, so a download that is killed (or a machine that sleeps) starts again from byte 0, and Xet downloads cannot
+be continued either. Here each missing file is fetched over HTTP into `blobs/<etag>.incomplete` in the cache, which a
+later download continues with a Range request; when complete it becomes the blob, and `snapshot_download` then only
+links the snapshot (no bytes move twice). Offline (HF_HUB_OFFLINE=1) nothing is asked of the network: the loader reads
+the cache. A hub that cannot be reached is DEP_MODEL_LOAD_FAILED at once unless the model is cached.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from training.errors import BackpropError
+
+Progress = Callable[[int, int], None]  # (done_bytes, total_bytes)
+
+# Top-level files that loading a causal LM with its tokenizer reads (config, generation config, tokenizer, templates).
+MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "additional_chat_templates/*.jinja")
+BIN_WEIGHTS = "pytorch_model*.bin"  # only for a repo without safetensors
+PARALLEL_FILES = 4  # shards fetched at once: one HTTP stream each
+MB = 1024 * 1024
+
+
+def model_files(files: list[str]) -> list[str]:
+    """The files of a repo to fetch for training (see MODEL_FILES); PyTorch weights when it has no safetensors."""
+    wanted = [f for f in files if any(fnmatch(f, p) and f.count("/") == p.count("/") for p in MODEL_FILES)]
+    if not any(f.endswith(".safetensors") for f in wanted):
+        wanted += [f for f in files if "/" not in f and fnmatch(f, BIN_WEIGHTS)]
+    return sorted(wanted)
+
+
+def download_model(hub_id: str, on_progress: Progress | None = None, revision: str = "main") -> Path | None:
+    """Fetch the files of `hub_id` that are not cached yet; the snapshot folder, or None when the hub is not asked
+    (offline, or unreachable with the model cached: the loader then reads the cache). `on_progress(done, total)` is
+    called as bytes arrive; `done` starts at the bytes kept from an interrupted download."""
+    from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+    from huggingface_hub.utils import disable_progress_bars
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    disable_progress_bars()  # ours are the events; the library's own bars would clutter the worker's log
+    try:
+        info = HfApi().model_info(hub_id, revision=revision, files_metadata=True)
+        files = model_files([s.rfilename for s in info.siblings or []])
+        missing = [f for f in files if not isinstance(try_to_load_from_cache(hub_id, f, revision=info.sha), str)]
+        plan = [_Blob.ask(hub_id, f, info.sha) for f in missing]
+    except Exception as exc:
+        if not _is_network_error(exc):
+            raise _load_failed(hub_id, exc) from exc
+        if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+            return None  # unreachable, but cached: the loader uses the cache
+        reason = f"the hub ({constants.ENDPOINT}) cannot be reached and the model is not in the cache ({constants.HF_HUB_CACHE})"
+        raise BackpropError("DEP_MODEL_LOAD_FAILED", model=hub_id, reason=reason) from exc
+    counter = _Counter(sum(b.size for b in plan), sum(b.kept() for b in plan), on_progress)
+    try:
+        with ThreadPoolExecutor(PARALLEL_FILES) as pool:
+            list(pool.map(lambda blob: blob.fetch(counter), plan))
+        # The blobs are all there: this links the snapshot and records the revision for offline use (refs/main).
+        folder = snapshot_download(hub_id, revision=revision, allow_patterns=[glob.escape(f) for f in files])
+    except Exception as exc:
+        raise _load_failed(hub_id, exc, counter) from exc
+    counter.finish()
+    return Path(folder)
+
+
+class _Blob:
+    """One file to fetch into its cache blob, continuing a partial one (`<blob>.incomplete`) from where it ends."""
+
+    def __init__(self, hub_id: str, filename: str, meta: Any):
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        folder = repo_folder_name(repo_id=hub_id, repo_type="model")
+        self.filename, self.url, self.size = filename, meta.location, meta.size or 0
+        self.path = Path(constants.HF_HUB_CACHE) / folder / "blobs" / meta.etag
+        self.partial = self.path.with_name(f"{meta.etag}.incomplete")
+        self.lock = Path(constants.HF_HUB_CACHE) / ".locks" / folder / f"{meta.etag}.lock"  # the library's lock of it
+        self.counted = self.kept()
+
+    @classmethod
+    def ask(cls, hub_id: str, filename: str, commit: str) -> _Blob:
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+        url = hf_hub_url(hub_id, filename, revision=commit)
+        return cls(hub_id, filename, get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT))
+
+    def kept(self) -> int:
+        """Bytes of an earlier, interrupted download of this file (0 when none, or when they cannot be its bytes)."""
+        size = self.partial.stat().st_size if self.partial.exists() else 0
+        return size if size <= self.size else 0
+
+    def fetch(self, counter: _Counter) -> None:
+        from huggingface_hub.file_download import http_get
+        from huggingface_hub.utils import build_hf_headers
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(self.lock):
+            if self.path.exists():  # another process (a rank, another run) fetched it meanwhile
+                counter.add(self.size - self.counted)
+                return
+            kept = self.kept()
+            with self.partial.open("ab") as file:
+                file.truncate(kept)
+                file.seek(kept)
+                counter.add(kept - self.counted)
+                # http_get asks for the rest with a Range header and retries a dropped connection from where it broke.
+                http_get(self.url, _Counting(file, counter), resume_size=kept, headers=build_hf_headers(),
+                         expected_size=self.size)  # fmt: skip
+            if self.partial.stat().st_size != self.size:
+                raise OSError(f"{self.filename}: got {self.partial.stat().st_size} of {self.size} bytes")
+            os.replace(self.partial, self.path)
+
+
+class _Counting:
+    """The file a download writes to, counting the bytes that land in it (and those a restart throws away)."""
+
+    def __init__(self, file: Any, counter: _Counter):
+        self.file, self.counter = file, counter
+
+    def write(self, data: bytes) -> int:
+        written = self.file.write(data)
+        self.counter.add(written)
+        return written
+
+    def truncate(self, size: int | None = None) -> int:
+        before = os.fstat(self.file.fileno()).st_size
+        after = self.file.truncate(self.file.tell() if size is None else size)
+        self.counter.add(after - before)
+        return after
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, flush
+        return getattr(self.file, name)
+
+
+class _Counter:
+    """Bytes done of `total`, from every thread; reports each change to `on_progress`."""
+
+    def __init__(self, total: int, done: int, on_progress: Progress | None):
+        import threading
+
+        self.total, self.done, self.on_progress = total, done, on_progress
+        self.lock = threading.Lock()
+        if total and on_progress is not None:
+            on_progress(done, total)
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            if self.total and n and self.on_progress is not None:
+                self.on_progress(min(self.done, self.total), self.total)
+
+    def finish(self) -> None:
+        if self.total and self.on_progress is not None and self.done < self.total:
+            self.on_progress(self.total, self.total)
+
+
+class DownloadEvents:
+    """An `on_progress` that turns byte counts into `download` events: the first at once, then one a second at most,
+    and the last (durable) when the download completes. Rate and ETA count only this session's bytes."""
+
+    def __init__(self, hub_id: str, emit: Callable[..., Any], every_s: float = 1.0):
+        self.hub_id, self.emit, self.every_s = hub_id, emit, every_s
+        self.started: float | None = None
+        self.first_done = 0
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.started is None:
+            self.started, self.first_done = now, done
+        finished = done >= total
+        if not finished and self.last and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.started
+        rate = (done - self.first_done) / elapsed if elapsed > 0 else 0.0
+        eta = round((total - done) / rate) if rate > 0 and not finished else None
+        size = f"{done / MB:.1f} / {total / MB:.1f} MB"
+        message = (f"downloaded model {self.hub_id}: {total / MB:.1f} MB in {elapsed:.0f} s" if finished
+                   else f"downloading model {self.hub_id}: {size}")  # fmt: skip
+        self.emit("download", durable=finished, stage="downloaded model" if finished else "downloading model",
+                  model=self.hub_id, done_bytes=done, total_bytes=total, done_mb=round(done / MB, 1),
+                  total_mb=round(total / MB, 1), rate_mb_s=round(rate / MB, 2), eta_s=eta, message=message)  # fmt: skip
+
+
+def _lock(path: Path) -> Any:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from huggingface_hub.utils import WeakFileLock
+    except ImportError:  # older huggingface_hub
+        from filelock import FileLock
+
+        return FileLock(str(path))
+    return WeakFileLock(str(path))
+
+
+def _is_network_error(exc: Exception) -> bool:
+    """No answer from the hub (refused, timed out, offline mode), as opposed to an answer that is an error."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(exc, HfHubHTTPError):
+        return False
+    transport = type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
+    return transport or isinstance(exc, OfflineModeIsEnabled | ConnectionError | TimeoutError)
+
+
+def _load_failed(hub_id: str, exc: Exception, counter: _Counter | None = None) -> BackpropError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        reason = "the model is gated: accept its terms on its hub page, then set HF_TOKEN"
+    elif isinstance(exc, RepositoryNotFoundError):
+        reason = "no such model on the hub (a private one needs HF_TOKEN)"
+    else:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    if counter is not None and counter.done:
+        reason += f" (stopped at {counter.done / MB:.1f} / {counter.total / MB:.1f} MB: run again to continue from there)"
+    return BackpropError("DEP_MODEL_LOAD_FAILED", model=hub_id, reason=reason)
