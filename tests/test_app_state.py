@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import reflex as rx
-from conftest import backprop, wait_for
+from conftest import DEMO_DATA, backprop, wait_for
 
 from app import folders
 from app.state.chat import ChatState
@@ -595,3 +595,146 @@ def test_a_chat_model_that_cannot_load_shows_its_code_next_to_send(sandbox, tmp_
     run(ChatState.send, state)
     assert state.error.startswith("[INPUT_MODEL_NOT_FOUND]") and state.busy is False
     assert [m["role"] for m in state.messages] == ["user", "assistant"]
+
+
+# --- the plan of the Train form ---------------------------------------------------------------------------------------
+
+
+def rows_of(state: TrainState) -> dict[str, tuple[str, str, bool]]:
+    return {r.setting: (r.value, r.reason, r.given) for r in state.plan.rows}
+
+
+def write_long_chats(path: Path, count: int) -> Path:
+    """`count` conversations far longer than the demo's one-line questions (a few hundred tokens each)."""
+    with path.open("w") as f:
+        for i in range(count):
+            question = f"Tell me about city number {i}. " * (4 + i % 5)
+            answer = " ".join(f"Fact {j}: city {i} has {j * 7 + i} parks and {j + i} bridges." for j in range(12 + i % 9))
+            f.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": answer}]}) + "\n")  # fmt: skip
+    return path
+
+
+def test_the_train_page_plans_the_demo_model_on_the_demo_dataset_with_a_reason_for_each_setting(sandbox):
+    state = TrainState(_reflex_internal_init=True)
+    assert state.lora_r == "" and state.steps == ""  # empty fields are not set: the plan fills them
+    run(TrainState.reattach, state)  # the page's load asks for the plan
+    run(TrainState.replan, state)
+    assert state.plan_error == "" and state.plan.shown and not state.planning
+    assert state.plan.title.startswith("demo (sft) on CPU")
+    assert "data: 40 examples; tokens p50" in state.plan.facts[1]
+    rows = rows_of(state)
+    assert {"Max length (tokens)", "Batch size", "Gradient accumulation", "Learning rate", "Steps", "LoRA rank"} <= set(rows)
+    assert all(reason for _, reason, _ in rows.values()) and not any(given for *_, given in rows.values())
+    assert rows["Steps"][:2] == ("300", "this model's tuned default") and rows["QLoRA (4-bit)"][0] == "off"
+    assert state.placeholders["steps"] == "300" and state.placeholders["lora_r"] == "16"  # the empty fields say so
+    assert state.plan.fits and state.plan.memory.startswith("~") and "fits" in state.plan.memory
+    assert "weights" in state.plan.memory_parts and "activations" in state.plan.memory_parts
+    assert "300 steps" in state.plan.time and "GFLOP/s a CPU core" in state.plan.time_source
+    assert state.plan.problems == []
+
+
+def test_a_value_typed_in_the_train_form_shows_as_yours_wins_and_is_what_the_run_records(sandbox, tmp_path, monkeypatch):
+    state = TrainState(_reflex_internal_init=True)
+    for name, value in (("batch_size", "4"), ("lora_r", "8"), ("steps", "7")):
+        assert run(getattr(TrainState, f"set_{name}"), state, value) == TrainState.replan  # each change replans
+    run(TrainState.replan, state)
+    rows = rows_of(state)
+    assert rows["Batch size"] == ("4", "set by you", True) and rows["LoRA rank"] == ("8", "set by you", True)
+    assert rows["Steps"] == ("7", "set by you", True) and "7 steps" in state.plan.time
+    assert rows["LoRA alpha"] == ("32", "this model's tuned default", False)  # the rest is still planned
+    # Start applies the same plan: the run's spec.json records the typed values as the user's, the rest as planned.
+    queue_only(tmp_path, monkeypatch)
+    run(TrainState.start, state)
+    assert state.error == "" and state.run_id
+    spec = spec_of(state.run_id)
+    choices = spec["plan"]["choices"]
+    assert choices["batch_size"] == {"value": 4, "reason": "set by you", "given": True}
+    assert choices["lr"]["given"] is False and spec["settings"]["training"]["learning_rate"] == choices["lr"]["value"]
+    assert spec["settings"]["training"]["batch_size"] == 4 and spec["settings"]["lora"]["r"] == 8
+    stop_queued(state.run_id)
+
+
+def test_changing_the_dataset_or_the_model_replans_from_their_statistics(sandbox, tmp_path, tiny_model_dir):
+    state = TrainState(_reflex_internal_init=True)
+    run(TrainState.set_model, state, str(tiny_model_dir))  # a model folder: no tuned defaults, the data decides
+    run(TrainState.replan, state)
+    demo_facts, demo_rows = state.plan.facts, rows_of(state)
+    assert state.plan.title.startswith(f"{tiny_model_dir} (sft)")
+    assert demo_rows["LoRA rank"] == ("8", "40 examples: a smaller adapter overfits less", False)
+    assert demo_rows["Epochs"][:2] == ("3", "40 examples: three passes to learn from")
+    run(TrainState.set_dataset, state, str(write_long_chats(tmp_path / "long.jsonl", 240)))
+    run(TrainState.replan, state)
+    rows = rows_of(state)
+    assert state.plan.facts[0] == demo_facts[0] and state.plan.facts[1].startswith("data: 240 examples; tokens p50")
+    assert rows["LoRA rank"] == ("16", "the usual rank for 240 examples", False)
+    assert rows["Max length (tokens)"][1].startswith("covers") and int(rows["Max length (tokens)"][0]) > int(
+        demo_rows["Max length (tokens)"][0])  # fmt: skip
+    assert state.placeholders["max_seq_length"] == rows["Max length (tokens)"][0]
+    # Back to the demo model: its tuned defaults win over the data's rules again.
+    run(TrainState.pick_model, state, "demo  (built-in, CPU friendly)")
+    run(TrainState.replan, state)
+    assert rows_of(state)["LoRA rank"] == ("16", "this model's tuned default", False)
+
+
+def test_a_plan_that_cannot_be_made_shows_its_coded_error_in_the_panel_and_the_form_stays_usable(sandbox, tmp_path):
+    state = TrainState(_reflex_internal_init=True)
+    run(TrainState.set_model, state, str(tmp_path / "no-such-model"))
+    run(TrainState.replan, state)
+    assert state.plan_error.startswith("[INPUT_MODEL_NOT_FOUND]") and state.plan_hint
+    assert not state.plan.shown and state.placeholders["steps"] == "model default" and state.error == ""
+    run(TrainState.set_model, state, "demo")
+    run(TrainState.set_steps, state, "twelve")
+    run(TrainState.replan, state)
+    assert state.plan_error == "[INPUT_INVALID_ARGUMENT] Steps: 'twelve' is not a whole number"
+    run(TrainState.set_steps, state, "12")
+    run(TrainState.replan, state)
+    assert state.plan_error == "" and rows_of(state)["Steps"] == ("12", "set by you", True)
+
+
+def test_typing_while_a_plan_is_pending_plans_once_the_form_as_it_ends(sandbox, monkeypatch):
+    import app.state.train as train
+
+    plans, real = [], train.plan_form
+
+    def counted(*args):  # the real plan, counted
+        plans.append(args[0].get("steps"))
+        return real(*args)
+
+    monkeypatch.setattr(train, "plan_form", counted)
+    state = TrainState(_reflex_internal_init=True)
+
+    async def type_while_planning():
+        loop = asyncio.create_task(TrainState.replan.fn(state))
+        await asyncio.sleep(0)  # the loop has claimed the tab and waits for the form to be left alone
+        assert state.planning
+        for typed in ("1", "12", "120"):  # each keystroke: a request, and a replan event refused at once
+            run(TrainState.set_steps, state, typed)
+            await TrainState.replan.fn(state)
+        await loop
+
+    asyncio.run(type_while_planning())
+    assert plans == [120] and rows_of(state)["Steps"] == ("120", "set by you", True) and not state.planning
+    state._planner = "an-earlier-server:claim"  # a claim left by a server that restarted mid-plan is stale
+    run(TrainState.replan, state)
+    assert plans == [120, 120] and state._planner == ""
+
+
+def test_a_run_page_shows_the_plan_the_run_was_started_with_and_nothing_for_a_run_without_one(sandbox, tmp_path,
+                                                                                              monkeypatch):  # fmt: skip
+    from app.state.runs import run_view
+    from training import jobs
+    from training.config import load_settings
+    from training.runs import Registry
+
+    queue_only(tmp_path, monkeypatch)
+    registry = Registry(load_settings().home)
+    planned = jobs.submit_train(load_settings(model="demo", training={"batch_size": 4}), str(DEMO_DATA))
+    unplanned = jobs.submit_train(load_settings(model="demo"), str(DEMO_DATA), plan=False)
+    view, _ = run_view(registry, planned.id, None)
+    rows = {r.setting: (r.value, r.given) for r in view["plan"].rows}
+    assert view["plan"].shown and rows["Batch size"] == ("4", True) and rows["Steps"] == ("300", False)
+    assert view["plan"].time and view["plan"].memory and "data: 40 examples" in view["plan"].facts[1]
+    assert run_view(registry, unplanned.id, None)[0]["plan"].shown is False
+    for run_id in (planned.id, unplanned.id):
+        stop_queued(run_id)

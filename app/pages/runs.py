@@ -6,6 +6,7 @@ import reflex as rx
 
 from app.components.charts import line_chart, preference_charts, status_pill
 from app.components.layout import page
+from app.components.plan import plan_details, plan_problems
 from app.state.runs import RunDetailState, RunsState
 
 STATUSES = ["all", "queued", "running", "paused", "completed", "failed", "stopped", "timeboxed", "interrupted"]
@@ -100,6 +101,7 @@ def run_detail_page() -> rx.Component:
                     align="baseline", id="run-tracking",
                 )),
                 rx.cond(info["reason"] != "", rx.text(info["reason"], color_scheme="purple")),
+                rx.cond(info["stage"] != "", rx.text(info["stage"], color_scheme="purple", id="run-stage")),
                 rx.cond(info["error"] != "", rx.callout(info["error"], color_scheme="red")),
                 rx.hstack(
                     rx.button("Stop", on_click=RunDetailState.stop, variant="soft", color_scheme="red", disabled=~active,
@@ -138,6 +140,12 @@ def run_detail_page() -> rx.Component:
                     rx.heading("Telemetry during the run", size="3"),
                     line_chart(RunDetailState.telemetry, height="180px", id="run-telemetry"),
                     width="100%",
+                )),
+                rx.cond(RunDetailState.plan.shown, rx.accordion.root(
+                    rx.accordion.item(header="Plan: settings with their reasons, memory and time estimate",
+                                      content=rx.vstack(plan_details(RunDetailState.plan),
+                                                        plan_problems(RunDetailState.plan), width="100%")),
+                    collapsible=True, type="single", variant="ghost", width="100%", id="run-plan",
                 )),
                 rx.heading("Parameters", size="3"),
                 rx.grid(rx.foreach(RunDetailState.params, lambda p: rx.text(p[0], ": ", p[1], size="1")), columns="3",

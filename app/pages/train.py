@@ -6,11 +6,12 @@ import reflex as rx
 
 from app.components.charts import line_chart, preference_charts, progress_bar, status_pill
 from app.components.layout import page
+from app.components.plan import plan_details, plan_problems
 from app.state.train import TrainState
 from training.distributed import STRATEGIES
 
 
-def field(label: str, name: str, value: rx.Var, placeholder: str = "", width: str = "160px") -> rx.Component:
+def field(label: str, name: str, value: rx.Var, placeholder: str | rx.Var = "", width: str = "160px") -> rx.Component:
     return rx.vstack(
         rx.text(label, size="1", weight="medium"),
         rx.input(value=value, placeholder=placeholder, on_change=getattr(TrainState, f"set_{name}"), id=f"field-{name}",
@@ -73,9 +74,9 @@ def form() -> rx.Component:
                 wrap="wrap", align="end",
             ),
             rx.hstack(
-                field("Steps", "steps", TrainState.steps, "model default"),
-                field("Learning rate", "learning_rate", TrainState.learning_rate, "model default"),
-                field("Batch size", "batch_size", TrainState.batch_size, "model default"),
+                field("Steps", "steps", TrainState.steps, planned("steps")),
+                field("Learning rate", "learning_rate", TrainState.learning_rate, planned("learning_rate")),
+                field("Batch size", "batch_size", TrainState.batch_size, planned("batch_size")),
                 field("Time box (minutes)", "max_run_minutes", TrainState.max_run_minutes, "0: none"),
                 rx.cond(TrainState.cuda, field("GPUs", "nproc", TrainState.nproc, "1, 2, ... or auto"),
                         field("Processes", "nproc", TrainState.nproc, "1")),
@@ -89,11 +90,12 @@ def form() -> rx.Component:
                 rx.accordion.item(
                     header="Advanced",
                     content=rx.hstack(
-                        field("Epochs (when no steps)", "epochs", TrainState.epochs, "1"),
-                        field("Gradient accumulation", "gradient_accumulation", TrainState.gradient_accumulation, "1"),
-                        field("Max length (tokens)", "max_seq_length", TrainState.max_seq_length, "model default"),
-                        field("LoRA rank", "lora_r", TrainState.lora_r),
-                        field("LoRA alpha", "lora_alpha", TrainState.lora_alpha, "32"),
+                        field("Epochs (when no steps)", "epochs", TrainState.epochs, planned("epochs")),
+                        field("Gradient accumulation", "gradient_accumulation", TrainState.gradient_accumulation,
+                              planned("gradient_accumulation")),
+                        field("Max length (tokens)", "max_seq_length", TrainState.max_seq_length, planned("max_seq_length")),
+                        field("LoRA rank", "lora_r", TrainState.lora_r, planned("lora_r")),
+                        field("LoRA alpha", "lora_alpha", TrainState.lora_alpha, planned("lora_alpha")),
                         field("LoRA dropout", "lora_dropout", TrainState.lora_dropout, "0"),
                         field("Target modules", "target_modules", TrainState.target_modules, "all-linear or q_proj,v_proj",
                               width="220px"),
@@ -105,8 +107,9 @@ def form() -> rx.Component:
                         rx.checkbox("Loss on replies only", checked=TrainState.response_only,
                                     on_change=TrainState.set_response_only),
                         rx.cond(TrainState.cuda, rx.hstack(
-                            rx.checkbox("QLoRA (4-bit)", checked=TrainState.qlora,
-                                        on_change=TrainState.set_qlora),
+                            rx.vstack(rx.text("QLoRA (4-bit)", size="1", weight="medium"),
+                                      rx.select(["auto", "on", "off"], value=TrainState.qlora, on_change=TrainState.set_qlora,
+                                                id="field-qlora"), spacing="1"),
                             rx.checkbox("unsloth when installed", checked=TrainState.use_unsloth,
                                         on_change=TrainState.set_use_unsloth),
                         ), rx.text("QLoRA and unsloth need an NVIDIA GPU.", size="1", color_scheme="gray")),
@@ -115,6 +118,7 @@ def form() -> rx.Component:
                 ),
                 collapsible=True, type="single", variant="ghost", width="100%",
             ),
+            plan_panel(),
             rx.hstack(
                 rx.button("Start training", on_click=TrainState.start, disabled=TrainState.running, id="start"),
                 rx.button("Stop", on_click=TrainState.stop, disabled=~TrainState.running, color_scheme="red", variant="soft",
@@ -126,6 +130,29 @@ def form() -> rx.Component:
             spacing="3", width="100%",
         ),
         width="100%",
+    )  # fmt: skip
+
+
+def planned(name: str) -> rx.Var:
+    """A field left empty shows the plan's value for it (the plan fills it at the start)."""
+    return TrainState.placeholders[name]
+
+
+def plan_panel() -> rx.Component:
+    """The plan of the form as it stands, updated as it changes: what Start will use, why, and whether it fits."""
+    return rx.vstack(
+        rx.hstack(rx.heading("Plan", size="3"),
+                  rx.text("Empty fields get the plan's value; what you type wins and is checked.", size="1",
+                          color_scheme="gray"),
+                  rx.cond(TrainState.planning, rx.hstack(rx.spinner(size="1"), rx.text("planning...", size="1"),
+                                                         id="plan-busy", align="center")),
+                  align="center", wrap="wrap"),
+        rx.cond(TrainState.plan_error != "",
+                rx.callout(rx.vstack(rx.text(TrainState.plan_error, weight="bold"), rx.text(TrainState.plan_hint, size="1")),
+                           color_scheme="red", id="plan-error")),
+        rx.cond(TrainState.plan.shown, plan_details(TrainState.plan)),
+        plan_problems(TrainState.plan),
+        width="100%", spacing="2", id="plan-panel",
     )  # fmt: skip
 
 
@@ -141,6 +168,7 @@ def progress() -> rx.Component:
                     rx.text(TrainState.step, " / ", TrainState.max_steps, " steps", id="step-count"),
                     rx.text(TrainState.tokens_per_s, color_scheme="gray"),
                     rx.text(TrainState.eta, color_scheme="gray"),
+                    rx.text(TrainState.stage, color_scheme="purple", id="train-stage"),
                     align="center", wrap="wrap",
                 ),
                 progress_bar(TrainState.percent),

@@ -37,6 +37,7 @@ class Progress:
     telemetry: list[dict] = field(default_factory=list)  # {"t", "cpu", "ram", "gpu<i>_util", "gpu<i>_temp"} per sample
     gpus: set[int] | None = None  # the run's GPUs (a job may hold several); None: the first GPU each sample reports
     merges: list[dict] = field(default_factory=list)  # a multi-run's `merge` events
+    stage: str = ""  # what the run does before its first step: "downloading model 350 / 988 MB"; "" once it trains
 
     def read(self) -> bool:
         """Take in the events written since the last call; True if anything changed."""
@@ -47,7 +48,10 @@ class Progress:
 
     def _apply(self, e: dict[str, Any]) -> None:
         kind = e["event"]
-        if kind == "started":
+        if kind == "download":
+            self.stage = e.get("message") or e.get("stage") or "downloading"
+        elif kind == "started":
+            self.stage = ""
             self.started = self.started or e["t"]
             self.max_steps = e.get("max_steps") or self.max_steps
             self.status = "running"
@@ -81,10 +85,11 @@ class Progress:
         elif kind == "checkpoint_saved":
             self._say(e, f"checkpoint at step {e.get('step')}")
         elif kind == "completed":
-            self.status, self.adapter = "completed", e.get("adapter") or ""
+            self.status, self.adapter, self.stage = "completed", e.get("adapter") or "", ""
             peak = e.get("peak_vram_mb")
             self._say(e, "completed" + (f", peak VRAM {peak / 1024:.1f} GiB" if peak else ""))
         elif kind == "failed":
+            self.stage = ""
             self.status, self.error, self.hint = "failed", f"[{e.get('code')}] {e.get('message')}", e.get("hint") or ""
             self._say(e, self.error)
         elif kind == "telemetry":

@@ -11,6 +11,7 @@ import reflex as rx
 
 from app.state.errors import handler
 from app.state.follow import Progress, assign_changed
+from app.state.plan_view import PlanView, recorded_plan
 from app.state.plot import Plot
 from training import jobs
 from training.compare import MAX_RUNS, MIN_RUNS
@@ -84,7 +85,8 @@ def run_view(registry: Registry, run_id: str, progress: Progress | None) -> tupl
     info = {"id": run.id, "name": run.name or "", "kind": run.kind, "status": run.status, "model": run.model or "",
             "dataset": run.dataset or "", "step": f"{run.step}/{run.max_steps or '?'}",
             "error": f"[{run.error_code}] {run.error_message}" if run.error_code else "",
-            "reason": run.reason or "", "path": str(run.path)}  # fmt: skip
+            "reason": run.reason or "", "path": str(run.path),
+            "stage": progress.stage if run.status in ACTIVE else ""}  # fmt: skip
     view = {
         "info": info,
         "params": [[k, str(v)] for k, v in sorted(run.params.items()) if v is not None],
@@ -95,6 +97,7 @@ def run_view(registry: Registry, run_id: str, progress: Progress | None) -> tupl
         "checkpoints": [f"step {c.step}: {c.path}" for c in registry.checkpoints(run.id)],
         "exports": [f"{e['format']} {e['quantization'] or ''} {e['file'] or e['path']}" for e in registry.exports(run.id)],
         "tracking": tracked_in(read_tracking(run.path)),
+        "plan": recorded_plan(run.path),
         **report_card(registry.latest_evaluation(run.id)),
     }
     return view, progress
@@ -167,6 +170,7 @@ class RunDetailState(rx.State):
     exports: list[str] = []
     tracking: list[str] = []
     telemetry: Plot = Plot()
+    plan: PlanView = PlanView()  # the plan the run was started with (spec.json); not shown when it has none
     eval_summary: str = ""  # the latest did-it-help report: what was measured, when
     eval_rows: list[list[str]] = []  # [task, metric, base, tuned, change]
     eval_examples: list[dict[str, str]] = []  # prompt, reference, base, tuned

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import uuid
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ from typing import Any
 import reflex as rx
 
 from app.folders import datasets_dir, runs_root
-from app.state.errors import handler
+from app.state.errors import as_error, handler
 from app.state.follow import Progress, assign_changed
 from app.state.form import setter
+from app.state.plan_view import PLACEHOLDERS, PlanView, plan_form, plan_view
 from app.state.plot import Plot
 from training import jobs
 from training.config import load_settings, nest_options
@@ -44,6 +46,8 @@ def detect(path: str) -> str:
 
 
 UPDATE_EVERY_S = 1.0  # one state update a second: each one redraws the charts in the browser
+PLAN_QUIET_S = 0.4  # the form plans once it has been left alone this long: typing plans once, not per keystroke
+_SERVER = uuid.uuid4().hex  # a planning claim left by an earlier server process (restarted mid-plan) is stale
 
 
 def adapter_runs(registry: Registry) -> list[dict[str, str]]:
@@ -58,6 +62,12 @@ def _cuda_available() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
+def _replan(state: TrainState) -> Any:
+    """A form change the plan depends on: ask for a new plan (TrainState.replan coalesces the requests)."""
+    state._plan_asked += 1
+    return TrainState.replan
+
+
 class TrainState(rx.State):
     model: str = "demo"
     dataset: str = DEMO_DATASET
@@ -65,7 +75,7 @@ class TrainState(rx.State):
     learning_rate: str = ""
     batch_size: str = ""
     max_run_minutes: str = "10"
-    lora_r: str = "16"
+    lora_r: str = ""  # empty fields are not set: the plan fills them
     validation_split: str = ""
     epochs: str = ""
     gradient_accumulation: str = ""
@@ -78,7 +88,7 @@ class TrainState(rx.State):
     strategy: str = ""  # how several GPUs share the model (training.distributed.STRATEGIES); empty: from config (ddp)
     packing: bool = True
     response_only: bool = True
-    qlora: bool = False
+    qlora: str = "auto"  # auto (the plan decides: 4-bit when 16-bit weights do not fit), on or off
     use_unsloth: bool = True
     method: str = "sft"  # sft, dpo or orpo (training.method)
     beta: str = ""  # DPO only; empty: training.beta from config (0.1)
@@ -106,6 +116,15 @@ class TrainState(rx.State):
     models: list[str] = model_choices()
     sandbox_datasets: list[str] = []
     dataset_format: str = ""
+    stage: str = ""  # what the run does before its first step ("downloading model 350 / 988 MB")
+
+    plan: PlanView = PlanView()  # the plan of the form as it stands (jobs.submit_train applies the same)
+    placeholders: dict[str, str] = dict(PLACEHOLDERS)  # a form field left empty shows its planned value
+    planning: bool = False
+    plan_error: str = ""
+    plan_hint: str = ""
+    _plan_asked: int = 0  # form changes the plan depends on, counted
+    _planner: str = ""  # the planning loop of this tab (its claim), "" when none runs
 
     @rx.var
     def running(self) -> bool:
@@ -115,39 +134,42 @@ class TrainState(rx.State):
     def percent(self) -> int:
         return int(100 * self.step / self.max_steps) if self.max_steps else 0
 
-    set_model = setter("model")
-    set_dataset = setter("dataset")
-    set_steps = setter("steps")
-    set_learning_rate = setter("learning_rate")
-    set_batch_size = setter("batch_size")
+    # The fields the plan reads replan when they change.
+    set_model = setter("model", then=_replan)
+    set_dataset = setter("dataset", then=_replan)
+    set_steps = setter("steps", then=_replan)
+    set_learning_rate = setter("learning_rate", then=_replan)
+    set_batch_size = setter("batch_size", then=_replan)
     set_max_run_minutes = setter("max_run_minutes")
-    set_lora_r = setter("lora_r")
+    set_lora_r = setter("lora_r", then=_replan)
     set_validation_split = setter("validation_split")
-    set_epochs = setter("epochs")
-    set_gradient_accumulation = setter("gradient_accumulation")
-    set_max_seq_length = setter("max_seq_length")
-    set_lora_alpha = setter("lora_alpha")
+    set_epochs = setter("epochs", then=_replan)
+    set_gradient_accumulation = setter("gradient_accumulation", then=_replan)
+    set_max_seq_length = setter("max_seq_length", then=_replan)
+    set_lora_alpha = setter("lora_alpha", then=_replan)
     set_lora_dropout = setter("lora_dropout")
-    set_target_modules = setter("target_modules")
+    set_target_modules = setter("target_modules", then=_replan)
     set_report_to = setter("report_to")
     set_nproc = setter("nproc")
     set_strategy = setter("strategy")
-    set_packing = setter("packing", bool)
+    set_packing = setter("packing", bool, then=_replan)
     set_response_only = setter("response_only", bool)
-    set_qlora = setter("qlora", bool)
+    set_qlora = setter("qlora", then=_replan)
     set_use_unsloth = setter("use_unsloth", bool)
-    set_method = setter("method")
+    set_method = setter("method", then=_replan)
     set_beta = setter("beta")
     set_orpo_lambda = setter("orpo_lambda")
 
     @handler(hint="hint")
     def pick_model(self, label: str):
         self.model = label.split("  ")[0]
+        return _replan(self)
 
     @handler(hint="hint")
     def pick_dataset(self, name: str):
         self.dataset = str(inside(datasets_dir(), name))
         self.dataset_format = detect(self.dataset)
+        return _replan(self)
 
     @handler(hint="hint")
     def pick_from_run(self, run_id: str):
@@ -155,6 +177,7 @@ class TrainState(rx.State):
         self.from_run = run_id
         if run_id != "none":
             self.model = Registry(load_settings().home).get(run_id).model or self.model
+        return _replan(self)
 
     @handler(hint="hint")
     def check_dataset(self):
@@ -163,7 +186,15 @@ class TrainState(rx.State):
     @handler(hint="hint")
     def start(self):
         self.error = self.hint = ""
-        options = {"model": self.model.strip() or None, "steps": _int(self.steps, "Steps"),
+        settings = load_settings(**nest_options(self._options()))
+        from_run = self.from_run if self.from_run != "none" else None
+        run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root(), from_run=from_run)
+        self._attach(run.id)
+        return TrainState.follow
+
+    def _options(self) -> dict[str, Any]:
+        """The form as flat options (None: left empty, not set); a field that does not read is INPUT_INVALID_ARGUMENT."""
+        return {"model": self.model.strip() or None, "steps": _int(self.steps, "Steps"),
                    "lr": _float(self.learning_rate, "Learning rate"), "batch_size": _int(self.batch_size, "Batch size"),
                    "max_run_minutes": _float(self.max_run_minutes, "Time box"), "lora_r": _int(self.lora_r, "LoRA rank"),
                    "packing": self.packing, "response_only": self.response_only,
@@ -172,16 +203,51 @@ class TrainState(rx.State):
                    "gradient_accumulation": _int(self.gradient_accumulation, "Gradient accumulation"),
                    "max_seq_length": _int(self.max_seq_length, "Max length"),
                    "lora_alpha": _int(self.lora_alpha, "LoRA alpha"), "lora_dropout": _float(self.lora_dropout, "LoRA dropout"),
-                   "target_modules": _targets(self.target_modules), "qlora": self.qlora if self.cuda else None,
+                   "target_modules": _targets(self.target_modules),
+                   "qlora": {"on": True, "off": False}.get(self.qlora) if self.cuda else None,
                    "use_unsloth": self.use_unsloth if self.cuda else None,
                    "report_to": self.report_to.strip() or None,
                    "nproc": nproc_value(self.nproc, "GPUs" if self.cuda else "Processes"),
                    "strategy": self.strategy or None, **method_options(self.method, self.beta, self.orpo_lambda)}  # fmt: skip
-        settings = load_settings(**nest_options(options))
-        from_run = self.from_run if self.from_run != "none" else None
-        run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root(), from_run=from_run)
-        self._attach(run.id)
-        return TrainState.follow
+
+    @handler(background=True, error="plan_error", hint="plan_hint")
+    async def replan(self):
+        """Plan the form's run off the event loop (the model's config and tokenizer, the data: a second or more).
+
+        Form changes only count requests (`_replan`); one loop per tab plans the form as it stands once it has been
+        left alone for PLAN_QUIET_S, and plans again if it changed meanwhile: typing never queues plans."""
+        claim = f"{_SERVER}:{uuid.uuid4().hex}"
+        async with self:
+            if self._planner.startswith(_SERVER):
+                return  # this tab's loop runs: it sees the new request
+            self._planner, self.planning = claim, True
+        try:
+            while True:
+                async with self:
+                    asked = self._plan_asked
+                await asyncio.sleep(PLAN_QUIET_S)
+                async with self:
+                    if self._plan_asked != asked:
+                        continue  # still typing
+                    form = self._plan_input()
+                view, error, hint = await asyncio.to_thread(_planned_view, *form)
+                async with self:
+                    if self._plan_asked == asked:  # else the form changed while planning: plan it again
+                        assign_changed(self, {"plan": view, "plan_error": error, "plan_hint": hint,
+                                              "placeholders": view.placeholders})  # fmt: skip
+                        self._planner, self.planning = "", False
+                        return
+        finally:
+            async with self:
+                if self._planner == claim:  # ended by an error or a cancel: free the tab for the next plan
+                    self._planner, self.planning = "", False
+
+    def _plan_input(self) -> tuple[dict[str, Any] | BackpropError, str | None, str | None]:
+        try:
+            options: dict[str, Any] | BackpropError = self._options()
+        except BackpropError as exc:
+            options = exc
+        return options, self.dataset.strip() or None, self.from_run if self.from_run != "none" else None
 
     @handler(hint="hint")
     def stop(self):
@@ -194,15 +260,16 @@ class TrainState(rx.State):
         self.sandbox_datasets = sorted(p.name for p in datasets_dir().iterdir() if not p.name.startswith("."))
         self.from_runs = adapter_runs(Registry(load_settings().home))
         self.check_dataset()
+        plan = _replan(self)
         if not self.run_id:
             active = [r for r in Registry(load_settings().home).list(kind="train") if r.status in ACTIVE]
             if not active:
-                return
+                return plan
             self._attach(active[0].id)
-        return TrainState.follow
+        return [plan, TrainState.follow]
 
     def _attach(self, run_id: str) -> None:
-        self.run_id, self.status, self.step, self.max_steps = run_id, "queued", 0, 0
+        self.run_id, self.status, self.step, self.max_steps, self.stage = run_id, "queued", 0, 0, ""
         self.loss, self.log, self.adapter, self.tokens_per_s, self.eta = Plot(), [], "", "", ""
         self.preference, self.reward_accuracy, self.reward_margin, self.logps = False, Plot(), Plot(), Plot()
 
@@ -235,10 +302,23 @@ class TrainState(rx.State):
         shown = {"status": progress.status, "step": progress.step, "max_steps": progress.max_steps,
                  "loss": progress.loss_plot(), "log": progress.log, "adapter": progress.adapter, "eta": progress.eta,
                  "tokens_per_s": f"{progress.tokens_per_s:.0f} tok/s" if progress.tokens_per_s else "",
-                 "preference": progress.preference, **progress.preference_plots()}  # fmt: skip
+                 "preference": progress.preference, "stage": progress.stage if progress.status in ACTIVE else "",
+                 **progress.preference_plots()}  # fmt: skip
         if progress.error:
             shown |= {"error": progress.error, "hint": progress.hint}
         assign_changed(self, shown)
+
+
+def _planned_view(options: dict[str, Any] | BackpropError, dataset: str | None,
+                  from_run: str | None) -> tuple[PlanView, str, str]:  # fmt: skip
+    """The plan of the form's options as the page shows it, or the empty plan and the coded error that stopped it."""
+    try:
+        if isinstance(options, BackpropError):
+            raise options
+        return plan_view(plan_form(options, dataset, from_run)), "", ""
+    except Exception as exc:  # a plan that cannot be made is shown in the panel; a bug is logged too
+        shown = as_error(exc, "TrainState.replan")
+        return PlanView(), f"[{shown.code}] {shown.message}", shown.hint
 
 
 def method_options(method: str, beta: str, orpo_lambda: str) -> dict[str, Any]:
