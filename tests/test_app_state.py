@@ -626,7 +626,7 @@ def test_the_train_page_plans_the_demo_model_on_the_demo_dataset_with_a_reason_f
     rows = rows_of(state)
     assert {"Max length (tokens)", "Batch size", "Gradient accumulation", "Learning rate", "Steps", "LoRA rank"} <= set(rows)
     assert all(reason for _, reason, _ in rows.values()) and not any(given for *_, given in rows.values())
-    assert rows["Steps"][:2] == ("300", "this model's tuned default") and rows["QLoRA (4-bit)"][0] == "off"
+    assert rows["Steps"][:2] == ("300", "this model's tuned default") and rows["QLoRA"][0] == "off"
     assert state.placeholders["steps"] == "300" and state.placeholders["lora_r"] == "16"  # the empty fields say so
     assert state.plan.fits and state.plan.memory.startswith("~") and "fits" in state.plan.memory
     assert "weights" in state.plan.memory_parts and "activations" in state.plan.memory_parts
@@ -671,6 +671,7 @@ def test_changing_the_dataset_or_the_model_replans_from_their_statistics(sandbox
     assert rows["Max length (tokens)"][1].startswith("covers") and int(rows["Max length (tokens)"][0]) > int(
         demo_rows["Max length (tokens)"][0])  # fmt: skip
     assert state.placeholders["max_seq_length"] == rows["Max length (tokens)"][0]
+    assert state.placeholders["steps"].endswith(" from epochs")  # epochs decide: the steps they make on this data
     # Back to the demo model: its tuned defaults win over the data's rules again.
     run(TrainState.pick_model, state, "demo  (built-in, CPU friendly)")
     run(TrainState.replan, state)

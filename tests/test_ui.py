@@ -149,6 +149,42 @@ def test_a_new_user_trains_the_demo_model_and_watches_it_live(server, page):
     assert Path(runs[0]["run_dir"]).is_relative_to(server["sandbox"])
 
 
+def plan_row(page, setting: str) -> str:
+    """The Train page's plan row of `setting` as the page shows it: "setting value reason" ("" while not shown)."""
+    row = page.locator(f'.plan-row[data-setting="{setting}"]')
+    return " ".join(row.first.inner_text().split()) if row.count() else ""
+
+
+def test_the_train_page_plans_the_run_and_replans_when_the_dataset_or_the_model_changes(server, page, tmp_path):
+    page.goto(server["url"])
+    page.wait_for_selector("#start:not([disabled])")
+    wait_for(lambda: "40 examples" in page.inner_text("#plan-panel"), 60, "the plan of the demo model on the demo data")
+    assert plan_row(page, "Steps") == "Steps 300 this model's tuned default"
+    assert page.get_attribute("#field-steps", "placeholder") == "300"  # the empty field shows what the plan fills in
+    panel = page.inner_text("#plan-panel")
+    assert "GiB peak of" in panel and "fits" in panel and "tokens/s" in panel and "GFLOP/s a CPU core" in panel
+
+    # Another dataset: the plan reads its token lengths.
+    data = tmp_path / "long.jsonl"
+    with data.open("w") as f:
+        for i in range(240):
+            answer = " ".join(f"Fact {j}: city {i} has {j * 7 + i} parks." for j in range(12 + i % 9))
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me about city {i}."},
+                                             {"role": "assistant", "content": answer}]}) + "\n")  # fmt: skip
+    page.fill("#field-dataset", str(data))
+    wait_for(lambda: "data: 240 examples" in page.inner_text("#plan-panel"), 60, "the plan of the new dataset")
+    # Another model (a folder, no tuned defaults): the data's size decides the rank, its lengths the max length.
+    page.fill("#field-model", str(server["home"] / "models" / next((server["home"] / "models").iterdir()).name))
+    wait_for(lambda: plan_row(page, "LoRA rank") == "LoRA rank 16 the usual rank for 240 examples", 60, "the new model's plan")
+    assert "covers" in plan_row(page, "Max length (tokens)")
+    # A typed value is the user's: it wins, and the plan says so.
+    page.fill("#field-batch_size", "2")
+    wait_for(lambda: plan_row(page, "Batch size").startswith("Batch size 2 yours"), 60, "the typed batch size")
+    assert plan_row(page, "Batch size").endswith("set by you")
+    assert page.query_selector("#plan-error") is None
+    shot(page, "train-plan")
+
+
 def run_page_steps(page) -> int:
     text = page.inner_text("#run-step") if page.query_selector("#run-step") else "0"
     return int(re.match(r"\s*(\d+)", text).group(1))
@@ -217,6 +253,9 @@ def test_the_runs_page_lists_a_run_started_from_the_command_line(server, page):
     wait_for(lambda: "Parameters" in (body := page.inner_text("body")) and "from-the-shell" in body, 30, "the run page")
     wait_for(lambda: page.locator("#run-telemetry").count() == 1, 30, "the telemetry recorded while it trained")
     assert "completed" in page.inner_text("body") and page.is_disabled("#run-stop")
+    page.get_by_text("Plan: settings with their reasons").click()  # the plan it was started with, folded
+    wait_for(lambda: "this model's tuned default" in page.inner_text("#run-plan"), 30, "the run's recorded plan")
+    assert plan_row(page, "Steps").startswith("Steps 3 yours") and plan_row(page, "Steps").endswith("set by you")
     shot(page, "run-detail")
     page.click("#run-export")  # the run's Export button opens the Export page with this run picked
     page.wait_for_url(f"**/export?run={run_id}")

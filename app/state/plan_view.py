@@ -15,7 +15,7 @@ GIB = 2**30
 
 # The plan's settings by the names the Train form gives them; the form fields they fill (placeholders).
 LABELS = {"max_seq_length": "Max length (tokens)", "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha",
-          "qlora": "QLoRA (4-bit)", "gradient_checkpointing": "Gradient checkpointing", "batch_size": "Batch size",
+          "qlora": "QLoRA", "gradient_checkpointing": "Gradient checkpointing", "batch_size": "Batch size",
           "gradient_accumulation": "Gradient accumulation", "lr": "Learning rate", "steps": "Steps",
           "epochs": "Epochs"}  # fmt: skip
 FIELDS = {"steps": "steps", "lr": "learning_rate", "batch_size": "batch_size", "epochs": "epochs",
@@ -26,7 +26,7 @@ PLACEHOLDERS = {"steps": "model default", "learning_rate": "model default", "bat
                 "gradient_accumulation": "1", "max_seq_length": "model default", "lora_r": "16", "lora_alpha": "32"}  # fmt: skip
 # A problem's hint names the command line's flags; the page names its fields.
 FLAGS = {"--max-seq-length": "Max length", "--batch-size": "Batch size", "--gradient-accumulation": "Gradient accumulation",
-         "--qlora": "QLoRA (4-bit)", "--lora-r": "LoRA rank", "--lr": "Learning rate"}  # fmt: skip
+         "--qlora": "QLoRA", "--lora-r": "LoRA rank", "--lr": "Learning rate"}  # fmt: skip
 
 
 @dataclass
@@ -81,6 +81,8 @@ def plan_view(plan: dict[str, Any] | None) -> PlanView:
             placeholders[FIELDS[name]] = value
     if "steps" in plan["choices"]:  # steps decide the length: epochs are not read
         placeholders["epochs"] = "steps decide"
+    elif plan.get("steps"):  # epochs decide: the steps they make on this dataset
+        placeholders["steps"] = f"{plan['steps']} from epochs"
     parts = [("weights", memory["weights"]), ("LoRA + optimizer", memory["adapter_and_optimizer"]),
              ("activations", memory["activations"]), ("logits", memory["logits"])]  # fmt: skip
     if memory.get("runtime"):
