@@ -693,6 +693,17 @@ def test_a_plan_that_cannot_be_made_shows_its_coded_error_in_the_panel_and_the_f
     assert state.plan_error == "" and rows_of(state)["Steps"] == ("12", "set by you", True)
 
 
+def test_a_typed_setting_that_will_not_work_is_flagged_before_the_start_with_what_to_change_in_the_form(sandbox):
+    state = TrainState(_reflex_internal_init=True)
+    run(TrainState.set_max_seq_length, state, "4096")  # the demo model has 1024 positions
+    run(TrainState.replan, state)
+    assert state.plan_error == "" and rows_of(state)["Max length (tokens)"] == ("4096", "set by you", True)
+    [problem] = state.plan.problems
+    assert (problem.code, problem.message) == ("INPUT_INVALID_ARGUMENT", "max_seq_length 4096 is longer than the 1024 "
+                                               "positions demo was trained for")  # fmt: skip
+    assert problem.hint == "Use Max length 1024 or less."  # the form's field, not the command line's flag
+
+
 def test_typing_while_a_plan_is_pending_plans_once_the_form_as_it_ends(sandbox, monkeypatch):
     import app.state.train as train
 

@@ -181,7 +181,13 @@ def test_the_train_page_plans_the_run_and_replans_when_the_dataset_or_the_model_
     page.fill("#field-batch_size", "2")
     wait_for(lambda: plan_row(page, "Batch size").startswith("Batch size 2 yours"), 60, "the typed batch size")
     assert plan_row(page, "Batch size").endswith("set by you")
-    assert page.query_selector("#plan-error") is None
+    assert page.query_selector("#plan-error") is None and page.locator(".plan-problem").count() == 0
+    # A typed setting that will not work is flagged before the start, with what to change.
+    page.get_by_text("Advanced").click()
+    page.fill("#field-max_seq_length", "4096")
+    wait_for(lambda: page.locator(".plan-problem").count() == 1, 60, "the problem")
+    assert "[INPUT_INVALID_ARGUMENT] max_seq_length 4096" in (problem := page.inner_text(".plan-problem"))
+    assert "Use Max length 1024 or less." in problem
     shot(page, "train-plan")
 
 
