@@ -20,13 +20,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training import atomic
 from training.config import Settings
 from training.errors import BackpropError
 from training.events import Event, read_events
 from training.runs import ACTIVE, Registry, RunRecord, pid_alive, refuse_unless_resumable, worker_alive
+
+if TYPE_CHECKING:
+    from training.plan import Plan
 
 FOLLOW_POLL_S = 0.2
 WORKER_EXIT_WAIT_S = 30  # a worker that has written its final status exits within moments
@@ -60,7 +63,9 @@ def submit_train(
     if from_run:
         settings, extra = _start_from(registry, settings, from_run)
     if plan:
-        settings, extra["plan"] = _planned(settings, data, fmt)
+        planned = plan_run(settings, data, fmt=fmt)
+        _refuse_problems(planned)
+        settings, extra["plan"] = planned.apply(settings), planned.to_dict()
     # Not the run's parent in the registry (that is a multi-run's child): it stays a run of its own, resumable, kept
     # when the run it started from is deleted; spec.json names it.
     run = new_train_run(registry, settings, data, fmt=fmt, skip_invalid=skip_invalid, name=name, runs_root=runs_root,
@@ -68,18 +73,24 @@ def submit_train(
     return start(registry, run)
 
 
-def _planned(settings: Settings, data: str, fmt: str | None) -> tuple[Settings, dict[str, Any]]:
-    """The settings with the plan's choices for what the user left unset, and the plan as spec.json keeps it."""
+def plan_run(settings: Settings, data: str | None, *, fmt: str | None = None, from_run: str | None = None) -> Plan:
+    """The plan (training/plan.py) `submit_train` applies to these settings: after `from_run`'s model and LoRA shape."""
     from training.plan import make_plan
 
-    planned = make_plan(settings, data, fmt=fmt)
-    if planned.problems:
-        first = planned.problems[0]
-        if first.code == "INPUT_RUN_WONT_FIT":
-            raise BackpropError(first.code, reason=first.message, hint=f"{first.hint} `backprop plan` shows the "
-                                "estimate; --no-plan starts anyway.")  # fmt: skip
-        raise BackpropError(first.code, reason=first.message, hint=first.hint)
-    return planned.apply(settings), planned.to_dict()
+    if from_run:
+        settings, _ = _start_from(Registry(settings.home), settings, from_run)
+    return make_plan(settings, data, fmt=fmt)
+
+
+def _refuse_problems(planned: Plan) -> None:
+    """A setting that will not work is refused before a run is registered (INPUT_RUN_WONT_FIT says what to change)."""
+    if not planned.problems:
+        return
+    first = planned.problems[0]
+    hint = first.hint
+    if first.code == "INPUT_RUN_WONT_FIT":
+        hint += " `backprop plan` shows the estimate; --no-plan starts anyway."
+    raise BackpropError(first.code, reason=first.message, hint=hint)
 
 
 def _start_from(registry: Registry, settings: Settings, run_id: str) -> tuple[Settings, dict[str, Any]]:

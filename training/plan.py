@@ -68,6 +68,7 @@ class ModelFacts:
     name: str
     shape: memory.DecoderShape
     q_width: int  # attention heads x head dim (usually the hidden size)
+    heads: int
     tied: bool  # output head shares the embedding matrix
     max_positions: int | None
 
@@ -104,7 +105,7 @@ class ModelFacts:
         kv_heads = int(config.get("num_key_value_heads") or heads)
         intermediate = int(config.get("intermediate_size") or 4 * hidden)
         shape = memory.DecoderShape(layers, hidden, intermediate, vocab, kv_heads * head_dim)
-        return cls(name, shape, heads * head_dim, bool(config.get("tie_word_embeddings", False)),
+        return cls(name, shape, heads * head_dim, heads, bool(config.get("tie_word_embeddings", False)),
                    config.get("max_position_embeddings"))  # fmt: skip
 
 
@@ -179,7 +180,8 @@ class MemoryEstimate:
     activations: int
     logits: int
     runtime: int  # CPU: the process itself; CUDA: 0 (counted in the headroom)
-    usable: int  # what the plan may fill: free memory less headroom
+    usable: int  # what the plan may fill now: free memory less headroom
+    capacity: int  # the same of the whole device (or RAM): more than this never fits, whatever else ends first
 
     @property
     def peak(self) -> int:
@@ -188,6 +190,10 @@ class MemoryEstimate:
     @property
     def fits(self) -> bool:
         return self.peak <= self.usable
+
+    @property
+    def fits_device(self) -> bool:
+        return self.peak <= self.capacity
 
 
 @dataclass(frozen=True)
@@ -232,8 +238,12 @@ class Plan:
                     "sampled": len(self.data.lengths), "p50": self.data.percentile(50), "p95": self.data.percentile(95),
                     "max": self.data.percentile(100)}  # fmt: skip
         return {
-            "model": {"name": self.model.name, "params": self.model.params, **asdict(self.model.shape),
-                      "max_positions": self.model.max_positions},  # fmt: skip
+            "model": {
+                "name": self.model.name,
+                "params": self.model.params,
+                **asdict(self.model.shape),
+                "max_positions": self.model.max_positions,
+            },  # fmt: skip
             "machine": asdict(self.machine) | {"description": self.machine.describe()},
             "data": data,
             "method": self.method,
@@ -336,6 +346,7 @@ def propose(
     pick("lora_alpha", 2 * rank, "twice the rank: the adapter's usual scale")
     row_length = max_len * (2 if pairs else 1)  # a pair's two answers share a row
     estimate = _Estimator(model, machine, rank, target_modules, row_length)
+    estimate.qlora_available = qlora_available
 
     # Precision and memory savers: 16-bit LoRA if it fits, else gradient checkpointing, else QLoRA.
     qlora, checkpointing = _memory_savers(estimate, machine, given, qlora_available, pick, problems)
@@ -381,8 +392,11 @@ def propose(
 
     # The micro-batch as chosen (or given) must fit.
     memory_estimate = estimate.memory(batch, qlora=qlora, checkpointing=checkpointing)
-    if not memory_estimate.fits:
+    if not memory_estimate.fits_device:
         problems.append(_wont_fit(memory_estimate, machine, batch, max_len, checkpointing, qlora, estimate))
+    elif not memory_estimate.fits:  # other work holds memory now: the governor's admission waits for it
+        notes.append(f"~{memory_estimate.peak / GIB:.1f} GiB is more than the {memory_estimate.usable / GIB:.1f} GiB "
+                     "usable now: the run may wait for memory (admission) or run out of it")  # fmt: skip
 
     time_estimate = None
     if steps is not None:
@@ -468,14 +482,15 @@ def _memory_savers(estimate: _Estimator, machine: Machine, given: dict[str, Any]
 def _wont_fit(m: MemoryEstimate, machine: Machine, batch: int, max_len: int, checkpointing: bool, qlora: bool,
               estimate: _Estimator) -> Problem:  # fmt: skip
     where = "VRAM" if machine.device == "cuda" else "RAM"
-    message = f"the run needs ~{m.peak / GIB:.1f} GiB, {m.usable / GIB:.1f} GiB of {where} is usable"
-    if batch > 1 and estimate.memory(1, qlora=qlora, checkpointing=checkpointing).fits:
+    message = f"the run needs ~{m.peak / GIB:.1f} GiB, {m.capacity / GIB:.1f} GiB of {where} is usable at most"
+    if batch > 1 and estimate.memory(1, qlora=qlora, checkpointing=checkpointing).fits_device:
         fits = estimate.largest_batch(qlora=qlora, checkpointing=checkpointing, limit=batch)
         hint = f"Use --batch-size {fits} (and --gradient-accumulation to keep the effective batch)."
-    elif not checkpointing and estimate.memory(1, qlora=qlora, checkpointing=True).fits:
+    elif not checkpointing and estimate.memory(1, qlora=qlora, checkpointing=True).fits_device:
         hint = "Turn gradient checkpointing on (training.gradient_checkpointing), or lower --max-seq-length."
     elif not qlora and machine.device == "cuda":
-        hint = "Use --qlora (4-bit weights), a smaller model, or a GPU with more memory."
+        extra = "" if estimate.qlora_available else " (install the gpu extra for bitsandbytes)"
+        hint = f"Use --qlora{extra} for 4-bit weights, a smaller model, or a GPU with more memory."
     else:
         hint = f"Lower --max-seq-length (now {max_len}), or pick a smaller model."
     return Problem("INPUT_RUN_WONT_FIT", message, hint)
@@ -493,6 +508,7 @@ class _Estimator:
         self.cuda = machine.device == "cuda"
         self.element = 2 if self.cuda and machine.bf16 else 4
         self.trainable = model.lora_params(rank, target_modules)
+        self.qlora_available = True
 
     def memory(self, rows: int, *, qlora: bool, checkpointing: bool) -> MemoryEstimate:
         model, e = self.model, self.element
@@ -506,14 +522,21 @@ class _Estimator:
         if checkpointing:  # each layer keeps only its input; one layer's full set lives during its recompute
             per_token = model.shape.layers * e * model.shape.hidden + per_token // model.shape.layers
         logits = min(tokens, memory.LOGIT_CHUNK_ROWS) * model.shape.vocab * memory.CHUNKED_LOGIT_BYTES
+        if not self.cuda:  # CPU attention with a mask (packed or padded rows) keeps every layer's scores for backward
+            layers = 1 if checkpointing else model.shape.layers
+            scores = rows * layers * model.heads * self.row_length**2 * e
+        else:
+            scores = 0
+        free, total = self.machine.free_bytes, self.machine.total_bytes
         if self.cuda:
-            usable = self.machine.free_bytes * (1 - memory.HEADROOM_FRACTION) - memory.HEADROOM_BYTES
+            usable, capacity = (b * (1 - memory.HEADROOM_FRACTION) - memory.HEADROOM_BYTES for b in (free, total))
             runtime = 0
         else:
-            usable, runtime = self.machine.free_bytes * CPU_RAM_FRACTION, CPU_RUNTIME_BYTES
+            usable, capacity, runtime = free * CPU_RAM_FRACTION, total * CPU_RAM_FRACTION, CPU_RUNTIME_BYTES
         # LoRA weights (float32) and their gradient and AdamW moments.
         adapter = self.trainable * (4 + 12)
-        return MemoryEstimate(int(weights), int(adapter), int(tokens * per_token), int(logits), runtime, int(usable))
+        return MemoryEstimate(int(weights), int(adapter), int(tokens * per_token + scores), int(logits), runtime, int(usable),
+                              int(capacity))  # fmt: skip
 
     def largest_batch(self, *, qlora: bool, checkpointing: bool, limit: int) -> int:
         size = 1
@@ -606,26 +629,21 @@ def data_facts(data: str, tokenizer: Any, *, fmt: str | None = None, method: str
 
 
 def this_machine(settings: Any) -> Machine:
-    """The machine as the governor sees it: its GPUs through NVML or nvidia-smi (no CUDA context in this process),
-    else the CPU and the RAM available."""
-    import psutil
+    """The machine as the governor sees it (training/telemetry.py: NVML or nvidia-smi, no CUDA context in this process;
+    simulated readings when `telemetry_file` is set): its GPUs, else the CPU and the RAM available."""
+    from training.telemetry import Telemetry
 
-    from training.telemetry import make_gpu_probe
-
-    readings = []
-    if settings.gpu.probe != "none":
-        try:
-            readings = [r for r in make_gpu_probe(settings.gpu.probe).read() if r.mem_free is not None]
-        except Exception:  # no driver: plan for the CPU
-            readings = []
-    ram = psutil.virtual_memory()
-    if readings:
-        free = min(r.mem_free for r in readings) * 2**20  # the tightest GPU decides
-        total = readings[0].mem_total * 2**20
-        name = readings[0].name
+    try:
+        sample = Telemetry("none" if settings.gpu.probe == "none" else settings.gpu.probe, settings.telemetry_file).sample()
+    except Exception:  # a broken driver: plan for the CPU
+        sample = Telemetry("none", settings.telemetry_file).sample()
+    gpus = [g for g in sample.gpus if g.mem_free is not None]
+    if gpus:
+        name = gpus[0].name
         bf16 = not any(old in name for old in ("T4", "V100", "P100", "1080", "2080"))
-        return Machine("cuda", name, free, total, gpus=len(readings), cores=os.cpu_count() or 1, bf16=bf16)
-    return Machine("cpu", "CPU", float(ram.available), float(ram.total), cores=_cores())
+        free = min(g.mem_free for g in gpus) * 2**20  # the tightest GPU decides
+        return Machine("cuda", name, free, gpus[0].mem_total * 2**20, gpus=len(gpus), cores=_cores(), bf16=bf16)
+    return Machine("cpu", "CPU", sample.ram_available * 2**20, sample.ram_total * 2**20, cores=_cores())
 
 
 def _cores() -> int:
@@ -655,12 +673,13 @@ def make_plan(
     *,
     fmt: str | None = None,
     machine: Machine | None = None,
-    probe: bool = False,
+    throughput: tuple[float, str] | None = None,
 ) -> Plan:
     """The plan for `settings` (what the user set) on `data` on this machine (or `machine`).
 
     Reads the model's config.json and tokenizer (a hub model: those small files only) and the dataset. A dataset that
-    cannot be read is planned without its statistics (a note says why); the run then reports the error by line."""
+    cannot be read is planned without its statistics (a note says why); the run then reports the error by line.
+    `throughput`: a measured speed (training/probe.py) instead of the THROUGHPUT table's."""
     from training.models import MODEL_DEFAULTS, load_tokenizer, resolve_model
 
     t = settings.training
@@ -677,16 +696,8 @@ def make_plan(
     preset = {k: v for k, v in MODEL_DEFAULTS.get(settings.model, {}).items() if k in PLANNED}
     plan = propose(facts, data_stats, machine, method=t.method, given=given_options(settings), preset=preset,
                    target_modules=settings.lora.target_modules, packing=t.packing,
-                   qlora_available=_importable("bitsandbytes"))  # fmt: skip
+                   qlora_available=_importable("bitsandbytes"), throughput=throughput)  # fmt: skip
     plan.notes[:0] = notes
-    if probe and data is not None:
-        from training.probe import probe_throughput
-
-        measured = probe_throughput(plan.apply(settings), data, fmt=fmt)
-        plan = propose(facts, data_stats, machine, method=t.method, given=given_options(settings), preset=preset,
-                       target_modules=settings.lora.target_modules, packing=t.packing,
-                       qlora_available=_importable("bitsandbytes"), throughput=measured)  # fmt: skip
-        plan.notes[:0] = notes
     return plan
 
 

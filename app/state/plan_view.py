@@ -115,13 +115,9 @@ def plan_form(options: dict[str, Any], dataset: str | None, from_run: str | None
     event loop. Raises BackpropError (a model that cannot be found, a number that is not one)."""
     from training import jobs
     from training.config import load_settings, nest_options
-    from training.plan import make_plan
-    from training.runs import Registry
 
     settings = load_settings(**nest_options(options))
-    if from_run:  # the run continues that run's adapter: its model and LoRA shape, as submit_train sets them
-        settings, _ = jobs._start_from(Registry(settings.home), settings, from_run)
-    return make_plan(settings, dataset).to_dict()
+    return jobs.plan_run(settings, dataset, from_run=from_run).to_dict()
 
 
 def recorded_plan(run_dir: Path) -> PlanView:

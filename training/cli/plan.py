@@ -37,6 +37,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from training.config import load_settings, nest_options
     from training.errors import BackpropError
     from training.plan import make_plan, this_machine
+    from training.probe import probe_throughput
 
     options = {key: getattr(args, key) for key in ("model", "method", "steps", "epochs", "lr", "batch_size",
                                                     "gradient_accumulation", "max_seq_length", "lora_r", "lora_alpha",
@@ -54,6 +55,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"--gpus {args.gpus}: this machine has no NVIDIA GPU",
                                 hint="Run `backprop plan` on the machine that will train.")  # fmt: skip
         machine = replace(machine, gpus=args.gpus)
-    plan = make_plan(settings, data, fmt=args.format, machine=machine, probe=args.probe)
+    plan = make_plan(settings, data, fmt=args.format, machine=machine)
+    if args.probe:  # ten real steps of the planned settings: a measured speed instead of the table's
+        measured = probe_throughput(plan.apply(settings), data, fmt=args.format)
+        plan = make_plan(settings, data, fmt=args.format, machine=machine, throughput=measured)
     print(json.dumps(plan.to_dict()) if args.json else plan.render())
     return 1 if plan.problems else 0
