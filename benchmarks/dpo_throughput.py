@@ -97,7 +97,7 @@ def run_backprop(folder: Path, data: Path, rows: int, home: Path) -> float:
 
     result = Trainer(str(folder), home=str(home)).train(
         data, epochs=1, method="dpo", beta=BETA, batch_size=rows, max_seq_length=MAX_LENGTH, lr=LR, lora_r=LORA_R,
-        lora_alpha=LORA_ALPHA, save_every=0, use_unsloth=False,
+        lora_alpha=LORA_ALPHA, save_every=0, use_unsloth=False, gradient_accumulation=1,
     )  # fmt: skip
     events, _ = read_events(result.run_dir / "events.jsonl")
     reference = next(e for e in events if "reference log-probabilities" in e.get("message", ""))

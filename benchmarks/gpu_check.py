@@ -169,6 +169,14 @@ def render(data: dict[str, Any]) -> str:
                 str(row.get("note") or row.get("error") or row.get("skipped") or "").replace("|", "/")[:160],
             ]) + " |")  # fmt: skip
         lines.append("")
+        planned = [r for r in race if r.get("plan_estimate_mb") and r.get("peak_vram_mb")]
+        if planned:  # the plan's memory estimate (training/plan.py) against each Backprop run's measured peak
+            lines += ["| model | contestant | plan estimate GiB | measured GiB | error |", "|---|---|---:|---:|---:|"]
+            for row in planned:
+                est, got = row["plan_estimate_mb"], row["peak_vram_mb"]
+                cells = [row["model"], row["contestant"], f"{est / 1024:.2f}", f"{got / 1024:.2f}", f"{est / got - 1:+.1%}"]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
     for name, value in data["sections"].items():
         if name == "environment":
             continue
@@ -403,16 +411,17 @@ def run_trl(work: Workload, plan: Plan, *, unsloth: bool = False) -> dict[str, A
 
 
 def backprop_run(work: Workload, plan: Plan, home: Path, **options: Any) -> tuple[Any, list[dict[str, Any]]]:
-    """One run through the real job system (worker process, governor, events), as `backprop train` makes it."""
+    """One run through the real job system (worker process, governor, events), as `backprop train` makes it, planned
+    (training/plan.py) for what the check leaves unset; its `plan` event-like record is the spec's plan."""
     from training import Trainer
     from training.events import read_events
 
     free_memory(plan)
     rows = plan.packed_rows[work.shape.name]
     # The machine is the check's: its own load must never queue a run (max_cpu_percent 100).
-    settings = {"epochs": 1, "batch_size": rows, "max_seq_length": plan.seq_len, "lr": LR, "lora_r": LORA_R,
-                "lora_alpha": LORA_ALPHA, "save_every": 0, "use_unsloth": False, "max_parallel": 1, "max_cpu_percent": 100,
-                **options}  # fmt: skip
+    settings = {"epochs": 1, "batch_size": rows, "gradient_accumulation": 1, "max_seq_length": plan.seq_len, "lr": LR,
+                "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "save_every": 0, "use_unsloth": False, "max_parallel": 1,
+                "max_cpu_percent": 100, **options}  # fmt: skip
     settings = {k: v for k, v in settings.items() if v is not None}
     try:
         result = Trainer(str(work.model_dir), home=str(home)).train(work.data, **settings)
@@ -423,6 +432,9 @@ def backprop_run(work: Workload, plan: Plan, home: Path, **options: Any) -> tupl
         run_dir = Registry(home).list()[0].path
         result = None
     events, _ = read_events(run_dir / "events.jsonl")
+    spec = json.loads((run_dir / "spec.json").read_text())
+    if spec.get("plan"):  # the plan's estimate of this run, beside what it measured (summarize_backprop)
+        events.append({"event": "plan", "t": 0, **spec["plan"]})
     return result, events
 
 
@@ -430,11 +442,13 @@ def summarize_backprop(events: list[dict[str, Any]]) -> dict[str, Any]:
     steps = [e for e in events if e["event"] == "step"]
     started = next(e for e in events if e["event"] == "started")
     completed = next((e for e in events if e["event"] == "completed"), {})
+    planned = next((e for e in events if e["event"] == "plan"), {})
     logs = [e["message"] for e in events if e["event"] == "log"]
     how = ", ".join(f"{k}={started[k]}" for k in ("loss_kernel", "attention", "gradient_checkpointing") if k in started)
     said = [m for m in logs if any(k in m for k in ("unsloth", "checkpointing", "batch size"))]
     return {"tokens": sum(e["tokens"] for e in steps), "seconds": steps[-1]["t"] - started["t"] if steps else None,
             "steps": len(steps), "peak_vram_mb": completed.get("peak_vram_mb"),
+            "plan_estimate_mb": round(planned["memory"]["peak"] / 2**20) if planned else None,
             "final_loss": steps[-1]["loss"] if steps else None, "note": "; ".join([how, *said])[:240]}  # fmt: skip
 
 
@@ -578,13 +592,20 @@ def qlora(plan: Plan, work: Workload, home: Path) -> dict[str, Any]:
 
 
 def auto_batch(plan: Plan, work: Workload, home: Path) -> dict[str, Any]:
-    needs_cuda(plan, "the automatic batch size (it reads free VRAM)")
-    _, events = backprop_run(work, plan, home, batch_size=None, steps=6, epochs=None)
+    """The plan's batch size (training/plan.py: what fits the free VRAM read through NVML) and its estimate of the peak,
+    against the run's measured peak."""
+    needs_cuda(plan, "the planned batch size (it reads free VRAM)")
+    _, events = backprop_run(work, plan, home, batch_size=None, gradient_accumulation=None, steps=6, epochs=None)
     logs = [e["message"] for e in events if e["event"] == "log"]
-    picked = next((m for m in logs if "auto batch size" in m), None)
+    planned = next((e for e in events if e["event"] == "plan"), {})
+    batch = planned.get("choices", {}).get("batch_size", {})
     failed = next((e for e in events if e["event"] == "failed"), None)
     completed = next((e for e in events if e["event"] == "completed"), {})
-    return {"model": work.shape.name, "picked": picked, "peak_vram_mb": completed.get("peak_vram_mb"),
+    estimate = planned["memory"]["peak"] / 2**20 if planned else None
+    measured = completed.get("peak_vram_mb")
+    return {"model": work.shape.name, "picked": f"{batch.get('value')}: {batch.get('reason')}", "plan_estimate_mb":
+            round(estimate) if estimate else None, "peak_vram_mb": measured,
+            "estimate error": f"{estimate / measured - 1:+.1%}" if estimate and measured else None,
             "out of memory events": sum("out of memory" in m for m in logs),
             "status": "failed: " + failed["code"] if failed else ("completed" if completed else "?")}  # fmt: skip
 
@@ -595,7 +616,7 @@ def oom_recovery(plan: Plan, work: Workload, home: Path) -> dict[str, Any]:
     from training.runs import Registry
 
     rows = 64
-    _, events = backprop_run(work, plan, home, batch_size=rows, steps=2, epochs=None)
+    _, events = backprop_run(work, plan, home, batch_size=rows, steps=2, epochs=None, plan=False)  # the plan refuses it
     logs = [e["message"] for e in events if e["event"] == "log"]
     failed = next((e for e in events if e["event"] == "failed"), None)
     run = Registry(home).list()[0]

@@ -153,7 +153,7 @@ def run_backprop(folder: Path, data: Path, batch_size: int, home: Path) -> tuple
 
     result = Trainer(str(folder), home=str(home)).train(
         data, epochs=1, batch_size=batch_size, max_seq_length=1024, lr=LR, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
-        save_every=0, use_unsloth=False,
+        save_every=0, use_unsloth=False, gradient_accumulation=1,
     )  # fmt: skip
     events, _ = read_events(result.run_dir / "events.jsonl")
     steps = [e for e in events if e["event"] == "step"]

@@ -36,15 +36,17 @@ class Trainer:
         skip_invalid: bool = False,
         name: str | None = None,
         from_run: str | None = None,
+        plan: bool = True,
         on_event: EventSink | None = None,
         **options: Any,
     ) -> TrainResult:
         """Train in a governed worker process (like `backprop train`) and wait for it; `on_event` sees every event.
 
         `method="dpo"` or `"orpo"` trains on preference pairs (`beta`, `orpo_lambda`); `from_run` starts from a finished
-        run's adapter (and, for DPO, measures against it)."""
+        run's adapter (and, for DPO, measures against it). `plan=False`: no plan (`backprop train --no-plan`)."""
         settings = load_settings(**nest_options({**self.options, "steps": steps, "epochs": epochs, **options}))
-        run = jobs.submit_train(settings, str(data), fmt=format, skip_invalid=skip_invalid, name=name, from_run=from_run)
+        run = jobs.submit_train(settings, str(data), fmt=format, skip_invalid=skip_invalid, name=name, from_run=from_run,
+                                plan=plan)  # fmt: skip
         self.last_run = _wait(Registry(settings.home), run.id, on_event)
         return self.last_run
 
