@@ -222,8 +222,8 @@ def test_backprop_plan_measures_the_data_with_the_models_own_tokenizer(home, tin
 
 
 def test_train_applies_the_plan_for_what_is_unset_and_records_it(home, tiny_model_dir, chat_file):
-    backprop("train", "--model", str(tiny_model_dir), "--data", str(chat_file), "--steps", "2", "--lr", "0.001",
-             check=True)  # fmt: skip
+    out = backprop("train", "--model", str(tiny_model_dir), "--data", str(chat_file), "--steps", "2", "--lr", "0.001",
+                   check=True)  # fmt: skip
     [spec_path] = list((home / "runs").glob("*/spec.json"))
     spec = json.loads(spec_path.read_text())
     plan, settings = spec["plan"], spec["settings"]
@@ -235,6 +235,9 @@ def test_train_applies_the_plan_for_what_is_unset_and_records_it(home, tiny_mode
         assert not plan["choices"][name]["given"] and plan["choices"][name]["reason"]
     assert settings["lora"]["r"] == plan["choices"]["lora_r"]["value"] == 8  # 60 examples: a small adapter
     assert settings["training"]["learning_rate"] == 0.001
+    # The command says what the plan chose, and why, before the progress bar (what the user set is not repeated).
+    assert f"plan  max_seq_length {settings['training']['max_seq_length']}: covers" in out.stderr
+    assert "lr 0.001" not in out.stderr and "GiB peak of" in out.stderr
     out = backprop("show-run", spec_path.parent.name, "--json", check=True)
     assert json.loads(out.stdout)["status"] == "completed"
 

@@ -289,6 +289,17 @@ class Plan:
         return "\n".join(lines)
 
 
+def summary(plan: dict[str, Any]) -> str:
+    """A recorded plan (`Plan.to_dict()`, as spec.json keeps it) in a few lines: what the plan chose, and its estimate."""
+    chosen = [f"{name} {c['value']}: {c['reason']}" for name, c in plan["choices"].items() if not c["given"]]
+    m = plan["memory"]
+    estimate = f"~{m['peak'] / GIB:.1f} GiB peak of {m['usable'] / GIB:.1f} GiB usable"
+    if plan.get("time"):
+        estimate += f", ~{_duration(plan['time']['seconds'])} ({plan['time']['source']})"
+    lines = [*chosen, estimate, *plan.get("notes", [])]
+    return "\n".join(f"{'plan' if i == 0 else '':<6}{line}" for i, line in enumerate(lines))
+
+
 # ---------------------------------------------------------------------------------------------------- proposing
 
 # Settings a model preset tunes (training/models.py MODEL_DEFAULTS) win over the data-driven rules below.

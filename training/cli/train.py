@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from training.cli.common import (
     DATASET_FORMATS,
@@ -119,7 +120,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = str(DEMO_DATASET)
     run = jobs.submit_train(settings, data, fmt=args.format, skip_invalid=args.skip_invalid, name=args.name,
                             from_run=args.from_run, plan=args.plan)  # fmt: skip
+    _print_plan(run.path, args)
     return follow_in_foreground(run.id, args)
+
+
+def _print_plan(run_dir: Path, args: argparse.Namespace) -> None:
+    """What the plan chose for this run and its estimate, before the progress bar (not with --json or --detach)."""
+    import json
+    import sys
+
+    from training.plan import summary
+
+    recorded = json.loads((run_dir / "spec.json").read_text()).get("plan")
+    if recorded and not args.json and not args.detach:
+        print(summary(recorded), file=sys.stderr)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
