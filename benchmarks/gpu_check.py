@@ -169,11 +169,12 @@ def render(data: dict[str, Any]) -> str:
                 str(row.get("note") or row.get("error") or row.get("skipped") or "").replace("|", "/")[:160],
             ]) + " |")  # fmt: skip
         lines.append("")
-        planned = [r for r in race if r.get("plan_estimate_mb") and r.get("peak_vram_mb")]
+        planned = [r for r in race if r.get("plan_estimate_mb") and (r.get("peak_vram_mb") or r.get("peak_rss_mb"))]
         if planned:  # the plan's memory estimate (training/plan.py) against each Backprop run's measured peak
-            lines += ["| model | contestant | plan estimate GiB | measured GiB | error |", "|---|---|---:|---:|---:|"]
+            lines += ["| model | contestant | plan estimate GiB | measured GiB (VRAM, or RSS on CPU) | error |",
+                      "|---|---|---:|---:|---:|"]  # fmt: skip
             for row in planned:
-                est, got = row["plan_estimate_mb"], row["peak_vram_mb"]
+                est, got = row["plan_estimate_mb"], row.get("peak_vram_mb") or row["peak_rss_mb"]
                 cells = [row["model"], row["contestant"], f"{est / 1024:.2f}", f"{got / 1024:.2f}", f"{est / got - 1:+.1%}"]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
@@ -449,6 +450,7 @@ def summarize_backprop(events: list[dict[str, Any]]) -> dict[str, Any]:
     return {"tokens": sum(e["tokens"] for e in steps), "seconds": steps[-1]["t"] - started["t"] if steps else None,
             "steps": len(steps), "peak_vram_mb": completed.get("peak_vram_mb"),
             "plan_estimate_mb": round(planned["memory"]["peak"] / 2**20) if planned else None,
+            "peak_rss_mb": completed.get("peak_rss_mb"),
             "final_loss": steps[-1]["loss"] if steps else None, "note": "; ".join([how, *said])[:240]}  # fmt: skip
 
 

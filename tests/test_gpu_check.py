@@ -45,6 +45,10 @@ def test_the_gpu_check_dry_run_races_every_contestant_it_can_and_says_why_it_ski
 
     table = (out / "table.md").read_text()
     assert "| Backprop |" in table and "needs CUDA" in table
+    # The plan's memory estimate of the Backprop run stands beside the run's measured peak (here: resident memory).
+    backprop_row = race["Backprop"]
+    assert backprop_row["plan_estimate_mb"] > 0 and backprop_row["peak_rss_mb"] > 0
+    assert "| plan estimate GiB |" in table
 
     # Parts run on separate machines make one table.
     merged = tmp_path / "merged"
