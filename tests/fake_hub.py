@@ -2,11 +2,11 @@
 use to download and upload repositories.
 
 Downloads: dataset and model repositories served from folders on disk (the repo info, tree and paths-info API, file
-downloads: HEAD with the commit and etag headers, GET with ranges). Uploads: `create_repo`, the preupload and commit
-API (regular files travel base64 in the commit; *.safetensors and files over 10 MB go LFS, as the hub's default
-.gitattributes says, through the LFS batch API and a PUT; with hf_xet installed the client uploads LFS files through
-Xet, which this stand-in does not speak: set HF_HUB_DISABLE_XET=1 for a push). Pushed files are kept in memory
-(`pushed`, `created`). Unknown repos and files answer 404 with the hub's error codes.
+downloads: HEAD with the commit and etag headers, GET with ranges). Uploads: `create_repo`, README metadata
+validation, the preupload and commit API (regular files travel base64 in the commit; *.safetensors and files over
+10 MB go LFS, as the hub's default .gitattributes says, through the LFS batch API and a PUT; with hf_xet installed
+the client uploads LFS files through Xet, which this stand-in does not speak: set HF_HUB_DISABLE_XET=1 for a push).
+Pushed files are kept in memory (`pushed`, `created`). Unknown repos and files answer 404 with the hub's error codes.
 
 Faults, for the download tests: `pause_at=(file, offset)` serves that file up to the offset, sets `paused` and waits
 for `resume` (set on exit, so nothing hangs); `drop_at=(file, offset)` closes the connection at the offset, once.
@@ -116,6 +116,9 @@ class FakeHub:
                     return self.resolve(fake.repos, f"{parts[1]}/{parts[2]}", "/".join(parts[5:]), parts[4])
                 if parts[:3] == ["api", "repos", "create"]:
                     return self.create_repo()
+                if parts == ["api", "validate-yaml"]:  # a README's metadata, checked before a commit
+                    self.body()
+                    return self.reply(200, {"errors": [], "warnings": []})
                 if parts[:2] == ["api", "models"] and len(parts) >= 5 and parts[4] in ("preupload", "commit"):
                     repo = f"{parts[2]}/{parts[3]}"
                     return self.preupload(repo) if parts[4] == "preupload" else self.commit(repo)

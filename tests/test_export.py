@@ -257,6 +257,31 @@ def test_push_to_a_repository_that_does_not_exist_says_so(env):
     assert out.returncode == 1 and "INPUT_HUB_REPO_NOT_FOUND" in out.stderr and "someone-else/capitals" in out.stderr
 
 
+def test_push_uploads_the_adapter_and_its_model_card_to_a_private_repository(env):
+    """Through the stand-in hub (tests/fake_hub.py): create_repo, the preupload and commit API, and the LFS batch API
+    for the safetensors. HF_HUB_DISABLE_XET: with hf_xet installed the client would send LFS files through Xet, which
+    the stand-in does not speak; the commit is the same either way."""
+    from fake_hub import FakeHub
+
+    registry, run_id = env
+    adapter = registry.get(run_id).path / "adapter"
+    token = "hf_" + "p" * 30
+    with FakeHub() as hub:
+        online = {"HF_TOKEN": token, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"}
+        out = backprop("push", run_id, "--repo", "me/tiny", "--private", "--json", env=online)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert (result["url"], result["private"]) == (f"{hub.endpoint}/me/tiny", True) and result["commit"]
+    assert [(c["name"], c["organization"], c["visibility"]) for c in hub.created] == [("tiny", "me", "private")]
+    files = hub.pushed["me/tiny"]
+    assert files["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()  # as an LFS object
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"]
+    card = files["README.md"].decode()
+    assert registry.get(run_id).dataset_sha256 in card and "export format | lora" in card  # the model card
+    assert hub.authorizations == {f"Bearer {token}"} and token not in out.stdout + out.stderr
+    assert [c["summary"] for c in hub.commits] == ["Upload from Backprop"]
+
+
 def test_the_library_exports_the_last_run(env, tmp_path):
     from training import Trainer
 

@@ -6,12 +6,14 @@ Only what loading a causal LM reads is fetched: configs, tokenizer files, chat t
 (PyTorch `.bin` weights only for a repo without safetensors; never GGUF, ONNX or a repo's other folders). The cache is
 huggingface_hub's (HF_HOME, by default ~/.cache/huggingface): a model fetched once loads offline afterwards.
 
-Why not just `snapshot_download`: since huggingface_hub 1.x every download writes to a temporary file unique to its
-process, so a download that is killed (or a machine that sleeps) starts again from byte 0, and Xet downloads cannot
+Why not just `snapshot_download`: huggingface_hub 2.x writes every download to a temporary file unique to its
+process, so a download that is killed (or a machine that sleeps) starts again from byte 0, and an Xet download cannot
 be continued either. Here each missing file is fetched over HTTP into `blobs/<etag>.incomplete` in the cache, which a
 later download continues with a Range request; when complete it becomes the blob, and `snapshot_download` then only
-links the snapshot (no bytes move twice). Offline (HF_HUB_OFFLINE=1) nothing is asked of the network: the loader reads
-the cache. A hub that cannot be reached is DEP_MODEL_LOAD_FAILED at once unless the model is cached.
+links the snapshot (no bytes move twice). Offline (HF_HUB_OFFLINE=1) nothing is asked of the network: the cached
+folder is used. A hub that cannot be reached is DEP_MODEL_LOAD_FAILED at once unless the model is cached.
+
+`weights=False` fetches the config and tokenizer alone: what a plan or a token count needs.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from __future__ import annotations
 import glob
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -34,48 +37,78 @@ MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tikt
 BIN_WEIGHTS = "pytorch_model*.bin"  # only for a repo without safetensors
 PARALLEL_FILES = 4  # shards fetched at once: one HTTP stream each
 MB = 1024 * 1024
+# (hub id, revision, weights) -> its folder, once this process found it complete in the cache (or the hub unreachable)
+_CHECKED: dict[tuple[str, str, bool], Path] = {}
 
 
-def model_files(files: list[str]) -> list[str]:
-    """The files of a repo to fetch for training (see MODEL_FILES); PyTorch weights when it has no safetensors."""
+def model_files(files: list[str], weights: bool = True) -> list[str]:
+    """The files of a repo to fetch for training (see MODEL_FILES); PyTorch weights when it has no safetensors.
+    Without `weights`: the config and tokenizer files alone (what a plan or a token count reads)."""
     wanted = [f for f in files if any(fnmatch(f, p) and f.count("/") == p.count("/") for p in MODEL_FILES)]
     if not any(f.endswith(".safetensors") for f in wanted):
         wanted += [f for f in files if "/" not in f and fnmatch(f, BIN_WEIGHTS)]
-    return sorted(wanted)
+    return sorted(f for f in wanted if weights or not f.endswith((".safetensors", ".bin")))
 
 
-def download_model(hub_id: str, on_progress: Progress | None = None, revision: str = "main") -> Path | None:
-    """Fetch the files of `hub_id` that are not cached yet; the snapshot folder, or None when the hub is not asked
-    (offline, or unreachable with the model cached: the loader then reads the cache). `on_progress(done, total)` is
-    called as bytes arrive; `done` starts at the bytes kept from an interrupted download."""
+def download_model(hub_id: str, on_progress: Progress | None = None, revision: str = "main", *, weights: bool = True) -> Path:
+    """The folder of `hub_id` in the HF cache, with the files that were not cached yet fetched first (without
+    `weights`: config and tokenizer only). Offline (HF_HUB_OFFLINE), or with the hub unreachable, the cached folder;
+    once a process has checked a model it does not ask the hub again. `on_progress(done, total)` is called as bytes
+    arrive; `done` starts at the bytes kept from an interrupted download. DEP_MODEL_LOAD_FAILED when it cannot be had."""
     from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
-    from huggingface_hub.utils import disable_progress_bars
 
+    checked = _CHECKED.get((hub_id, revision, weights)) or _CHECKED.get((hub_id, revision, True))
+    if checked is not None:
+        return checked
     if constants.HF_HUB_OFFLINE:
-        return None
-    disable_progress_bars()  # ours are the events; the library's own bars would clutter the worker's log
+        return _cached(hub_id, revision, "offline (HF_HUB_OFFLINE is set)")
     try:
         info = HfApi().model_info(hub_id, revision=revision, files_metadata=True)
-        files = model_files([s.rfilename for s in info.siblings or []])
+        files = model_files([s.rfilename for s in info.siblings or []], weights)
         missing = [f for f in files if not isinstance(try_to_load_from_cache(hub_id, f, revision=info.sha), str)]
         plan = [_Blob.ask(hub_id, f, info.sha) for f in missing]
     except Exception as exc:
         if not _is_network_error(exc):
             raise _load_failed(hub_id, exc) from exc
-        if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
-            return None  # unreachable, but cached: the loader uses the cache
-        reason = f"the hub ({constants.ENDPOINT}) cannot be reached and the model is not in the cache ({constants.HF_HUB_CACHE})"
-        raise BackpropError("DEP_MODEL_LOAD_FAILED", model=hub_id, reason=reason) from exc
+        folder = _cached(hub_id, revision, f"the hub ({constants.ENDPOINT}) cannot be reached")
+        _CHECKED[(hub_id, revision, weights)] = folder  # the loader reads the cache; nobody waits on the hub again
+        return folder
     counter = _Counter(sum(b.size for b in plan), sum(b.kept() for b in plan), on_progress)
     try:
-        with ThreadPoolExecutor(PARALLEL_FILES) as pool:
+        with _quiet(), ThreadPoolExecutor(PARALLEL_FILES) as pool:
             list(pool.map(lambda blob: blob.fetch(counter), plan))
-        # The blobs are all there: this links the snapshot and records the revision for offline use (refs/main).
-        folder = snapshot_download(hub_id, revision=revision, allow_patterns=[glob.escape(f) for f in files])
+            # The blobs are all there: this links the snapshot and records the revision for offline use (refs/main).
+            folder = snapshot_download(hub_id, revision=revision, allow_patterns=[glob.escape(f) for f in files])
     except Exception as exc:
         raise _load_failed(hub_id, exc, counter) from exc
     counter.finish()
+    _CHECKED[(hub_id, revision, weights)] = Path(folder)
     return Path(folder)
+
+
+def _cached(hub_id: str, revision: str, why: str) -> Path:
+    """The model's snapshot folder in the cache, when it is there; why the hub was not asked, when it is not."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    config = try_to_load_from_cache(hub_id, "config.json", revision=revision)
+    if not isinstance(config, str):
+        reason = f"{why} and the model is not in the cache ({constants.HF_HUB_CACHE})"
+        raise BackpropError("DEP_MODEL_LOAD_FAILED", model=hub_id, reason=reason)
+    return Path(config).parent
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars from the library while it fetches and links (ours are the events and the CLI's line)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
 
 
 class _Blob:

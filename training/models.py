@@ -81,7 +81,7 @@ def load_tokenizer(source: ModelSource) -> Any:
 
     from training.chat_template import CHATML_TOOLS_TEMPLATE
 
-    tokenizer = _from_pretrained(AutoTokenizer, source)
+    tokenizer = _from_pretrained(AutoTokenizer, source, weights=False)
     if not getattr(tokenizer, "chat_template", None):  # ChatML, which also renders tool calls
         tokenizer.chat_template = CHATML_TOOLS_TEMPLATE
         missing = [token for token in CHATML_TOKENS if token not in tokenizer.get_vocab()]
@@ -129,6 +129,8 @@ def load_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
+    if not source.is_local:  # its look-up of an adapter config ignores local_files_only (see _from_pretrained)
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
@@ -173,8 +175,9 @@ def _flash_attn_imports() -> bool:
     return True
 
 
-def _from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
-    """`from_pretrained` that fails fast and clearly offline instead of hanging on the network."""
+def _from_pretrained(loader: Any, source: ModelSource, *, weights: bool = True, **kwargs: Any) -> Any:
+    """`from_pretrained` that fails fast and clearly offline instead of hanging on the network (`weights`: whether
+    the loader reads the weights, or only the config and tokenizer files)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -182,6 +185,12 @@ def _from_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
         # Short network timeouts: an unreachable hub must fail in seconds, not minutes.
         os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
         os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+        from training.download import download_model
+
+        # Fetched into the HF cache first (resumable), then loaded from the cache alone: transformers' own look-ups
+        # would retry an unreachable hub for minutes, file after file, even with every file cached.
+        download_model(source.path, weights=weights)
+        kwargs["local_files_only"] = True
     try:
         return loader.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as exc:
