@@ -19,6 +19,7 @@ folder is used. A hub that cannot be reached is DEP_MODEL_LOAD_FAILED at once un
 from __future__ import annotations
 
 import glob
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -37,8 +38,9 @@ MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tikt
 BIN_WEIGHTS = "pytorch_model*.bin"  # only for a repo without safetensors
 PARALLEL_FILES = 4  # shards fetched at once: one HTTP stream each
 MB = 1024 * 1024
-# (hub id, revision, weights) -> its folder, once this process found it complete in the cache (or the hub unreachable)
-_CHECKED: dict[tuple[str, str, bool], Path] = {}
+UNREACHABLE_RECHECK_S = 60.0
+# (hub id, revision, weights) -> (its folder, until when): found complete in the cache (for good), or the hub unreachable
+_CHECKED: dict[tuple[str, str, bool], tuple[Path, float]] = {}
 
 
 def model_files(files: list[str], weights: bool = True) -> list[str]:
@@ -53,13 +55,14 @@ def model_files(files: list[str], weights: bool = True) -> list[str]:
 def download_model(hub_id: str, on_progress: Progress | None = None, revision: str = "main", *, weights: bool = True) -> Path:
     """The folder of `hub_id` in the HF cache, with the files that were not cached yet fetched first (without
     `weights`: config and tokenizer only). Offline (HF_HUB_OFFLINE), or with the hub unreachable, the cached folder;
-    once a process has checked a model it does not ask the hub again. `on_progress(done, total)` is called as bytes
+    once a process has found a model complete it does not ask the hub again. `on_progress(done, total)` is called as bytes
     arrive; `done` starts at the bytes kept from an interrupted download. DEP_MODEL_LOAD_FAILED when it cannot be had."""
     from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
 
-    checked = _CHECKED.get((hub_id, revision, weights)) or _CHECKED.get((hub_id, revision, True))
-    if checked is not None:
-        return checked
+    for key in ((hub_id, revision, weights), (hub_id, revision, True)):
+        folder, until = _CHECKED.get(key, (None, 0.0))
+        if folder is not None and time.monotonic() < until and (folder / "config.json").exists():
+            return folder
     if constants.HF_HUB_OFFLINE:
         return _cached(hub_id, revision, "offline (HF_HUB_OFFLINE is set)")
     try:
@@ -71,9 +74,10 @@ def download_model(hub_id: str, on_progress: Progress | None = None, revision: s
         if not _is_network_error(exc):
             raise _load_failed(hub_id, exc) from exc
         folder = _cached(hub_id, revision, f"the hub ({constants.ENDPOINT}) cannot be reached")
-        _CHECKED[(hub_id, revision, weights)] = folder  # the loader reads the cache; nobody waits on the hub again
+        # The loader reads the cache; the next loads of this process do not wait on the hub again for a while.
+        _CHECKED[(hub_id, revision, weights)] = (folder, time.monotonic() + UNREACHABLE_RECHECK_S)
         return folder
-    counter = _Counter(sum(b.size for b in plan), sum(b.kept() for b in plan), on_progress)
+    counter = _Counter(sum(b.size or 0 for b in plan), sum(b.kept() for b in plan), on_progress)
     try:
         with _quiet(), ThreadPoolExecutor(PARALLEL_FILES) as pool:
             list(pool.map(lambda blob: blob.fetch(counter), plan))
@@ -82,7 +86,7 @@ def download_model(hub_id: str, on_progress: Progress | None = None, revision: s
     except Exception as exc:
         raise _load_failed(hub_id, exc, counter) from exc
     counter.finish()
-    _CHECKED[(hub_id, revision, weights)] = Path(folder)
+    _CHECKED[(hub_id, revision, weights)] = (Path(folder), math.inf)
     return Path(folder)
 
 
@@ -119,7 +123,8 @@ class _Blob:
         from huggingface_hub.file_download import repo_folder_name
 
         folder = repo_folder_name(repo_id=hub_id, repo_type="model")
-        self.filename, self.url, self.size = filename, meta.location, meta.size or 0
+        self.filename, self.url = filename, meta.location
+        self.size: int | None = meta.size  # None: the hub did not say (then a partial file cannot be trusted)
         self.path = Path(constants.HF_HUB_CACHE) / folder / "blobs" / meta.etag
         self.partial = self.path.with_name(f"{meta.etag}.incomplete")
         self.lock = Path(constants.HF_HUB_CACHE) / ".locks" / folder / f"{meta.etag}.lock"  # the library's lock of it
@@ -135,7 +140,7 @@ class _Blob:
     def kept(self) -> int:
         """Bytes of an earlier, interrupted download of this file (0 when none, or when they cannot be its bytes)."""
         size = self.partial.stat().st_size if self.partial.exists() else 0
-        return size if size <= self.size else 0
+        return size if self.size is not None and size <= self.size else 0
 
     def fetch(self, counter: _Counter) -> None:
         from huggingface_hub.file_download import http_get
@@ -144,7 +149,7 @@ class _Blob:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _lock(self.lock):
             if self.path.exists():  # another process (a rank, another run) fetched it meanwhile
-                counter.add(self.size - self.counted)
+                counter.add((self.size or 0) - self.counted)
                 return
             kept = self.kept()
             with self.partial.open("ab") as file:
@@ -154,7 +159,7 @@ class _Blob:
                 # http_get asks for the rest with a Range header and retries a dropped connection from where it broke.
                 http_get(self.url, _Counting(file, counter), resume_size=kept, headers=build_hf_headers(),
                          expected_size=self.size)  # fmt: skip
-            if self.partial.stat().st_size != self.size:
+            if self.size is not None and self.partial.stat().st_size != self.size:
                 raise OSError(f"{self.filename}: got {self.partial.stat().st_size} of {self.size} bytes")
             os.replace(self.partial, self.path)
 
