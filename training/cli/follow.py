@@ -111,7 +111,7 @@ class TrainingProgress:
         if kind == "download":
             self.download.show(event)
             return
-        if kind not in ("queued", "log") and not self.live:
+        if kind in ("started", "step") and not self.live:  # not before: queue, telemetry and download come first
             self.download.close()
             self.progress.start()
             self.live = True
