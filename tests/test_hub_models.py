@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,9 +88,14 @@ def test_download_events_say_bytes_rate_and_eta_and_end_with_a_durable_one():
     report = DownloadEvents("owner/tiny", lambda kind, durable=False, **f: emitted.append((kind, durable, f)), every_s=3600)
     report(350 * MB, 988 * MB)  # resumed: 350 MB were kept from an interrupted download
     report(400 * MB, 988 * MB)  # within the interval: not sent
+    report.every_s = 0
+    report(450 * MB, 988 * MB)
     report(988 * MB, 988 * MB)
-    assert [(kind, durable) for kind, durable, _ in emitted] == [("download", False), ("download", True)]
-    first, last = emitted[0][2], emitted[1][2]
+    assert [(kind, durable) for kind, durable, _ in emitted] == [("download", False)] * 2 + [("download", True)]
+    first, during, last = (fields for _, _, fields in emitted)
+    pace = re.fullmatch(r"downloading model owner/tiny: 450\.0 / 988\.0 MB \((\d+\.\d) MB/s, (\d+) s left\)", during["message"])
+    assert pace and int(pace[2]) == during["eta_s"]
+    assert during["rate_mb_s"] > 0 and during["eta_s"] >= 0
     assert first["message"] == "downloading model owner/tiny: 350.0 / 988.0 MB" and first["stage"] == "downloading model"
     assert (first["done_mb"], first["total_mb"], first["rate_mb_s"], first["eta_s"]) == (350.0, 988.0, 0.0, None)
     assert last["stage"] == "downloaded model" and last["done_bytes"] == last["total_bytes"] == 988 * MB

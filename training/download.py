@@ -229,8 +229,9 @@ class DownloadEvents:
         rate = (done - self.first_done) / elapsed if elapsed > 0 else 0.0
         eta = round((total - done) / rate) if rate > 0 and not finished else None
         size = f"{done / MB:.1f} / {total / MB:.1f} MB"
+        pace = f" ({rate / MB:.1f} MB/s, {eta} s left)" if eta is not None else ""
         message = (f"downloaded model {self.hub_id}: {total / MB:.1f} MB in {elapsed:.0f} s" if finished
-                   else f"downloading model {self.hub_id}: {size}")  # fmt: skip
+                   else f"downloading model {self.hub_id}: {size}{pace}")  # fmt: skip
         self.emit("download", durable=finished, stage="downloaded model" if finished else "downloading model",
                   model=self.hub_id, done_bytes=done, total_bytes=total, done_mb=round(done / MB, 1),
                   total_mb=round(total / MB, 1), rate_mb_s=round(rate / MB, 2), eta_s=eta, message=message)  # fmt: skip
