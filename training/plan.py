@@ -594,16 +594,10 @@ def model_facts(model: str, home: Path | None = None) -> ModelFacts:
     source = resolve_model(model, home)
     if source.is_local:
         config_path = Path(source.path) / "config.json"
-    else:
-        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
-        from huggingface_hub import hf_hub_download
+    else:  # config and tokenizer only (the data's lengths need the tokenizer next); fails fast when the hub is out of reach
+        from training.download import download_model
 
-        try:
-            config_path = Path(hf_hub_download(source.path, "config.json"))
-        except Exception as exc:
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-            raise BackpropError("DEP_MODEL_LOAD_FAILED", model=model, reason=reason) from exc
+        config_path = download_model(source.path, weights=False) / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
