@@ -158,6 +158,29 @@ def test_several_gpus_share_the_effective_batch():
     assert "x 2 GPUs = an effective batch of 16" in plan.choices["gradient_accumulation"].reason
 
 
+def test_fsdp_shards_the_frozen_weights_so_a_70b_model_trains_in_16_bit_on_eight_h100s():
+    eight = Machine("cuda", "NVIDIA H100 80GB HBM3", 79 * GIB, 80 * GIB, gpus=8)
+    ddp = propose(LLAMA_70B, chat_data(5000), eight)
+    fsdp = propose(LLAMA_70B, chat_data(5000), eight, strategy="fsdp")
+    assert choice(ddp, "qlora") is True  # whole 16-bit weights (131 GiB) on each GPU never fit
+    assert choice(fsdp, "qlora") is False and fsdp.memory.weights == LLAMA_70B.params * 2 // 8
+    assert "fsdp: each GPU holds 1/8 of the frozen weights" in fsdp.notes
+
+
+def test_a_run_plans_for_the_gpus_it_will_use_not_every_gpu_the_machine_has(home, tiny_model_dir):
+    from training.config import load_settings
+    from training.plan import make_plan
+
+    eight = Machine("cuda", "NVIDIA H100 80GB HBM3", 79 * GIB, 80 * GIB, gpus=8)
+    one = make_plan(load_settings(model=str(tiny_model_dir)), None, machine=eight)  # nproc 1: one process, one GPU
+    assert one.machine.gpus == 1 and not any("each GPU holds" in n for n in one.notes)
+    every = load_settings(model=str(tiny_model_dir), distributed={"nproc": "auto", "strategy": "fsdp"})
+    assert make_plan(every, None, machine=eight).machine.gpus == 8
+    two_nodes = load_settings(model=str(tiny_model_dir), distributed={"nproc": 4, "nnodes": 2, "strategy": "fsdp"})
+    planned = make_plan(two_nodes, None, machine=eight)
+    assert planned.machine.gpus == 8 and "fsdp: each GPU holds 1/8 of the frozen weights" in planned.notes
+
+
 def test_preference_methods_train_at_a_tenth_of_the_rate_and_a_pair_fills_two_sides_of_a_row():
     pairs = DataFacts(2000, tuple(range(100, 500, 2)) * 10, pairs=True)
     sft = propose(QWEN_1_5B, chat_data(2000), RTX_4090)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -319,11 +319,13 @@ def propose(
     packing: bool = True,
     qlora_available: bool = True,
     throughput: tuple[float, str] | None = None,
+    strategy: str = "ddp",
 ) -> Plan:
     """Choose every setting of `PLANNED` the user did not give (`given`: flat option name -> value), with reasons.
 
     `preset`: a model's own defaults (flat names), which win over the rules. `throughput`: measured tokens/s and its
-    source (the probe), else the THROUGHPUT table's estimate."""
+    source (the probe), else the THROUGHPUT table's estimate. `strategy` (several GPUs): fsdp and deepspeed-zero3
+    shard the frozen weights over the GPUs; ddp and deepspeed-zero2 keep them whole on each."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     preset = dict(preset or {})
     choices: dict[str, Choice] = {}
@@ -356,7 +358,10 @@ def propose(
     rank = int(pick("lora_r", *_rank_choice(data)))
     pick("lora_alpha", 2 * rank, "twice the rank: the adapter's usual scale")
     row_length = max_len * (2 if pairs else 1)  # a pair's two answers share a row
-    estimate = _Estimator(model, machine, rank, target_modules, row_length)
+    shards = gpus if strategy in ("fsdp", "deepspeed-zero3") else 1
+    estimate = _Estimator(model, machine, rank, target_modules, row_length, shards)
+    if shards > 1:
+        notes.append(f"{strategy}: each GPU holds 1/{shards} of the frozen weights")
     estimate.qlora_available = qlora_available
 
     # Precision and memory savers: 16-bit LoRA if it fits, else gradient checkpointing, else QLoRA.
@@ -514,8 +519,9 @@ def _floor_pow2(n: int) -> int:
 class _Estimator:
     """Memory and speed of one micro-batch size on this machine (the arithmetic of training/memory.py)."""
 
-    def __init__(self, model: ModelFacts, machine: Machine, rank: int, target_modules: list[str] | str, row_length: int):
-        self.model, self.machine, self.rank, self.row_length = model, machine, rank, row_length
+    def __init__(self, model: ModelFacts, machine: Machine, rank: int, target_modules: list[str] | str, row_length: int,
+                 shards: int = 1):  # fmt: skip
+        self.model, self.machine, self.rank, self.row_length, self.shards = model, machine, rank, row_length, shards
         self.cuda = machine.device == "cuda"
         self.element = 2 if self.cuda and machine.bf16 else 4
         self.trainable = model.lora_params(rank, target_modules)
@@ -528,6 +534,7 @@ class _Estimator:
             weights = round(model.linear_params * QLORA_LINEAR_BYTES + wide * QLORA_ELEMENT_BYTES)
         else:
             weights = model.params * e
+        weights //= self.shards
         tokens = rows * self.row_length
         per_token = memory.activation_bytes_per_token(model.shape, element_bytes=e, adapter_bytes=4, lora_r=self.rank)
         if checkpointing:  # each layer keeps only its input; one layer's full set lives during its recompute
@@ -687,9 +694,12 @@ def make_plan(
     `throughput`: a measured speed (training/probe.py) instead of the THROUGHPUT table's."""
     from training.models import MODEL_DEFAULTS, load_tokenizer, resolve_model
 
-    t = settings.training
+    t, dist = settings.training, settings.distributed
     facts = model_facts(settings.model, settings.home)
     machine = machine or this_machine(settings)
+    if machine.device == "cuda":  # the GPUs this run trains on: one process each (`auto`: every GPU here), per machine
+        per_node = machine.gpus if dist.nproc == "auto" else min(int(dist.nproc), max(1, machine.gpus))
+        machine = replace(machine, gpus=per_node * dist.nnodes)
     notes: list[str] = []
     data_stats = None
     if data is not None:
@@ -701,7 +711,8 @@ def make_plan(
     preset = {k: v for k, v in MODEL_DEFAULTS.get(settings.model, {}).items() if k in PLANNED}
     plan = propose(facts, data_stats, machine, method=t.method, given=given_options(settings), preset=preset,
                    target_modules=settings.lora.target_modules, packing=t.packing,
-                   qlora_available=_importable("bitsandbytes"), throughput=throughput)  # fmt: skip
+                   qlora_available=_importable("bitsandbytes"), throughput=throughput,
+                   strategy=settings.distributed.strategy)  # fmt: skip
     plan.notes[:0] = notes
     return plan
 

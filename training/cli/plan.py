@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                       "are read)")  # fmt: skip
     plan.add_argument("--data", "-d", help="dataset file or hub dataset id (default with --model demo: the demo dataset)")
     plan.add_argument("--format", choices=DATASET_FORMATS, help="force a dataset format")
-    plan.add_argument("--gpus", type=int, help="plan for this many GPUs (default: every GPU this machine has)")
+    plan.add_argument("--gpus", "--nproc", dest="nproc", help="processes (GPUs) on this machine, or 'auto' (as train's "
+                      "--nproc; default 1)")  # fmt: skip
+    plan.add_argument("--nnodes", type=int, help="machines taking part (as train's --nnodes)")
+    plan.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"],
+                      help="how several GPUs share the model (fsdp and deepspeed-zero3 shard the frozen weights)")  # fmt: skip
     plan.add_argument("--method", choices=["sft", "dpo", "orpo"])
     plan.add_argument("--probe", action="store_true", help="measure the speed with a 10-step training run")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -32,16 +36,15 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from training.config import load_settings, nest_options
     from training.errors import BackpropError
-    from training.plan import make_plan, this_machine
+    from training.plan import make_plan
     from training.probe import probe_throughput
 
     options = {key: getattr(args, key) for key in ("model", "method", "steps", "epochs", "lr", "batch_size",
                                                     "gradient_accumulation", "max_seq_length", "lora_r", "lora_alpha",
-                                                    "qlora", "gradient_checkpointing", "packing")}  # fmt: skip
+                                                    "qlora", "gradient_checkpointing", "packing", "nproc", "nnodes",
+                                                    "strategy")}  # fmt: skip
     settings = load_settings(**nest_options(options))
     data = args.data
     if data is None:
@@ -49,15 +52,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise BackpropError("INPUT_INVALID_ARGUMENT", reason="--data is required",
                                 hint="Pass --data FILE (its token lengths decide the plan), or use --model demo.")  # fmt: skip
         data = str(DEMO_DATASET)
-    machine = this_machine(settings)
-    if args.gpus is not None:
-        if args.gpus > 1 and machine.device != "cuda":
-            raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"--gpus {args.gpus}: this machine has no NVIDIA GPU",
-                                hint="Run `backprop plan` on the machine that will train.")  # fmt: skip
-        machine = replace(machine, gpus=args.gpus)
-    plan = make_plan(settings, data, fmt=args.format, machine=machine)
+    plan = make_plan(settings, data, fmt=args.format)
     if args.probe:  # ten real steps of the planned settings: a measured speed instead of the table's
         measured = probe_throughput(plan.apply(settings), data, fmt=args.format)
-        plan = make_plan(settings, data, fmt=args.format, machine=machine, throughput=measured)
+        plan = make_plan(settings, data, fmt=args.format, throughput=measured)
     print(json.dumps(plan.to_dict()) if args.json else plan.render())
     return 1 if plan.problems else 0
