@@ -57,8 +57,9 @@ def measure(model: str, data: Path, home: Path, options: dict[str, Any], steps: 
         "case": f"{Path(model).name} {t['batch_size'].value}x{t['max_seq_length'].value}",
         "device": plan.machine.device,
         "estimate_mb": round(m.peak / 2**20),
-        "parts_mb": {k: round(getattr(m, k) / 2**20) for k in ("weights", "adapter_and_optimizer", "activations", "logits",
-                                                                 "runtime")},  # fmt: skip
+        "parts_mb": {
+            k: round(getattr(m, k) / 2**20) for k in ("weights", "adapter_and_optimizer", "activations", "logits", "runtime")
+        },  # fmt: skip
         "measured_mb": measured,
         "error": m.peak / 2**20 / measured - 1,
         "estimate_tok_s": round(plan.time.tokens_per_second) if plan.time else None,

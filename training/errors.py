@@ -122,8 +122,7 @@ CATALOGUE: dict[str, ErrorSpec] = {
     "INPUT_INVALID_ARGUMENT": ErrorSpec("{reason}", "{hint}"),
     "INPUT_RUN_WONT_FIT": ErrorSpec(
         "The run will not fit: {reason}",
-        "Lower --batch-size or --max-seq-length, or use --qlora; `backprop plan` shows the estimate, --no-plan starts "
-        "anyway.",
+        "Lower --batch-size or --max-seq-length, or use --qlora; `backprop plan` shows the estimate, --no-plan starts anyway.",
     ),
     # The web app.
     "UI_OUTPUT_DIR_FORBIDDEN": ErrorSpec(

@@ -202,8 +202,16 @@ def _from_pretrained(loader: Any, source: ModelSource, *, weights: bool = True, 
 # set always wins. The plan (training/plan.py) takes them as this model's tuned values.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # A random-initialized tiny model needs a high learning rate to learn in a minute on a CPU.
-    DEMO: {"lr": 3e-3, "steps": 300, "batch_size": 2, "gradient_accumulation": 1, "max_seq_length": 128,
-           "save_every": 100, "lora_r": 16, "lora_alpha": 32},  # fmt: skip
+    DEMO: {
+        "lr": 3e-3,
+        "steps": 300,
+        "batch_size": 2,
+        "gradient_accumulation": 1,
+        "max_seq_length": 128,
+        "save_every": 100,
+        "lora_r": 16,
+        "lora_alpha": 32,
+    },  # fmt: skip
 }
 
 
