@@ -280,7 +280,7 @@ class Plan:
         if self.time is not None:
             t = self.time
             steps = f"{self.steps:,} steps, " if self.steps else ""
-            lines.append(f"  time      ~{_duration(t.seconds)}: {steps}{t.tokens:,} tokens at ~{t.tokens_per_second:,.0f} "
+            lines.append(f"  time      ~{duration(t.seconds)}: {steps}{t.tokens:,} tokens at ~{t.tokens_per_second:,.0f} "
                          f"tokens/s ({t.source})")  # fmt: skip
         for note in self.notes:
             lines.append(f"  note      {note}")
@@ -295,7 +295,7 @@ def summary(plan: dict[str, Any]) -> str:
     m = plan["memory"]
     estimate = f"~{m['peak'] / GIB:.1f} GiB peak of {m['usable'] / GIB:.1f} GiB usable"
     if plan.get("time"):
-        estimate += f", ~{_duration(plan['time']['seconds'])} ({plan['time']['source']})"
+        estimate += f", ~{duration(plan['time']['seconds'])} ({plan['time']['source']})"
     lines = [*chosen, estimate, *plan.get("notes", [])]
     return "\n".join(f"{'plan' if i == 0 else '':<6}{line}" for i, line in enumerate(lines))
 
@@ -583,7 +583,7 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:

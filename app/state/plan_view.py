@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.plan import duration
+
 GIB = 2**30
 
 # The plan's settings by the names the Train form gives them; the form fields they fill (placeholders).
@@ -127,14 +129,6 @@ def recorded_plan(run_dir: Path) -> PlanView:
     except (OSError, json.JSONDecodeError):
         return PlanView()
     return plan_view(spec.get("plan") if isinstance(spec, dict) else None)
-
-
-def duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _value(value: Any) -> str:
