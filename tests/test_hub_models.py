@@ -260,9 +260,9 @@ def test_an_uncached_hub_model_without_the_hub_fails_with_a_coded_error(home, hf
 # ---------------------------------------------------------------- backprop train --data owner/name
 
 
-@pytest.mark.slow
-def test_training_on_a_sharded_hub_dataset_reads_every_shard_and_evaluates_on_its_validation_split(home, hf_home, tmp_path,
-                                                                                                  monkeypatch):  # fmt: skip
+def capitals(tmp_path: Path) -> tuple[Path, list[list[dict]], list[dict]]:
+    """owner/capitals, laid out as on the hub: a train split in three parquet shards and a validation split of one;
+    (its folder, the train shards' rows, the validation rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -274,6 +274,17 @@ def test_training_on_a_sharded_hub_dataset_reads_every_shard_and_evaluates_on_it
         pq.write_table(pa.Table.from_pylist(shard), repo / "data" / f"train-{i:05d}-of-00003.parquet")
     held_out = rows[18:21]
     pq.write_table(pa.Table.from_pylist(held_out), repo / "data" / "validation-00000-of-00001.parquet")
+    return repo, shards, held_out
+
+
+def data_gets(hub: FakeHub) -> list[str]:
+    return [path for method, path in hub.requests if method == "GET" and path.endswith(".parquet")]
+
+
+@pytest.mark.slow
+def test_training_on_a_sharded_hub_dataset_reads_every_shard_and_evaluates_on_its_validation_split(home, hf_home, tmp_path,
+                                                                                                  monkeypatch):  # fmt: skip
+    repo, shards, held_out = capitals(tmp_path)
     with serve(monkeypatch, repos={"owner/capitals": repo}) as hub:
         out = backprop("train", "--model", "demo", "--data", "owner/capitals", "--steps", "2", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -283,3 +294,74 @@ def test_training_on_a_sharded_hub_dataset_reads_every_shard_and_evaluates_on_it
     assert started["dataset"] == "owner/capitals@train"
     assert (started["examples"], started["validation_examples"]) == (sum(map(len, shards)), len(held_out))
     assert [e["event"] for e in events if e["event"] == "eval"] == ["eval"]  # the held-out split scored at the end
+
+
+@pytest.mark.slow
+def test_a_hub_dataset_downloads_with_progress_events_and_the_next_run_takes_it_from_the_cache(home, hf_home, tmp_path,
+                                                                                               monkeypatch):  # fmt: skip
+    repo, _, _ = capitals(tmp_path)
+    # Loading the train split prepares every split of the config: its data files are what downloads.
+    data_bytes = sum(p.stat().st_size for p in (repo / "data").iterdir())
+    # --no-plan: the plan would read the data in the CLI first (the worker would then find it cached)
+    args = ("train", "--model", "demo", "--data", "owner/capitals", "--steps", "1", "--no-plan", "--json")
+    with serve(monkeypatch, repos={"owner/capitals": repo}) as hub:
+        first = backprop(*args)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert len(data_gets(hub)) == 4  # each data file once: the loader found them in the cache
+        hub.requests.clear()
+        second = backprop(*args)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert data_gets(hub) == []
+    events = events_of(json.loads(first.stdout)["run_dir"])
+    downloads = [e for e in events if e["event"] == "download"]
+    started = next(i for i, e in enumerate(events) if e["event"] == "started")
+    assert downloads and all(events.index(e) < started for e in downloads)
+    assert {e["dataset"] for e in downloads} == {"owner/capitals"} and "model" not in downloads[0]
+    done = [e["done_bytes"] for e in downloads]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == downloads[-1]["total_bytes"] == data_bytes
+    assert downloads[0]["stage"] == "downloading dataset" and downloads[-1]["stage"] == "downloaded dataset"
+    assert downloads[-1]["message"].startswith("downloaded dataset owner/capitals: ")
+    assert "downloading owner/capitals 0.0 / " in first.stderr and "downloaded dataset owner/capitals: " in first.stderr
+    assert not [e for e in events_of(json.loads(second.stdout)["run_dir"]) if e["event"] == "download"]
+
+
+def test_a_killed_dataset_download_resumes_from_the_bytes_it_kept(hf_home, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo, _, _ = capitals(tmp_path)
+    shard = "data/train-00001-of-00003.parquet"
+    # over the 10 MB that the hub client reads at a time: bytes before the pause reach the disk
+    pq.write_table(pa.Table.from_pylist([{"text": os.urandom(6 * MB).hex()}]), repo / shard, compression="none")
+    original = (repo / shard).read_bytes()
+    fetch = (
+        "import json; from training.datasets import fetch_hub_dataset\n"
+        "print(fetch_hub_dataset('owner/capitals', on_progress=lambda d, t: print(json.dumps([d, t]), flush=True)))"
+    )
+    with serve(monkeypatch, repos={"owner/capitals": repo}, pause_at=(shard, len(original) - 1000)) as hub:
+        process = subprocess.Popen([sys.executable, "-c", fetch], start_new_session=True, stderr=subprocess.PIPE)
+        try:
+            assert hub.paused.wait(timeout=120), "the download never reached the pause"
+            blobs = "hub/datasets--owner--capitals/blobs"
+            partial = wait_for(lambda: [p for p in hf_home.glob(f"{blobs}/*.incomplete") if p.stat().st_size],
+                               what="bytes written to the partial blob")[0]  # fmt: skip
+            wait_for(lambda: len([p for p in hf_home.glob(f"{blobs}/*") if p.suffix != ".incomplete"]) == 3,
+                     what="the other data files fetched whole")  # fmt: skip
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+            process.stderr.close()
+        kept = partial.stat().st_size
+        hub.pause_at = None
+        hub.resume.set()
+        hub.ranges.clear()
+        hub.requests.clear()
+        again = subprocess.run([sys.executable, "-c", fetch], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.splitlines()[-1] == "True", again.stderr
+    assert 0 < kept < len(original)
+    progress = [json.loads(line) for line in again.stdout.splitlines()[:-1]]
+    assert progress[0][0] >= kept and progress[-1][0] == progress[-1][1]
+    assert [(path.rsplit("/", 1)[-1], asked) for path, asked in hub.ranges] == [(shard.rsplit("/", 1)[-1], f"bytes={kept}-")]
+    assert [p.rsplit("/", 1)[-1] for p in data_gets(hub)] == [shard.rsplit("/", 1)[-1]]  # the others were kept whole
+    assert (hf_home / "hub/datasets--owner--capitals/snapshots" / COMMIT / shard).read_bytes() == original
+    assert not list(hf_home.glob(f"{blobs}/*.incomplete"))

@@ -41,11 +41,12 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from training import chat_template
 from training.errors import BackpropError
@@ -554,6 +555,7 @@ def _type_name(value: Any) -> str:
 # optional @split (slices like train[:1000] allowed).
 _SELECTION = re.compile(r"(?P<repo>.+?)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.-]+(?:\[[\d%:+-]*\])?))?")
 _HUB_REPO = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")
+_HF_PATH = re.compile(r"hf://datasets/(?P<repo>[^@]+)@(?P<revision>[^/]+)/(?P<path>.+)")  # a data file, as the builder names it
 
 
 @dataclass(frozen=True)
@@ -626,7 +628,42 @@ def _hub_rows(hub: HubDataset) -> Iterator[tuple[int, Any]]:
         yield from enumerate(rows, start=1)
 
 
-def _open_hub(hub: HubDataset) -> Any:
+def fetch_hub_dataset(source: str | Path | HubDataset, on_progress: Callable[[int, int], None] | None = None) -> bool:
+    """Fetch the data files of a hub dataset's config into the HF cache, with `on_progress(done, total)` bytes and
+    resuming partial files (training/download.py), before the `datasets` library loads them from there. Every split's
+    files: loading one split prepares them all. False, with nothing fetched, for a file, a local folder, a streamed
+    split, offline, or data files the library's builder does not name on the hub: loading then goes its own way (and
+    reports what is wrong, an unknown config or split included)."""
+    hub = source if isinstance(source, HubDataset) else None if Path(source).expanduser().is_file() else parse_hub_id(str(source))
+    if hub is None or hub.is_local or hub.streaming or _offline() or (found := _data_files(hub)) is None:
+        return False
+    from training.download import download_dataset_files
+
+    revision, files = found
+    download_dataset_files(hub.repo, files, revision, on_progress)
+    return True
+
+
+def _data_files(hub: HubDataset) -> tuple[str, list[str]] | None:
+    """(revision, paths in the repo) of the data files of the selected config, read from the dataset's README and file
+    listing without downloading data; None when the library cannot tell, the selected split is not among them, or they
+    are not plain files of the repo."""
+    datasets = _datasets_library()
+    try:
+        data_files = datasets.load_dataset_builder(hub.repo, hub.config).config.data_files or {}
+    except Exception:  # an unknown config, an unreachable hub: loading says so with its coded error
+        return None
+    names = [name.partition("[")[0].strip() for name in hub.split.split("+")]
+    if not names or any(name not in data_files for name in names):
+        return None
+    matches = [_HF_PATH.fullmatch(str(url)) for urls in data_files.values() for url in urls]
+    if not matches or not all(m and m["repo"] == hub.repo for m in matches):
+        return None
+    revisions = {unquote(m["revision"]) for m in matches}
+    return (revisions.pop(), [m["path"] for m in matches]) if len(revisions) == 1 else None
+
+
+def _datasets_library() -> Any:
     # An unreachable hub must fail in seconds, not after minutes of retries.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
@@ -634,6 +671,11 @@ def _open_hub(hub: HubDataset) -> Any:
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def _open_hub(hub: HubDataset) -> Any:
+    datasets = _datasets_library()
     split, window = hub.split, None
     if hub.streaming and "[" in split:  # streamed splits cannot be sliced by the library: take the rows ourselves
         split, window = _stream_window(split)

@@ -1,6 +1,8 @@
-"""Fetching a hub model into the Hugging Face cache before it is loaded: progress, resuming where a download stopped.
+"""Fetching a hub model (or a hub dataset's data files) into the Hugging Face cache before it is loaded: progress,
+resuming where a download stopped.
 
     download_model("Qwen/Qwen2.5-1.5B-Instruct", on_progress=lambda done, total: ...)  # bytes
+    download_dataset_files("owner/name", ["data/train-00000-of-00002.parquet", ...], commit, on_progress)
 
 Only what loading a causal LM reads is fetched: configs, tokenizer files, chat templates and the safetensors weights
 (PyTorch `.bin` weights only for a repo without safetensors; never GGUF, ONNX or a repo's other folders). The cache is
@@ -14,6 +16,9 @@ links the snapshot (no bytes move twice). Offline (HF_HUB_OFFLINE=1) nothing is 
 folder is used. A hub that cannot be reached is DEP_MODEL_LOAD_FAILED at once unless the model is cached.
 
 `weights=False` fetches the config and tokenizer alone: what a plan or a token count needs.
+
+A dataset's files land in the same cache, where the `datasets` library (which fetches them with `hf_hub_download`)
+then finds them: training/datasets.py names the files of the selected split, this module fetches them.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def download_model(hub_id: str, on_progress: Progress | None = None, revision: s
     `weights`: config and tokenizer only). Offline (HF_HUB_OFFLINE), or with the hub unreachable, the cached folder;
     once a process has found a model complete it does not ask the hub again. `on_progress(done, total)` is called as bytes
     arrive; `done` starts at the bytes kept from an interrupted download. DEP_MODEL_LOAD_FAILED when it cannot be had."""
-    from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+    from huggingface_hub import HfApi, constants
 
     for key in ((hub_id, revision, weights), (hub_id, revision, True)):
         folder, until = _CHECKED.get(key, (None, 0.0))
@@ -68,8 +73,7 @@ def download_model(hub_id: str, on_progress: Progress | None = None, revision: s
     try:
         info = HfApi().model_info(hub_id, revision=revision, files_metadata=True)
         files = model_files([s.rfilename for s in info.siblings or []], weights)
-        missing = [f for f in files if not isinstance(try_to_load_from_cache(hub_id, f, revision=info.sha), str)]
-        plan = [_Blob.ask(hub_id, f, info.sha) for f in missing]
+        plan = _missing(hub_id, "model", files, info.sha)
     except Exception as exc:
         if not _is_network_error(exc):
             raise _load_failed(hub_id, exc) from exc
@@ -79,14 +83,43 @@ def download_model(hub_id: str, on_progress: Progress | None = None, revision: s
         return folder
     counter = _Counter(sum(b.size or 0 for b in plan), sum(b.kept() for b in plan), on_progress)
     try:
-        with _quiet(), ThreadPoolExecutor(PARALLEL_FILES) as pool:
-            list(pool.map(lambda blob: blob.fetch(counter), plan))
-            # The blobs are all there: this links the snapshot and records the revision for offline use (refs/main).
-            folder = snapshot_download(hub_id, revision=revision, allow_patterns=[glob.escape(f) for f in files])
+        folder = _fetch(hub_id, "model", files, revision, plan, counter)
     except Exception as exc:
         raise _load_failed(hub_id, exc, counter) from exc
+    _CHECKED[(hub_id, revision, weights)] = (folder, math.inf)
+    return folder
+
+
+def download_dataset_files(repo: str, files: list[str], revision: str, on_progress: Progress | None = None) -> Path:
+    """Fetch `files` of the dataset repo `repo` at `revision` (best a commit: what the `datasets` library asks for)
+    into the HF cache, those not cached yet, resuming partial ones; the snapshot folder. `on_progress` as for
+    `download_model`. DEP_DATASET_DOWNLOAD_FAILED when the hub does not give them."""
+    counter = None
+    try:
+        plan = _missing(repo, "dataset", files, revision)
+        counter = _Counter(sum(b.size or 0 for b in plan), sum(b.kept() for b in plan), on_progress)
+        return _fetch(repo, "dataset", files, revision, plan, counter)
+    except Exception as exc:
+        raise BackpropError("DEP_DATASET_DOWNLOAD_FAILED", dataset=repo, reason=_reason(exc, counter)) from exc
+
+
+def _missing(repo: str, repo_type: str, files: list[str], commit: str) -> list[_Blob]:
+    """The files not in the cache yet, each with its size and where its bytes come from (one HEAD request each)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = [f for f in files if not isinstance(try_to_load_from_cache(repo, f, revision=commit, repo_type=repo_type), str)]
+    return [_Blob.ask(repo, repo_type, f, commit) for f in missing]
+
+
+def _fetch(repo: str, repo_type: str, files: list[str], revision: str, plan: list[_Blob], counter: _Counter) -> Path:
+    """Fetch the planned blobs, PARALLEL_FILES at once, then link `files` into the snapshot folder of `revision`."""
+    from huggingface_hub import snapshot_download
+
+    with _quiet(), ThreadPoolExecutor(PARALLEL_FILES) as pool:
+        list(pool.map(lambda blob: blob.fetch(counter), plan))
+        # The blobs are all there: this links the snapshot and records the revision for offline use (refs/main for main).
+        folder = snapshot_download(repo, repo_type=repo_type, revision=revision, allow_patterns=[glob.escape(f) for f in files])
     counter.finish()
-    _CHECKED[(hub_id, revision, weights)] = (Path(folder), math.inf)
     return Path(folder)
 
 
@@ -118,11 +151,11 @@ def _quiet() -> Iterator[None]:
 class _Blob:
     """One file to fetch into its cache blob, continuing a partial one (`<blob>.incomplete`) from where it ends."""
 
-    def __init__(self, hub_id: str, filename: str, meta: Any):
+    def __init__(self, repo: str, repo_type: str, filename: str, meta: Any):
         from huggingface_hub import constants
         from huggingface_hub.file_download import repo_folder_name
 
-        folder = repo_folder_name(repo_id=hub_id, repo_type="model")
+        folder = repo_folder_name(repo_id=repo, repo_type=repo_type)
         self.filename, self.url = filename, meta.location
         self.size: int | None = meta.size  # None: the hub did not say (then a partial file cannot be trusted)
         self.path = Path(constants.HF_HUB_CACHE) / folder / "blobs" / meta.etag
@@ -131,11 +164,11 @@ class _Blob:
         self.counted = self.kept()
 
     @classmethod
-    def ask(cls, hub_id: str, filename: str, commit: str) -> _Blob:
+    def ask(cls, repo: str, repo_type: str, filename: str, commit: str) -> _Blob:
         from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
-        url = hf_hub_url(hub_id, filename, revision=commit)
-        return cls(hub_id, filename, get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT))
+        url = hf_hub_url(repo, filename, repo_type=repo_type, revision=commit)
+        return cls(repo, repo_type, filename, get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT))
 
     def kept(self) -> int:
         """Bytes of an earlier, interrupted download of this file (0 when none, or when they cannot be its bytes)."""
@@ -209,10 +242,11 @@ class _Counter:
 
 class DownloadEvents:
     """An `on_progress` that turns byte counts into `download` events: the first at once, then one a second at most,
-    and the last (durable) when the download completes. Rate and ETA count only this session's bytes."""
+    and the last (durable) when the download completes. Rate and ETA count only this session's bytes. `what` is
+    "model" or "dataset": the stage ("downloading dataset"), the message, and the field that names the repo."""
 
-    def __init__(self, hub_id: str, emit: Callable[..., Any], every_s: float = 1.0):
-        self.hub_id, self.emit, self.every_s = hub_id, emit, every_s
+    def __init__(self, hub_id: str, emit: Callable[..., Any], every_s: float = 1.0, *, what: str = "model"):
+        self.hub_id, self.emit, self.every_s, self.what = hub_id, emit, every_s, what
         self.started: float | None = None
         self.first_done = 0
         self.last = 0.0
@@ -230,11 +264,11 @@ class DownloadEvents:
         eta = round((total - done) / rate) if rate > 0 and not finished else None
         size = f"{done / MB:.1f} / {total / MB:.1f} MB"
         pace = f" ({rate / MB:.1f} MB/s, {eta} s left)" if eta is not None else ""
-        message = (f"downloaded model {self.hub_id}: {total / MB:.1f} MB in {elapsed:.0f} s" if finished
-                   else f"downloading model {self.hub_id}: {size}{pace}")  # fmt: skip
-        self.emit("download", durable=finished, stage="downloaded model" if finished else "downloading model",
-                  model=self.hub_id, done_bytes=done, total_bytes=total, done_mb=round(done / MB, 1),
-                  total_mb=round(total / MB, 1), rate_mb_s=round(rate / MB, 2), eta_s=eta, message=message)  # fmt: skip
+        stage = f"downloaded {self.what}" if finished else f"downloading {self.what}"
+        message = f"{stage} {self.hub_id}: " + (f"{total / MB:.1f} MB in {elapsed:.0f} s" if finished else f"{size}{pace}")
+        self.emit("download", durable=finished, stage=stage, **{self.what: self.hub_id}, done_bytes=done, total_bytes=total,
+                  done_mb=round(done / MB, 1), total_mb=round(total / MB, 1), rate_mb_s=round(rate / MB, 2), eta_s=eta,
+                  message=message)  # fmt: skip
 
 
 def _lock(path: Path) -> Any:
@@ -259,14 +293,19 @@ def _is_network_error(exc: Exception) -> bool:
 
 
 def _load_failed(hub_id: str, exc: Exception, counter: _Counter | None = None) -> BackpropError:
+    return BackpropError("DEP_MODEL_LOAD_FAILED", model=hub_id, reason=_reason(exc, counter, "model"))
+
+
+def _reason(exc: Exception, counter: _Counter | None, what: str = "dataset") -> str:
+    """Why a download failed, and how far it got (a rerun continues from there)."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     if isinstance(exc, GatedRepoError):
-        reason = "the model is gated: accept its terms on its hub page, then set HF_TOKEN"
+        reason = f"the {what} is gated: accept its terms on its hub page, then set HF_TOKEN"
     elif isinstance(exc, RepositoryNotFoundError):
-        reason = "no such model on the hub (a private one needs HF_TOKEN)"
+        reason = f"no such {what} on the hub (a private one needs HF_TOKEN)"
     else:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
     if counter is not None and counter.done:
         reason += f" (stopped at {counter.done / MB:.1f} / {counter.total / MB:.1f} MB: run again to continue from there)"
-    return BackpropError("DEP_MODEL_LOAD_FAILED", model=hub_id, reason=reason)
+    return reason

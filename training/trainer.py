@@ -26,8 +26,9 @@ from training import atomic, checkpoints, memory, preference, slao
 from training.checkpoints import TrainerState
 from training.config import Settings, load_settings
 from training.control import Control
-from training.datasets import hub_validation, load_dataset, require_preference, split
+from training.datasets import fetch_hub_dataset, hub_validation, load_dataset, require_preference, split
 from training.distributed import CONTINUE, EARLY_STOP, FAIL, PAUSE, STOP, TIMEBOX, ControlFile, World, is_collective_failure
+from training.download import DownloadEvents, download_model
 from training.errors import BackpropError
 from training.events import EventSink, EventWriter
 from training.extras import require
@@ -162,11 +163,11 @@ class _Loop:
             _import_unsloth_first()
         source = resolve_model(self.settings.model, self.settings.home)
         if not source.is_local:  # a hub model not cached yet downloads first, with `download` events (no time box yet)
-            from training.download import DownloadEvents, download_model
-
             download_model(source.path, on_progress=DownloadEvents(source.path, self.events.emit))
         self.tokenizer = load_tokenizer(source)  # before the data: rows its chat template cannot render are refused by line
         fmt = self.spec.get("format")
+        # So does a hub dataset's data: `download` events, a resumable fetch into the cache the loader reads.
+        fetch_hub_dataset(self.spec["data"], DownloadEvents(str(self.spec["data"]), self.events.emit, what="dataset"))
         dataset = load_dataset(self.spec["data"], fmt, self.spec.get("skip_invalid", False), tokenizer=self.tokenizer)
         if dataset.report.error_count:
             self.events.emit("log", level="warning", message=f"skipped {dataset.report.error_count} invalid rows",

@@ -155,7 +155,7 @@ class TrainingProgress:
 
 
 class DownloadLine:
-    """A model download's `download` events on stderr: on a terminal one line redrawn in place (bar, bytes, rate,
+    """A model's or a dataset's `download` events on stderr: on a terminal one line redrawn in place (bar, bytes, rate,
     ETA), otherwise a plain line per event (the worker sends one a second at most, and the last)."""
 
     def __init__(self, stream: Any = None):
@@ -167,7 +167,7 @@ class DownloadLine:
     def show(self, event: dict[str, Any]) -> None:
         done, total = event.get("done_mb", 0.0), event.get("total_mb") or 0.0
         rate, eta = event.get("rate_mb_s") or 0.0, event.get("eta_s")
-        finished = event.get("stage") == "downloaded model"
+        finished = str(event.get("stage")).startswith("downloaded ")
         if finished:
             line = f"{event['message']} ({rate:.1f} MB/s)"
         else:
@@ -176,7 +176,8 @@ class DownloadLine:
             if self.tty and total:
                 filled = round(24 * min(done / total, 1.0))
                 bar = f" [{'=' * filled}{' ' * (24 - filled)}]"
-            line = f"downloading {event.get('model', 'model')}{bar} {done:.1f} / {total:.1f} MB, {rate:.1f} MB/s, {left}"
+            name = event.get("model") or event.get("dataset") or "model"
+            line = f"downloading {name}{bar} {done:.1f} / {total:.1f} MB, {rate:.1f} MB/s, {left}"
         if not self.tty:
             print(line, file=self.stream, flush=True)
             return
