@@ -325,6 +325,20 @@ def test_a_hub_dataset_downloads_with_progress_events_and_the_next_run_takes_it_
     assert not [e for e in events_of(json.loads(second.stdout)["run_dir"]) if e["event"] == "download"]
 
 
+def test_with_the_plan_the_command_downloads_a_hub_dataset_with_progress_before_the_run_starts(home, hf_home, tmp_path,
+                                                                                                monkeypatch):  # fmt: skip
+    repo, _, _ = capitals(tmp_path)
+    with serve(monkeypatch, repos={"owner/capitals": repo}) as hub:
+        out = backprop("train", "--model", "demo", "--data", "owner/capitals", "--steps", "1", "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert len(data_gets(hub)) == 4  # the plan fetched each data file once; the worker found them cached
+    # The plan measures the data in this process: its download line is this command's, before the run exists.
+    assert "downloading owner/capitals 0.0 / " in out.stderr and "downloaded dataset owner/capitals: " in out.stderr
+    run_dir = json.loads(out.stdout)["run_dir"]
+    assert not [e for e in events_of(run_dir) if e["event"] == "download"]
+    assert json.loads((Path(run_dir) / "spec.json").read_text())["plan"]["data"]["examples"] > 0
+
+
 def test_a_killed_dataset_download_resumes_from_the_bytes_it_kept(hf_home, tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,13 +46,14 @@ def submit_train(
     runs_root: Path | None = None,
     from_run: str | None = None,
     plan: bool = True,
+    on_download: Callable[..., Any] | None = None,
 ) -> RunRecord:
     """Register a training run and start its worker (its folder under `runs_root`, default HOME/runs).
 
     `from_run` (a completed run's id) starts from that run's adapter, on its model and LoRA shape; for DPO that
     adapter is also the reference the run is measured against. `plan` (training/plan.py) fills what the user left
     unset from the model, the data and this machine, records it in spec.json, and refuses a run that will not fit
-    (INPUT_RUN_WONT_FIT) before it starts."""
+    (INPUT_RUN_WONT_FIT) before it starts. `on_download` sees the progress of a hub dataset the plan fetches."""
     from training.distributed import check_supported
     from training.trainer import new_train_run
 
@@ -63,7 +64,7 @@ def submit_train(
     if from_run:
         settings, extra = _start_from(registry, settings, from_run)
     if plan:
-        planned = plan_run(settings, data, fmt=fmt)
+        planned = plan_run(settings, data, fmt=fmt, on_download=on_download)
         _refuse_problems(planned)
         settings, extra["plan"] = planned.apply(settings), planned.to_dict()
     # Not the run's parent in the registry (that is a multi-run's child): it stays a run of its own, resumable, kept
@@ -73,13 +74,20 @@ def submit_train(
     return start(registry, run)
 
 
-def plan_run(settings: Settings, data: str | None, *, fmt: str | None = None, from_run: str | None = None) -> Plan:
+def plan_run(
+    settings: Settings,
+    data: str | None,
+    *,
+    fmt: str | None = None,
+    from_run: str | None = None,
+    on_download: Callable[..., Any] | None = None,
+) -> Plan:
     """The plan (training/plan.py) `submit_train` applies to these settings: after `from_run`'s model and LoRA shape."""
     from training.plan import make_plan
 
     if from_run:
         settings, _ = _start_from(Registry(settings.home), settings, from_run)
-    return make_plan(settings, data, fmt=fmt)
+    return make_plan(settings, data, fmt=fmt, on_download=on_download)
 
 
 def _refuse_problems(planned: Plan) -> None:

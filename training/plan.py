@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -612,12 +613,19 @@ def model_facts(model: str, home: Path | None = None) -> ModelFacts:
     return ModelFacts.from_config(model, config)
 
 
-def data_facts(data: str, tokenizer: Any, *, fmt: str | None = None, method: str = "sft") -> DataFacts:
-    """Token lengths of (a spread sample of) the dataset's valid rows, encoded as training will encode them."""
-    from training.datasets import Example, scan
+def data_facts(
+    data: str, tokenizer: Any, *, fmt: str | None = None, method: str = "sft", on_download: Callable[..., Any] | None = None
+) -> DataFacts:
+    """Token lengths of (a spread sample of) the dataset's valid rows, encoded as training will encode them.
+
+    A hub dataset not cached yet is fetched first (resumable), its progress as `download` events to `on_download`
+    (an event sink: `on_download("download", **fields)`), so that the run finds it cached."""
+    from training.datasets import Example, fetch_hub_dataset, scan
+    from training.download import DownloadEvents
     from training.packing import ChatEncoder
     from training.preference import PairEncoder
 
+    fetch_hub_dataset(data, DownloadEvents(str(data), on_download, what="dataset") if on_download else None)
     examples: list[Example] = []
     report = scan(data, fmt, None, keep=examples, count_tokens=False)
     pairs = method in ("dpo", "orpo")
@@ -686,12 +694,14 @@ def make_plan(
     fmt: str | None = None,
     machine: Machine | None = None,
     throughput: tuple[float, str] | None = None,
+    on_download: Callable[..., Any] | None = None,
 ) -> Plan:
     """The plan for `settings` (what the user set) on `data` on this machine (or `machine`).
 
     Reads the model's config.json and tokenizer (a hub model: those small files only) and the dataset. A dataset that
     cannot be read is planned without its statistics (a note says why); the run then reports the error by line.
-    `throughput`: a measured speed (training/probe.py) instead of the THROUGHPUT table's."""
+    `throughput`: a measured speed (training/probe.py) instead of the THROUGHPUT table's. `on_download`: where a hub
+    dataset's download progress goes (see data_facts)."""
     from training.models import MODEL_DEFAULTS, load_tokenizer, resolve_model
 
     t, dist = settings.training, settings.distributed
@@ -705,7 +715,7 @@ def make_plan(
     if data is not None:
         try:
             tokenizer = load_tokenizer(resolve_model(settings.model, settings.home))
-            data_stats = data_facts(data, tokenizer, fmt=fmt, method=t.method)
+            data_stats = data_facts(data, tokenizer, fmt=fmt, method=t.method, on_download=on_download)
         except BackpropError as exc:
             notes.append(f"dataset not measured: {exc.message}")
     preset = {k: v for k, v in MODEL_DEFAULTS.get(settings.model, {}).items() if k in PLANNED}

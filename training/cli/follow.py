@@ -154,6 +154,12 @@ class TrainingProgress:
             self.say(f"[yellow]{escape(str(event['message']))}[/]")
 
 
+def download_sink() -> Any:
+    """An event sink that draws `download` events (a hub dataset the plan fetches in this process) on stderr."""
+    line = DownloadLine()
+    return lambda event, durable=False, **fields: line.show({"event": event, **fields})
+
+
 class DownloadLine:
     """A model's or a dataset's `download` events on stderr: on a terminal one line redrawn in place (bar, bytes, rate,
     ETA), otherwise a plain line per event (the worker sends one a second at most, and the last)."""

@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from training.cli.follow import download_sink
     from training.config import load_settings, nest_options
     from training.errors import BackpropError
     from training.plan import make_plan
@@ -52,7 +53,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise BackpropError("INPUT_INVALID_ARGUMENT", reason="--data is required",
                                 hint="Pass --data FILE (its token lengths decide the plan), or use --model demo.")  # fmt: skip
         data = str(DEMO_DATASET)
-    plan = make_plan(settings, data, fmt=args.format)
+    plan = make_plan(settings, data, fmt=args.format, on_download=download_sink())
     if args.probe:  # ten real steps of the planned settings: a measured speed instead of the table's
         measured = probe_throughput(plan.apply(settings), data, fmt=args.format)
         plan = make_plan(settings, data, fmt=args.format, throughput=measured)

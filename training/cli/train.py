@@ -118,8 +118,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "INPUT_INVALID_ARGUMENT", reason="--data is required", hint="Pass --data FILE, or use --model demo."
             )
         data = str(DEMO_DATASET)
+    from training.cli.follow import download_sink
+
     run = jobs.submit_train(settings, data, fmt=args.format, skip_invalid=args.skip_invalid, name=args.name,
-                            from_run=args.from_run, plan=args.plan)  # fmt: skip
+                            from_run=args.from_run, plan=args.plan, on_download=download_sink())  # fmt: skip
     _print_plan(run.path, args)
     return follow_in_foreground(run.id, args)
 
