@@ -186,13 +186,32 @@ class Checkpoint:
     created_at: float
 
 
+WAL_SWITCH_WAIT_S = 60
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Put a registry file in WAL mode (it stays so). The switch needs the file to itself, and when processes that open a
+    new registry together would deadlock over it, SQLite answers "database is locked" at once instead of waiting out
+    the busy timeout: retry then, briefly (seen with eight processes creating one registry on a loaded machine)."""
+    deadline = time.monotonic() + WAL_SWITCH_WAIT_S
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Registry:
     def __init__(self, home: Path):
         self.home = Path(home).expanduser()
         self.home.mkdir(parents=True, exist_ok=True)
         self.db_path = self.home / "runs.db"
         with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(db)
             if self._version(db) != SCHEMA_VERSION:
                 self._migrate()
 
