@@ -10,7 +10,8 @@ statistics and free memory. A value the user set (flag, form, config file or env
 it instead, and a setting that will not fit becomes a `Problem` with what to change.
 
 Memory (training/memory.py): weights + LoRA weights and their AdamW state + activations (per token and layer, fewer
-with gradient checkpointing) + one chunk of logits, and on CPU the runtime itself (torch, transformers, the tokenizer).
+with gradient checkpointing; on CPU also every layer's attention scores) + one chunk of logits, and on CPU the
+runtime itself (torch, transformers, the tokenizer).
 Time: tokens to train / tokens per second, from `THROUGHPUT` (a device kind's sustained training FLOP/s) or from a
 measured 10-step probe (`--probe`).
 """
