@@ -23,7 +23,7 @@ import pytest
 from conftest import DEMO_DATA, backprop, wait_for
 from fake_hub import COMMIT, FakeHub
 
-from training.cli.follow import DownloadLine
+from training.cli.follow import StageLine
 from training.download import MB, DownloadEvents, model_files
 from training.events import read_events
 from training.runs import ACTIVE, Registry
@@ -116,8 +116,8 @@ def test_the_cli_draws_a_download_as_one_line_on_a_terminal_and_as_plain_lines_e
     plain = io.StringIO()
     terminal = _Terminal()
     for event in events:
-        DownloadLine(plain).show(event)
-    line = DownloadLine(terminal)
+        StageLine(plain).show(event)
+    line = StageLine(terminal)
     for event in events:
         line.show(event)
     assert plain.getvalue().splitlines() == [
@@ -287,7 +287,8 @@ def test_training_on_a_sharded_hub_dataset_reads_every_shard_and_evaluates_on_it
     repo, shards, held_out = capitals(tmp_path)
     with serve(monkeypatch, repos={"owner/capitals": repo}) as hub:
         out = backprop("train", "--model", "demo", "--data", "owner/capitals", "--steps", "2", "--json")
-    assert out.returncode == 0, out.stdout + out.stderr
+        assert out.returncode == 0, out.stdout + out.stderr
+        evaluated = backprop("eval", json.loads(out.stdout)["run_id"], "--json")
     assert {f"data/train-{i:05d}-of-00003.parquet" for i in range(3)} <= set(hub.downloads())
     assert len(data_gets(hub)) == 4  # the plan fetched each data file once; the worker found them cached
     # The plan measures the data in this process: its download line is this command's, before the run exists.
@@ -300,6 +301,9 @@ def test_training_on_a_sharded_hub_dataset_reads_every_shard_and_evaluates_on_it
     assert started["dataset"] == "owner/capitals@train"
     assert (started["examples"], started["validation_examples"]) == (sum(map(len, shards)), len(held_out))
     assert [e["event"] for e in events if e["event"] == "eval"] == ["eval"]  # the held-out split scored at the end
+    # `backprop eval` measures base against tuned on the same held-out split
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert json.loads(evaluated.stdout)["data"]["examples"] == len(held_out)
 
 
 @pytest.mark.slow

@@ -201,6 +201,43 @@ def test_a_dpo_run_holds_one_copy_of_the_base_weights(home, tmp_path):
     assert seen["all_tensor_bytes"] < 0.5 * base_bytes  # and no stray copy outside the model's parameters either
 
 
+def test_the_dpo_reference_pass_shows_its_progress_and_a_stop_ends_it_at_the_next_batch(home, tmp_path):
+    """On a big model the reference pass takes minutes before the first step: it reports the pairs scored with an ETA,
+    and a stop does not wait for it to finish."""
+    from training.control import Control
+    from training.trainer import new_train_run, run_training
+
+    pairs = write_jsonl(tmp_path / "rule.jsonl", [{"prompt": q, "chosen": a, "rejected": short(a)} for q, a in CAPITALS])
+    registry = Registry(home)
+    settings = load_settings(**nest_options({"model": "demo", "method": "dpo", "steps": 2, "batch_size": 1,
+                                             "max_seq_length": 64}))  # fmt: skip
+    result = run_training(new_train_run(registry, settings, str(pairs)), registry)
+    progress = events_of(result.run_dir, "reference")
+    total = len(CAPITALS)  # the train and the held-out pairs
+    assert progress[0]["done"] < total and progress[-1]["done"] == total  # the first batch at once, and the last
+    assert all(e["total"] == total and e["message"] == f"DPO reference: {e['done']} / {total} pairs" and e["eta_s"] >= 0
+               for e in progress)  # fmt: skip
+
+    stop = Control()
+    run = new_train_run(registry, settings, str(pairs))
+    result = run_training(run, registry, control=stop, on_event=lambda e: e["event"] == "reference" and stop.stop.set())
+    assert (result.status, result.steps) == ("stopped", 0) and registry.get(run.id).status == "stopped"
+    assert [e["done"] for e in events_of(result.run_dir, "reference")] == [progress[0]["done"]]  # no batch after the stop
+    assert not (result.run_dir / "reference_logps.json").exists()  # a resume scores the pairs again
+
+
+def test_the_cli_draws_the_reference_pass_as_one_line():
+    import io
+
+    from training.cli.follow import StageLine
+
+    plain = io.StringIO()
+    line = StageLine(plain)
+    line.show({"event": "reference", "done": 4, "total": 21, "eta_s": 130.0, "message": "DPO reference: 4 / 21 pairs"})
+    line.show({"event": "reference", "done": 21, "total": 21, "eta_s": 0.0, "message": "DPO reference: 21 / 21 pairs"})
+    assert plain.getvalue().splitlines() == ["DPO reference 4 / 21 pairs, ETA 2:10", "DPO reference: 21 pairs scored"]
+
+
 def test_dpo_on_chat_data_or_bad_pairs_is_refused_with_a_code_and_a_line(home, tmp_path):
     result = backprop("train", "--model", "demo", "--data", str(DEMO_DATA), "--method", "dpo", "--steps", "2")
     assert result.returncode != 0 and "[INPUT_DATASET_NOT_PREFERENCE]" in result.stderr + result.stdout

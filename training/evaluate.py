@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.datasets import Example, load_dataset, split
+from training.datasets import Example, hub_validation, load_dataset, split
 from training.errors import BackpropError
 from training.runs import Registry, RunRecord
 
@@ -125,9 +125,12 @@ def _held_out(run: RunRecord, spec: dict[str, Any], data: str | None, tokenizer:
         return [(task.name, task.val) for task in plan_tasks(spec)]
     t = spec["settings"].get("training", {})
     fmt = spec.get("format")
-    if spec.get("validation_data"):  # a held-out set given with the run wins over the split, as in the trainer
-        return [("validation", load_dataset(spec["validation_data"], fmt, tokenizer=tokenizer).examples)]
     fraction = t.get("validation_split", 0.0)
+    # As in the trainer: a held-out set given with the run, else a hub dataset's own validation split unless a
+    # fraction of the training rows was held out.
+    validation = spec.get("validation_data") or (None if fraction else hub_validation(spec["data"]))
+    if validation:
+        return [("validation", load_dataset(validation, fmt, tokenizer=tokenizer).examples)]
     if not fraction:
         raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"run {run.id} held no data out (validation split 0)",
                             hint=f"Pass held-out data: backprop eval {run.id} --data FILE")  # fmt: skip

@@ -1,7 +1,7 @@
 """The event stream of a run: one JSON object per line in RUN_DIR/events.jsonl.
 
 Every event has `t` (unix seconds) and `event`; docs/architecture.md lists the vocabulary
-(download, started, step, eval, telemetry, checkpoint_saved, paused, resumed, merge, log, completed, failed).
+(download, reference, started, step, eval, telemetry, checkpoint_saved, paused, resumed, merge, log, completed, failed).
 """
 
 from __future__ import annotations

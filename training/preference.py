@@ -14,6 +14,7 @@ odds-ratio term.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,19 +261,27 @@ def batches(pairs: list[Pair], rows: int, max_seq_length: int, pad_id: int) -> l
     return out
 
 
-def score_pairs(compute: Any, pairs: list[Pair], rows: int, max_seq_length: int, pad_id: int) -> list[tuple[float, float]]:
+def score_pairs(
+    compute: Any, pairs: list[Pair], rows: int, max_seq_length: int, pad_id: int,
+    on_scored: Callable[[int], None] | None = None,
+) -> list[tuple[float, float]]:  # fmt: skip
     """The summed log-probabilities of both answers of each pair (no gradients), in `pairs`' order.
 
-    `compute(batch)` is `answer_logps` of the model at hand (or a sharded model's root module)."""
+    `compute(batch)` is `answer_logps` of the model at hand (or a sharded model's root module); `on_scored(n)` hears
+    after each batch how many pairs are scored so far (progress; it may raise to stop)."""
     import torch
 
     index = {id(p): i for i, p in enumerate(pairs)}
     scores: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
+    scored = 0
     with torch.no_grad():
         for held, batch in batches(pairs, rows, max_seq_length, pad_id):
             sums = compute(batch).float().cpu()
             for k, pair in enumerate(held):
                 scores[index[id(pair)]] = (float(sums[2 * k]), float(sums[2 * k + 1]))
+            scored += len(held)
+            if on_scored is not None:
+                on_scored(scored)
     return scores
 
 

@@ -491,10 +491,16 @@ class _Loop:
             split = self.world.distributed and not self.sharded
             mine = pairs[self.world.rank :: self.world.world_size] if split else pairs
             rows = max(1, self.plan.batch_size // self.world.world_size)
+            # A stop ends the pass at its next batch when this process is the whole run; ranks finish it together.
+            progress = _ReferenceProgress(self.events, len(mine), None if self.world.distributed else self.control)
             self.model.eval()
-            mine_scores = preference.score_pairs(self._score_answers, mine, rows, self.t.max_seq_length,
-                                                 self.tokenizer.pad_token_id)  # fmt: skip
-            self.model.train()
+            try:
+                mine_scores = preference.score_pairs(self._score_answers, mine, rows, self.t.max_seq_length,
+                                                     self.tokenizer.pad_token_id, on_scored=progress)  # fmt: skip
+            except _StoppedBeforeTraining:
+                return  # nothing saved: the first step boundary ends the run as stopped, and a resume starts over
+            finally:
+                self.model.train()
             scores = mine_scores
             if split:
                 table = torch.zeros((len(pairs), 2), dtype=torch.float64, device=self._collective_device())
@@ -863,6 +869,32 @@ class _Loop:
         else:
             self.registry.update(run_id, status=status, ended_at=time.time())
         return TrainResult(run_id, status, state.step, state.loss, eval_loss, adapter, run_dir, self.losses)
+
+
+class _StoppedBeforeTraining(Exception):
+    """A stop asked for while DPO computes its reference: the run ends `stopped` at step 0."""
+
+
+@dataclass
+class _ReferenceProgress:
+    """`reference` events while DPO scores its pairs before the first step (a big model's pass takes minutes): the first
+    batch's, then at most one a second, and the last. With a `control`, a stop ends the pass at the next batch."""
+
+    events: EventWriter
+    total: int
+    control: Control | None
+    started: float = field(default_factory=time.monotonic)
+    shown: float = -math.inf
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if done == self.total or now - self.shown >= 1.0:
+            per_pair = (now - self.started) / max(1, done)
+            self.events.emit("reference", done=done, total=self.total, eta_s=round(per_pair * (self.total - done), 1),
+                             message=f"DPO reference: {done} / {self.total} pairs")  # fmt: skip
+            self.shown = now
+        if self.control is not None and self.control.stop.is_set() and done < self.total:
+            raise _StoppedBeforeTraining
 
 
 def _StepLoss(model: Any, device: str, kernel: str) -> Any:

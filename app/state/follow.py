@@ -37,7 +37,7 @@ class Progress:
     telemetry: list[dict] = field(default_factory=list)  # {"t", "cpu", "ram", "gpu<i>_util", "gpu<i>_temp"} per sample
     gpus: set[int] | None = None  # the run's GPUs (a job may hold several); None: the first GPU each sample reports
     merges: list[dict] = field(default_factory=list)  # a multi-run's `merge` events
-    stage: str = ""  # what the run does before its first step: "downloading model 350 / 988 MB"; "" once it trains
+    stage: str = ""  # before the first step: "downloading model 350 / 988 MB", "DPO reference: 120 / 480 pairs"
 
     def read(self) -> bool:
         """Take in the events written since the last call; True if anything changed."""
@@ -48,8 +48,8 @@ class Progress:
 
     def _apply(self, e: dict[str, Any]) -> None:
         kind = e["event"]
-        if kind == "download":
-            self.stage = e.get("message") or e.get("stage") or "downloading"
+        if kind in ("download", "reference"):  # a model or dataset downloading; DPO scoring its pairs before step 1
+            self.stage = e.get("message") or e.get("stage") or kind
         elif kind == "started":
             self.stage = ""
             self.started = self.started or e["t"]

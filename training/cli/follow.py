@@ -91,14 +91,14 @@ class TrainingProgress:
             console=Console(stderr=quiet, quiet=quiet),
         )  # fmt: skip
         self.task = self.progress.add_task(f"run {run_id}", total=None, loss="-", tps="-", start=False)
-        self.download = DownloadLine()
+        self.stage = StageLine()
         self.live = False
 
     def __enter__(self) -> TrainingProgress:
         return self  # the bar appears with the first training event: a model download draws its own line before it
 
     def __exit__(self, *exc: object) -> None:
-        self.download.close()
+        self.stage.close()
         self.progress.stop()
 
     def say(self, text: str) -> None:
@@ -108,11 +108,11 @@ class TrainingProgress:
         from rich.markup import escape  # reasons and log lines are text, not markup
 
         kind = event["event"]
-        if kind == "download":
-            self.download.show(event)
+        if kind in ("download", "reference"):
+            self.stage.show(event)
             return
-        if kind in ("started", "step") and not self.live:  # not before: queue, telemetry and download come first
-            self.download.close()
+        if kind in ("started", "step") and not self.live:  # not before: queue, telemetry and stages come first
+            self.stage.close()
             self.progress.start()
             self.live = True
         if kind == "queued":
@@ -156,13 +156,14 @@ class TrainingProgress:
 
 def download_sink() -> Any:
     """An event sink that draws `download` events (a hub dataset the plan fetches in this process) on stderr."""
-    line = DownloadLine()
+    line = StageLine()
     return lambda event, durable=False, **fields: line.show({"event": event, **fields})
 
 
-class DownloadLine:
-    """A model's or a dataset's `download` events on stderr: on a terminal one line redrawn in place (bar, bytes, rate,
-    ETA), otherwise a plain line per event (the worker sends one a second at most, and the last)."""
+class StageLine:
+    """What a run does before its first step, on stderr: a model's or a dataset's `download` (bar, bytes, rate, ETA)
+    and DPO's `reference` pass (pairs scored, ETA). On a terminal one line redrawn in place, otherwise a plain line per
+    event (the worker sends one a second at most, and the last)."""
 
     def __init__(self, stream: Any = None):
         self.stream = stream or sys.stderr
@@ -171,19 +172,7 @@ class DownloadLine:
         self.open = False  # a redrawn line waits for its newline
 
     def show(self, event: dict[str, Any]) -> None:
-        done, total = event.get("done_mb", 0.0), event.get("total_mb") or 0.0
-        rate, eta = event.get("rate_mb_s") or 0.0, event.get("eta_s")
-        finished = str(event.get("stage")).startswith("downloaded ")
-        if finished:
-            line = f"{event['message']} ({rate:.1f} MB/s)"
-        else:
-            left = f"ETA {eta // 60:.0f}:{eta % 60:02.0f}" if isinstance(eta, int | float) else "ETA -"
-            bar = ""
-            if self.tty and total:
-                filled = round(24 * min(done / total, 1.0))
-                bar = f" [{'=' * filled}{' ' * (24 - filled)}]"
-            name = event.get("model") or event.get("dataset") or "model"
-            line = f"downloading {name}{bar} {done:.1f} / {total:.1f} MB, {rate:.1f} MB/s, {left}"
+        line, finished = self._download(event) if event["event"] == "download" else self._reference(event)
         if not self.tty:
             print(line, file=self.stream, flush=True)
             return
@@ -191,8 +180,33 @@ class DownloadLine:
         self.stream.flush()
         self.width, self.open = (0, False) if finished else (len(line), True)
 
+    def _download(self, event: dict[str, Any]) -> tuple[str, bool]:
+        done, total = event.get("done_mb", 0.0), event.get("total_mb") or 0.0
+        rate = event.get("rate_mb_s") or 0.0
+        if str(event.get("stage")).startswith("downloaded "):
+            return f"{event['message']} ({rate:.1f} MB/s)", True
+        name = event.get("model") or event.get("dataset") or "model"
+        return f"downloading {name}{self._bar(done, total)} {done:.1f} / {total:.1f} MB, {rate:.1f} MB/s, " \
+            f"{_eta(event.get('eta_s'))}", False  # fmt: skip
+
+    def _reference(self, event: dict[str, Any]) -> tuple[str, bool]:
+        done, total = event["done"], event["total"]
+        if done >= total:
+            return f"DPO reference: {total} pairs scored", True
+        return f"DPO reference{self._bar(done, total)} {done} / {total} pairs, {_eta(event.get('eta_s'))}", False
+
+    def _bar(self, done: float, total: float) -> str:
+        if not (self.tty and total):
+            return ""
+        filled = round(24 * min(done / total, 1.0))
+        return f" [{'=' * filled}{' ' * (24 - filled)}]"
+
     def close(self) -> None:
         if self.open:
             self.stream.write("\n")
             self.stream.flush()
             self.open = False
+
+
+def _eta(seconds: Any) -> str:
+    return f"ETA {seconds // 60:.0f}:{seconds % 60:02.0f}" if isinstance(seconds, int | float) else "ETA -"
