@@ -655,6 +655,36 @@ def test_a_value_typed_in_the_train_form_shows_as_yours_wins_and_is_what_the_run
     stop_queued(state.run_id)
 
 
+def test_start_plans_and_registers_off_the_event_loop_and_a_second_start_waits_its_turn(sandbox, tmp_path, monkeypatch):
+    """Start's plan reads the tokenizer and the data (a hub dataset downloads first): the server goes on answering the
+    page meanwhile. Here another writer holds the registry, so the run cannot be registered until it lets go."""
+    import sqlite3
+
+    from training.config import load_settings
+    from training.runs import Registry
+
+    queue_only(tmp_path, monkeypatch)
+    state = TrainState(_reflex_internal_init=True)
+    run(TrainState.set_steps, state, "2")
+    writer = sqlite3.connect(Registry(load_settings().home).db_path, isolation_level=None)
+
+    async def press_start_twice() -> object:
+        writer.execute("BEGIN EXCLUSIVE")
+        first = asyncio.create_task(TrainState.start.fn(state))
+        await asyncio.sleep(0)  # the first Start runs up to its plan, which a worker thread carries on
+        assert state.starting and not state.run_id  # the event loop is free while it works
+        assert await TrainState.start.fn(state) is None  # a second press is refused, not queued behind it
+        writer.execute("COMMIT")
+        return await first
+
+    try:
+        assert asyncio.run(press_start_twice()) == TrainState.follow
+    finally:
+        writer.close()
+    assert state.error == "" and state.run_id and state.starting is False
+    stop_queued(state.run_id)
+
+
 def test_changing_the_dataset_or_the_model_replans_from_their_statistics(sandbox, tmp_path, tiny_model_dir):
     state = TrainState(_reflex_internal_init=True)
     run(TrainState.set_model, state, str(tiny_model_dir))  # a model folder: no tuned defaults, the data decides

@@ -120,7 +120,8 @@ def form() -> rx.Component:
             ),
             plan_panel(),
             rx.hstack(
-                rx.button("Start training", on_click=TrainState.start, disabled=TrainState.running, id="start"),
+                rx.button("Start training", on_click=TrainState.start, disabled=TrainState.running | TrainState.starting,
+                          loading=TrainState.starting, id="start"),
                 rx.button("Stop", on_click=TrainState.stop, disabled=~TrainState.running, color_scheme="red", variant="soft",
                           id="stop"),
             ),

@@ -121,6 +121,7 @@ class TrainState(rx.State):
     plan: PlanView = PlanView()  # the plan of the form as it stands (jobs.submit_train applies the same)
     placeholders: dict[str, str] = dict(PLACEHOLDERS)  # a form field left empty shows its planned value
     planning: bool = False
+    starting: bool = False  # Start pressed: the run is being planned and registered
     plan_error: str = ""
     plan_hint: str = ""
     _plan_asked: int = 0  # form changes the plan depends on, counted
@@ -183,13 +184,17 @@ class TrainState(rx.State):
     def check_dataset(self):
         self.dataset_format = detect(self.dataset.strip()) if self.dataset.strip() else ""
 
-    @handler(hint="hint")
-    def start(self):
-        self.error = self.hint = ""
-        settings = load_settings(**nest_options(self._options()))
-        from_run = self.from_run if self.from_run != "none" else None
-        run = jobs.submit_train(settings, self.dataset.strip(), runs_root=runs_root(), from_run=from_run)
-        self._attach(run.id)
+    @handler(background=True, busy="starting", hint="hint")
+    async def start(self):
+        """Plan, register and launch the form's run off the event loop: the plan reads the model's tokenizer and the
+        data (a hub dataset downloads first), a second or minutes; Start stays disabled meanwhile."""
+        async with self:
+            options, dataset = self._options(), self.dataset.strip()
+            from_run = self.from_run if self.from_run != "none" else None
+        settings = load_settings(**nest_options(options))
+        run = await asyncio.to_thread(jobs.submit_train, settings, dataset, runs_root=runs_root(), from_run=from_run)
+        async with self:
+            self._attach(run.id)
         return TrainState.follow
 
     def _options(self) -> dict[str, Any]:
