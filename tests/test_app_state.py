@@ -673,6 +673,7 @@ def test_start_plans_and_registers_off_the_event_loop_and_a_second_start_waits_i
         first = asyncio.create_task(TrainState.start.fn(state))
         await asyncio.sleep(0)  # the first Start runs up to its plan, which a worker thread carries on
         assert state.starting and not state.run_id  # the event loop is free while it works
+        assert state.start_stage == "planning the run"  # shown beside Start (a hub dataset's download next)
         assert await TrainState.start.fn(state) is None  # a second press is refused, not queued behind it
         writer.execute("COMMIT")
         return await first
@@ -681,7 +682,7 @@ def test_start_plans_and_registers_off_the_event_loop_and_a_second_start_waits_i
         assert asyncio.run(press_start_twice()) == TrainState.follow
     finally:
         writer.close()
-    assert state.error == "" and state.run_id and state.starting is False
+    assert state.error == "" and state.run_id and state.starting is False and state.start_stage == ""
     stop_queued(state.run_id)
 
 

@@ -124,6 +124,8 @@ def form() -> rx.Component:
                           loading=TrainState.starting, id="start"),
                 rx.button("Stop", on_click=TrainState.stop, disabled=~TrainState.running, color_scheme="red", variant="soft",
                           id="stop"),
+                rx.text(TrainState.start_stage, color_scheme="purple", size="2", id="start-stage"),
+                align="center",
             ),
             rx.cond(TrainState.error != "",
                     rx.callout(rx.vstack(rx.text(TrainState.error, weight="bold"), rx.text(TrainState.hint, size="1")),

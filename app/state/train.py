@@ -122,6 +122,7 @@ class TrainState(rx.State):
     placeholders: dict[str, str] = dict(PLACEHOLDERS)  # a form field left empty shows its planned value
     planning: bool = False
     starting: bool = False  # Start pressed: the run is being planned and registered
+    start_stage: str = ""  # what Start does meanwhile: "planning the run", "downloading dataset owner/x: 12 / 80 MB"
     plan_error: str = ""
     plan_hint: str = ""
     _plan_asked: int = 0  # form changes the plan depends on, counted
@@ -191,8 +192,24 @@ class TrainState(rx.State):
         async with self:
             options, dataset = self._options(), self.dataset.strip()
             from_run = self.from_run if self.from_run != "none" else None
+            self.start_stage = "planning the run"
         settings = load_settings(**nest_options(options))
-        run = await asyncio.to_thread(jobs.submit_train, settings, dataset, runs_root=runs_root(), from_run=from_run)
+        loop, ended = asyncio.get_running_loop(), False
+
+        async def show(message: str) -> None:
+            async with self:
+                if not ended:  # a late message must not outlive the start
+                    self.start_stage = message
+
+        def on_download(event: str, durable: bool = False, **fields: Any) -> None:  # in the plan's thread
+            asyncio.run_coroutine_threadsafe(show(fields["message"]), loop)
+
+        try:
+            run = await asyncio.to_thread(jobs.submit_train, settings, dataset, runs_root=runs_root(), from_run=from_run,
+                                          on_download=on_download)  # fmt: skip
+        finally:
+            async with self:
+                ended, self.start_stage = True, ""
         async with self:
             self._attach(run.id)
         return TrainState.follow
