@@ -21,7 +21,7 @@ from training import jobs
 from training.config import load_settings, nest_options
 from training.errors import BackpropError
 from training.events import read_events
-from training.runs import Registry, pid_alive
+from training.runs import ACTIVE, Registry, pid_alive
 
 EXAMPLE_SCRIPT = ROOT / "assets" / "examples" / "train_script.py"
 
@@ -333,6 +333,17 @@ def test_stop_is_graceful_first(home):
     events = events_of(registry, run_id)
     assert events[-2]["event"] == "checkpoint_saved" or any(e["event"] == "checkpoint_saved" for e in events[-5:])
     assert "forced" not in json.dumps(events[-3:])
+
+
+def test_a_stop_the_moment_a_job_starts_ends_it_stopped_and_a_resume_is_not_stopped_by_it(home):
+    """Start, then Stop at once: the worker does not listen for signals yet, so the stop waits in the run's folder for
+    it instead of killing it (which would leave the run `interrupted`). The next start of the run forgets it."""
+    registry = Registry(home)
+    run = jobs.submit_train(load_settings(**nest_options({"model": "demo", "steps": 2})), str(DEMO_DATA), plan=False)
+    assert jobs.stop(registry, run.id, grace=120).status == "stopped"
+    jobs.resume(registry, run.id)
+    assert wait_for(lambda: registry.get(run.id).status not in ACTIVE and registry.get(run.id), timeout=300,
+                    what="the resumed run to end").status == "completed"  # fmt: skip
 
 
 def test_stop_forces_a_job_that_ignores_it_after_the_grace_period(home, tmp_path, monkeypatch):

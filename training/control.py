@@ -2,6 +2,10 @@
 
 The training loop (or the script supervisor) reads a `Control` between two steps; the governor's watcher
 thread, signal handlers and the time box write to it.
+
+A stop travels as SIGTERM to the worker, but a worker only a moment old has no handler yet and SIGTERM would kill it
+(the run would end `interrupted`). So a stop is first left in the run's folder (`ask_stop`), and the signal is sent only
+once the worker says it listens (`listen`, which also takes a stop left before it did).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -52,3 +57,27 @@ class Control:
         """Block while paused; returns early on a stop request or at the deadline."""
         while self.pause.is_set() and not self.stop.is_set() and not self.timed_out():
             self.stop.wait(0.1)
+
+
+STOP_ASKED = "stop_asked"  # RUN_DIR/stop_asked: a stop was asked for this start of the run
+LISTENING = "worker_listening"  # RUN_DIR/worker_listening: the worker's SIGTERM handler is in place
+
+
+def ask_stop(run_dir: Path) -> bool:
+    """Leave a stop request in the run's folder; True when its worker listens for SIGTERM (send it), False when the
+    worker is not that far yet (it finds the request when it gets there)."""
+    (run_dir / STOP_ASKED).touch()  # first: a worker that starts listening after this line sees the request
+    return (run_dir / LISTENING).exists()
+
+
+def listen(run_dir: Path, control: Control) -> None:
+    """Worker side, once its signal handlers are in place: say so, then take a stop asked for before."""
+    (run_dir / LISTENING).touch()
+    if (run_dir / STOP_ASKED).exists():
+        control.request_stop()
+
+
+def forget_stop(run_dir: Path) -> None:
+    """Before a worker starts (a new run or a resume): no stop asked yet, nobody listening yet."""
+    for name in (STOP_ASKED, LISTENING):
+        (run_dir / name).unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from training import atomic
 from training.config import Settings
+from training.control import ask_stop, forget_stop
 from training.errors import BackpropError
 from training.events import Event, read_events
 from training.runs import ACTIVE, Registry, RunRecord, pid_alive, refuse_unless_resumable, worker_alive
@@ -164,6 +165,7 @@ def submit_script(
 def start(registry: Registry, run: RunRecord) -> RunRecord:
     """Start the worker of a queued run, in a new session (its own process group)."""
     _reap()
+    forget_stop(run.path)
     with (run.path / "worker.log").open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "training.worker", str(run.path)],
@@ -235,7 +237,7 @@ def request_stop(registry: Registry, run_id: str) -> RunRecord:
     run = registry.get(run_id)
     if run.status not in ACTIVE:
         raise BackpropError("STATE_RUN_NOT_ACTIVE", run_id=run.id, status=run.status)
-    if run.pid is not None:
+    if ask_stop(run.path) and run.pid is not None:
         _signal(run.pid, signal.SIGTERM)
     return run
 

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from training.config import Settings, load_settings
-from training.control import Control
+from training.control import Control, listen
 from training.errors import BackpropError
 from training.events import EventWriter
 from training.governor import Watcher, cuda_memory_fraction, wait_for_admission
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     control = Control()
     signal.signal(signal.SIGTERM, lambda *_: control.request_stop())
     signal.signal(signal.SIGINT, lambda *_: control.request_stop())
+    listen(run_dir, control)  # from now on a stop comes as SIGTERM; one asked for before is taken here
     registry.update(run.id, pid=os.getpid(), heartbeat=time.time())
 
     # Experiment trackers (training/tracking.py) read the run's events on their own thread. A distributed run's rank 0
