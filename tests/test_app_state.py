@@ -655,7 +655,7 @@ def test_a_value_typed_in_the_train_form_shows_as_yours_wins_and_is_what_the_run
     stop_queued(state.run_id)
 
 
-def test_start_plans_and_registers_off_the_event_loop_and_a_second_start_waits_its_turn(sandbox, tmp_path, monkeypatch):
+def test_start_plans_and_registers_off_the_event_loop_and_a_second_press_meanwhile_is_refused(sandbox, tmp_path, monkeypatch):
     """Start's plan reads the tokenizer and the data (a hub dataset downloads first): the server goes on answering the
     page meanwhile. Here another writer holds the registry, so the run cannot be registered until it lets go."""
     import sqlite3
@@ -684,6 +684,10 @@ def test_start_plans_and_registers_off_the_event_loop_and_a_second_start_waits_i
         writer.close()
     assert state.error == "" and state.run_id and state.starting is False and state.start_stage == ""
     stop_queued(state.run_id)
+
+    run(TrainState.set_steps, state, "0")  # reads as a number, but no run has 0 steps: refused beside Start
+    run(TrainState.start, state)
+    assert state.error.startswith("[CONFIG_INVALID]") and state.starting is False and state.start_stage == ""
 
 
 def test_changing_the_dataset_or_the_model_replans_from_their_statistics(sandbox, tmp_path, tiny_model_dir):

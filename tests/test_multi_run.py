@@ -239,8 +239,8 @@ def test_a_paused_child_keeps_its_heartbeat_and_is_never_taken_for_dead(home, tm
 
     wait_for(beaten_past_the_limit_while_held, 300, "heartbeats while paused")
     assert registry.get(run_id).status == "paused"
-    assert jobs.stop(registry, run_id).status == "stopped"
-    assert registry.get(child.id).status == "stopped"  # stopped with a checkpoint, never interrupted
+    assert jobs.stop(registry, child.id).status == "stopped"  # a child's Stop stops the multi-run that trains it
+    assert registry.get(run_id).status == "stopped"  # stopped with a checkpoint, never interrupted
 
 
 def test_a_model_without_a_chat_template_is_refused_before_any_run(home, plain_model_dir):

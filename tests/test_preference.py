@@ -300,6 +300,8 @@ def test_dpo_on_two_processes_trains_as_one_process_at_twice_the_batch(home, tmp
     two, one = (events_of(registry.get(ids[n]).path, "step") for n in (2, 1))
     for key in ("loss", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps"):
         assert [e[key] for e in two] == pytest.approx([e[key] for e in one], rel=1e-3, abs=1e-4), key
+    for run_id in ids.values():  # the progress of the reference pass counts every pair, however the ranks split them
+        assert events_of(registry.get(run_id).path, "reference")[-1]["done"] == len(CAPITALS)
 
 
 @pytest.mark.extra("track")

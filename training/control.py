@@ -5,16 +5,19 @@ thread, signal handlers and the time box write to it.
 
 A stop travels as SIGTERM to the worker, but a worker only a moment old has no handler yet and SIGTERM would kill it
 (the run would end `interrupted`). So a stop is first left in the run's folder (`ask_stop`), and the signal is sent only
-once the worker says it listens (`listen`, which also takes a stop left before it did).
+to a worker that said it listens (`listen`, which also takes a stop left for it before it did).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from training import atomic
 
 
 @dataclass
@@ -59,25 +62,27 @@ class Control:
             self.stop.wait(0.1)
 
 
-STOP_ASKED = "stop_asked"  # RUN_DIR/stop_asked: a stop was asked for this start of the run
-LISTENING = "worker_listening"  # RUN_DIR/worker_listening: the worker's SIGTERM handler is in place
+STOP_ASKED = "stop_asked"  # RUN_DIR/stop_asked: when (unix time) a stop was last asked for
+LISTENING = "worker_listening"  # RUN_DIR/worker_listening: the pid of the worker whose SIGTERM handler is in place
 
 
-def ask_stop(run_dir: Path) -> bool:
-    """Leave a stop request in the run's folder; True when its worker listens for SIGTERM (send it), False when the
-    worker is not that far yet (it finds the request when it gets there)."""
-    (run_dir / STOP_ASKED).touch()  # first: a worker that starts listening after this line sees the request
-    return (run_dir / LISTENING).exists()
+def ask_stop(run_dir: Path) -> int | None:
+    """Leave a stop request in the run's folder; the pid of the last worker that listened for SIGTERM (the caller checks
+    it is alive before sending it), or None when none has yet (the worker finds the request when it gets there)."""
+    atomic.write_text(run_dir / STOP_ASKED, repr(time.time()))  # first: a worker listening after this line sees it
+    try:
+        return int((run_dir / LISTENING).read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def listen(run_dir: Path, control: Control) -> None:
-    """Worker side, once its signal handlers are in place: say so, then take a stop asked for before."""
-    (run_dir / LISTENING).touch()
-    if (run_dir / STOP_ASKED).exists():
+def listen(run_dir: Path, control: Control, queued_at: float) -> None:
+    """Worker side, once its signal handlers are in place: say so, then take a stop asked for since this start of the
+    run was queued (an older one was meant for an earlier start, and that one stopped)."""
+    atomic.write_text(run_dir / LISTENING, str(os.getpid()))
+    try:
+        asked = float((run_dir / STOP_ASKED).read_text())
+    except (OSError, ValueError):
+        return
+    if asked >= queued_at:
         control.request_stop()
-
-
-def forget_stop(run_dir: Path) -> None:
-    """Before a worker starts (a new run or a resume): no stop asked yet, nobody listening yet."""
-    for name in (STOP_ASKED, LISTENING):
-        (run_dir / name).unlink(missing_ok=True)

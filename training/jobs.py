@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from training import atomic
 from training.config import Settings
-from training.control import ask_stop, forget_stop
+from training.control import ask_stop
 from training.errors import BackpropError
 from training.events import Event, read_events
 from training.runs import ACTIVE, Registry, RunRecord, pid_alive, refuse_unless_resumable, worker_alive
@@ -165,7 +165,6 @@ def submit_script(
 def start(registry: Registry, run: RunRecord) -> RunRecord:
     """Start the worker of a queued run, in a new session (its own process group)."""
     _reap()
-    forget_stop(run.path)
     with (run.path / "worker.log").open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "training.worker", str(run.path)],
@@ -237,8 +236,11 @@ def request_stop(registry: Registry, run_id: str) -> RunRecord:
     run = registry.get(run_id)
     if run.status not in ACTIVE:
         raise BackpropError("STATE_RUN_NOT_ACTIVE", run_id=run.id, status=run.status)
-    if ask_stop(run.path) and run.pid is not None:
-        _signal(run.pid, signal.SIGTERM)
+    # A multi-run's child is trained by its multi-run's worker: stopping it stops the multi-run, with a checkpoint.
+    worker_run = registry.get(run.parent_id) if run.parent_id else run
+    pid = ask_stop(worker_run.path)
+    if pid is not None and worker_alive(pid, worker_run.path):
+        _signal(pid, signal.SIGTERM)
     return run
 
 

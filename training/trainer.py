@@ -492,7 +492,8 @@ class _Loop:
             mine = pairs[self.world.rank :: self.world.world_size] if split else pairs
             rows = max(1, self.plan.batch_size // self.world.world_size)
             # A stop ends the pass at its next batch when this process is the whole run; ranks finish it together.
-            progress = _ReferenceProgress(self.events, len(mine), None if self.world.distributed else self.control)
+            progress = _ReferenceProgress(self.events, len(pairs), self.world.world_size if split else 1,
+                                          None if self.world.distributed else self.control)  # fmt: skip
             self.model.eval()
             try:
                 mine_scores = preference.score_pairs(self._score_answers, mine, rows, self.t.max_seq_length,
@@ -878,16 +879,19 @@ class _StoppedBeforeTraining(Exception):
 @dataclass
 class _ReferenceProgress:
     """`reference` events while DPO scores its pairs before the first step (a big model's pass takes minutes): the first
-    batch's, then at most one a second, and the last. With a `control`, a stop ends the pass at the next batch."""
+    batch's, then at most one a second, and the last. Ranks that split the pairs count rank 0's share `ranks` times.
+    With a `control`, a stop ends the pass at the next batch."""
 
     events: EventWriter
     total: int
+    ranks: int
     control: Control | None
     started: float = field(default_factory=time.monotonic)
     shown: float = -math.inf
 
-    def __call__(self, done: int) -> None:
+    def __call__(self, scored: int) -> None:
         now = time.monotonic()
+        done = min(self.total, scored * self.ranks)
         if done == self.total or now - self.shown >= 1.0:
             per_pair = (now - self.started) / max(1, done)
             self.events.emit("reference", done=done, total=self.total, eta_s=round(per_pair * (self.total - done), 1),

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     control = Control()
     signal.signal(signal.SIGTERM, lambda *_: control.request_stop())
     signal.signal(signal.SIGINT, lambda *_: control.request_stop())
-    listen(run_dir, control)  # from now on a stop comes as SIGTERM; one asked for before is taken here
+    listen(run_dir, control, run.queued_at or 0.0)  # from now on a stop comes as SIGTERM; one asked for before is taken here
     registry.update(run.id, pid=os.getpid(), heartbeat=time.time())
 
     # Experiment trackers (training/tracking.py) read the run's events on their own thread. A distributed run's rank 0

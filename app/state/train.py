@@ -192,8 +192,9 @@ class TrainState(rx.State):
         async with self:
             options, dataset = self._options(), self.dataset.strip()
             from_run = self.from_run if self.from_run != "none" else None
+        settings = load_settings(**nest_options(options))  # a value out of range is CONFIG_INVALID here, beside Start
+        async with self:
             self.start_stage = "planning the run"
-        settings = load_settings(**nest_options(options))
         loop, ended = asyncio.get_running_loop(), False
 
         async def show(message: str) -> None:

@@ -102,6 +102,7 @@ class TrainingProgress:
         self.progress.stop()
 
     def say(self, text: str) -> None:
+        self.stage.close()  # a line said while a stage line is open starts on a line of its own
         self.progress.console.print(text)
 
     def on_event(self, event: dict[str, Any]) -> None:
