@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -92,3 +94,25 @@ def test_a_model_without_chatml_tokens_gets_them_with_trained_embedding_rows_and
     assert merged.verification["ok"]  # base + adapter and the merged model predict the same
     gguf = export(result.run_id, "gguf", quantization="f16", home=home)
     assert gguf.verification["ok"] and gguf.verification["tokenizer_match"] and gguf.verification["greedy_match"]
+
+
+def test_threads_of_a_fresh_process_can_load_tokenizers_at_once(home):
+    """The web app plans, counts tokens and loads models on threads: the first tokenizers of a process, loaded together,
+    all load (transformers' lazy first import, asked for by two threads at once, failed one with ImportError)."""
+    code = (
+        "import threading\n"
+        "from training.models import load_tokenizer, resolve_model\n"
+        "source, errors = resolve_model('demo'), []\n"
+        "def load():\n"
+        "    try:\n"
+        "        load_tokenizer(source)\n"
+        "    except Exception as exc:\n"
+        "        errors.append(repr(exc))\n"
+        "threads = [threading.Thread(target=load) for _ in range(4)]\n"
+        "for t in threads: t.start()\n"
+        "for t in threads: t.join()\n"
+        "print(errors)\n"
+    )
+    for _ in range(3):  # without the lock, two runs in three of this failed on a 2-core machine
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

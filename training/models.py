@@ -9,6 +9,7 @@ ChatML (with tool calls rendered, see chat_template.py); ChatML tokens it lacks 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,12 +77,23 @@ def resolve_model(name: str, home: Path | None = None) -> ModelSource:
     return ModelSource(name, hub_id, False)
 
 
-def load_tokenizer(source: ModelSource) -> Any:
-    from transformers import AutoTokenizer
+_IMPORTING = threading.Lock()
 
+
+def transformers_class(name: str) -> Any:
+    """`transformers.<name>` (AutoTokenizer, AutoModelForCausalLM, ...) resolved under a lock: the library's lazy first
+    import is not thread-safe (two threads asking at once, one gets ImportError), and the web app plans, counts tokens
+    and loads models on threads of one process."""
+    with _IMPORTING:
+        import transformers
+
+        return getattr(transformers, name)
+
+
+def load_tokenizer(source: ModelSource) -> Any:
     from training.chat_template import CHATML_TOOLS_TEMPLATE
 
-    tokenizer = _from_pretrained(AutoTokenizer, source, weights=False)
+    tokenizer = _from_pretrained(transformers_class("AutoTokenizer"), source, weights=False)
     if not getattr(tokenizer, "chat_template", None):  # ChatML, which also renders tool calls
         tokenizer.chat_template = CHATML_TOOLS_TEMPLATE
         missing = [token for token in CHATML_TOKENS if token not in tokenizer.get_vocab()]
@@ -121,7 +133,7 @@ def load_model(
     attn_implementation: str | None = None,
 ):
     """The base model; with `tokenizer`, its embeddings sized to fit that tokenizer (see fit_embeddings)."""
-    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM = transformers_class("AutoModelForCausalLM")  # noqa: N806 (the class, by its own name)
 
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     if attn_implementation is not None:
