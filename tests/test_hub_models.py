@@ -9,6 +9,7 @@ of its own (HF_HOME under the test's tmp folder) and the stand-in's address (HF_
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -191,8 +192,9 @@ def test_a_killed_download_resumes_from_the_bytes_it_kept(hf_home, tiny_model_di
         process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stderr=subprocess.PIPE)
         try:
             assert hub.paused.wait(timeout=120), "the download never reached the pause"
-            partial = wait_for(lambda: [p for p in hf_home.glob(f"{CACHE}/blobs/*.incomplete") if p.stat().st_size],
-                               what="bytes written to the partial blob")[0]  # fmt: skip
+            # the weights' own partial blob: the small files download beside it and may be half-written too
+            partial = hf_home / CACHE / "blobs" / f"{hashlib.sha256(original).hexdigest()}.incomplete"
+            wait_for(lambda: partial.exists() and partial.stat().st_size, what="bytes written to the partial blob")
         finally:
             os.killpg(process.pid, signal.SIGKILL)  # the whole process group, as a closed terminal or a crash would
             process.wait(timeout=60)
@@ -353,8 +355,8 @@ def test_a_killed_dataset_download_resumes_from_the_bytes_it_kept(hf_home, tmp_p
         try:
             assert hub.paused.wait(timeout=120), "the download never reached the pause"
             blobs = "hub/datasets--owner--capitals/blobs"
-            partial = wait_for(lambda: [p for p in hf_home.glob(f"{blobs}/*.incomplete") if p.stat().st_size],
-                               what="bytes written to the partial blob")[0]  # fmt: skip
+            partial = hf_home / blobs / f"{hashlib.sha256(original).hexdigest()}.incomplete"  # the shard's, not another's
+            wait_for(lambda: partial.exists() and partial.stat().st_size, what="bytes written to the partial blob")
             wait_for(lambda: len([p for p in hf_home.glob(f"{blobs}/*") if p.suffix != ".incomplete"]) == 3,
                      what="the other data files fetched whole")  # fmt: skip
         finally:
