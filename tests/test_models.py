@@ -96,23 +96,24 @@ def test_a_model_without_chatml_tokens_gets_them_with_trained_embedding_rows_and
     assert gguf.verification["ok"] and gguf.verification["tokenizer_match"] and gguf.verification["greedy_match"]
 
 
-def test_threads_of_a_fresh_process_can_load_tokenizers_at_once(home):
-    """The web app plans, counts tokens and loads models on threads: the first tokenizers of a process, loaded together,
-    all load (transformers' lazy first import, asked for by two threads at once, failed one with ImportError)."""
+def test_threads_of_a_fresh_process_can_load_tokenizers_and_peft_at_once(home):
+    """The web app plans, counts tokens, chats and exports on threads: the first tokenizers and peft classes of a
+    process, asked for together, all load (transformers' lazy first import, asked for by two threads at once, failed
+    one with ImportError; importing peft resolves transformers' names too, and failed beside a tokenizer's load)."""
     code = (
         "import threading\n"
-        "from training.models import load_tokenizer, resolve_model\n"
+        "from training.models import load_tokenizer, peft_class, resolve_model\n"
         "source, errors = resolve_model('demo'), []\n"
-        "def load():\n"
+        "def load(what):\n"
         "    try:\n"
-        "        load_tokenizer(source)\n"
+        "        load_tokenizer(source) if what == 'tokenizer' else peft_class('PeftModel')\n"
         "    except Exception as exc:\n"
         "        errors.append(repr(exc))\n"
-        "threads = [threading.Thread(target=load) for _ in range(4)]\n"
+        "threads = [threading.Thread(target=load, args=(w,)) for w in ('tokenizer', 'peft', 'tokenizer', 'peft')]\n"
         "for t in threads: t.start()\n"
         "for t in threads: t.join()\n"
         "print(errors)\n"
     )
-    for _ in range(3):  # without the lock, two runs in three of this failed on a 2-core machine
+    for _ in range(3):  # without the lock, three runs in four of this failed on a 2-core machine
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -292,7 +292,10 @@ class _Scorer:
         token. The prompt is the chat template's, as in Chat (training.generate); a prompt that fills the context gets
         no answer."""
         import torch
-        from transformers import GenerationConfig
+
+        from training.models import transformers_class
+
+        GenerationConfig = transformers_class("GenerationConfig")  # noqa: N806 (a class)
 
         tokenizer, stops = self.chat.tokenizer, self.chat.stop_ids
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

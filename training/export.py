@@ -198,9 +198,8 @@ def merge(src: _Source, target: Path, home: Path) -> dict[str, Any]:
 
     The merged model must predict what base + adapter predicts: logits on a probe prompt within 1e-4."""
     import torch
-    from peft import PeftModel
 
-    from training.models import load_model, load_tokenizer, resolve_model
+    from training.models import load_model, load_tokenizer, peft_class, resolve_model
 
     if src.merged_dir is not None:  # already merged: copy it
         for item in src.merged_dir.iterdir():
@@ -213,7 +212,7 @@ def merge(src: _Source, target: Path, home: Path) -> dict[str, Any]:
     has_tokenizer = (src.adapter_dir / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(resolve_model(str(src.adapter_dir)) if has_tokenizer else base)
     base_model = load_model(base, dtype=torch.float32, device="cpu", tokenizer=tokenizer)  # sized for added tokens
-    model = PeftModel.from_pretrained(base_model, src.adapter_dir).eval()
+    model = peft_class("PeftModel").from_pretrained(base_model, src.adapter_dir).eval()
     probe = tokenizer.apply_chat_template(PROBE_MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         expected = model(**probe).logits

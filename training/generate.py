@@ -147,9 +147,7 @@ class AdapterModel(HFModel):
     """A base model with a LoRA adapter on top (a run's `adapter/` or a checkpoint folder)."""
 
     def __init__(self, adapter_dir: str | Path, home: Path | None = None, *, device: str | None = None):
-        from peft import PeftModel
-
-        from training.models import load_model, load_tokenizer, resolve_model
+        from training.models import load_model, load_tokenizer, peft_class, resolve_model
 
         adapter_dir = Path(adapter_dir)
         config_path = adapter_dir / "adapter_config.json"
@@ -160,7 +158,8 @@ class AdapterModel(HFModel):
         # The trainer saves the tokenizer beside the adapter (it may have gained chat tokens); others use the base's.
         has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(resolve_model(str(adapter_dir)) if has_tokenizer else base)
-        model = PeftModel.from_pretrained(load_model(base, device=_default_device(device), tokenizer=tokenizer), adapter_dir)
+        loaded_base = load_model(base, device=_default_device(device), tokenizer=tokenizer)
+        model = peft_class("PeftModel").from_pretrained(loaded_base, adapter_dir)
         self._setup(model, tokenizer)
 
 

@@ -595,9 +595,9 @@ def verify(gguf_path: Path, model_dir: Path, quantization: str) -> dict[str, Any
     `max_logit_diff` (largest logit difference along the greedy path) tells how close the match is.
     """
     llama_cpp = _require_llama_cpp()
-    from transformers import AutoTokenizer
+    from training.models import transformers_class
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    hf_tokenizer = transformers_class("AutoTokenizer").from_pretrained(str(model_dir))
     try:
         llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, verbose=False, logits_all=False)
     except (ValueError, RuntimeError) as e:  # llama-cpp-python's "Failed to load model from file"
@@ -676,9 +676,10 @@ def _greedy_llama_cpp(llama_cpp: ModuleType, llm: Any, prompt: list[int], n: int
 def _greedy_transformers(model_dir: Path, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
     """The reference: the HF model in fp32 on the CPU, n greedy tokens and their logits."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    from training.models import transformers_class
+
+    model = transformers_class("AutoModelForCausalLM").from_pretrained(str(model_dir), dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
     steps = []
     with torch.no_grad():

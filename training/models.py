@@ -90,6 +90,15 @@ def transformers_class(name: str) -> Any:
         return getattr(transformers, name)
 
 
+def peft_class(name: str) -> Any:
+    """`peft.<name>` (PeftModel, ...) under the same lock: importing peft resolves transformers' lazy names too, so it
+    must not run while another thread resolves one."""
+    with _IMPORTING:
+        import peft
+
+        return getattr(peft, name)
+
+
 def load_tokenizer(source: ModelSource) -> Any:
     from training.chat_template import CHATML_TOOLS_TEMPLATE
 
