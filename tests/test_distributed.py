@@ -184,7 +184,7 @@ def _rank_pid(run_id: str, rank: int) -> int | None:
 
 
 def test_a_killed_rank_ends_the_run_interrupted_without_a_hang_and_resume_finishes_it(home):
-    registry, run_id = _submit(steps=40, batch_size=2, nproc=2, save_every=2, collective_timeout_s=10)
+    registry, run_id = _submit(steps=40, batch_size=2, nproc=2, save_every=2, collective_timeout_s=30)
     wait_for(lambda: _events(registry, run_id, "checkpoint_saved"), what="a first checkpoint")
     os.kill(wait_for(lambda: _rank_pid(run_id, 1), what="rank 1"), signal.SIGKILL)
     assert _finish(registry, run_id) == "interrupted"

@@ -195,6 +195,9 @@ def test_a_killed_download_resumes_from_the_bytes_it_kept(hf_home, tiny_model_di
             # the weights' own partial blob: the small files download beside it and may be half-written too
             partial = hf_home / CACHE / "blobs" / f"{hashlib.sha256(original).hexdigest()}.incomplete"
             wait_for(lambda: partial.exists() and partial.stat().st_size, what="bytes written to the partial blob")
+            others = len(list(tiny_model_dir.iterdir())) - 1  # whole before the kill: a resume continues only the weights
+            wait_for(lambda: len([p for p in partial.parent.iterdir() if p.suffix != ".incomplete"]) == others,
+                     what="the other files fetched whole")  # fmt: skip
         finally:
             os.killpg(process.pid, signal.SIGKILL)  # the whole process group, as a closed terminal or a crash would
             process.wait(timeout=60)

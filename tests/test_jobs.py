@@ -146,7 +146,7 @@ def test_an_overheating_gpu_pauses_a_real_job_which_resumes_when_it_cools(home, 
     wait_for(lambda: kinds(registry, run_id).count("telemetry") >= kinds(registry, run_id).index("paused") + 3, what="telemetry")
     sensor(temp=70)  # 5 °C below the limit or more, for cool_down_seconds
     wait_for(lambda: "resumed" in kinds(registry, run_id), what="the resume")
-    wait_for(lambda: kinds(registry, run_id)[-40:].count("step") >= 3, what="steps after the resume")
+    wait_for(lambda: (k := kinds(registry, run_id))[k.index("resumed") :].count("step") >= 3, what="steps after the resume")
     assert jobs.stop(registry, run_id).status == "stopped"
 
     events = events_of(registry, run_id)

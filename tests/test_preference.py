@@ -122,7 +122,7 @@ def test_dpo_and_orpo_teach_a_rule_from_pairs_alone(home, tmp_path):
 
     both_styles = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
                    for q, a in CAPITALS for answer in (a, short(a))]  # fmt: skip
-    sft = Trainer("demo").train(write_jsonl(tmp_path / "both.jsonl", both_styles), steps=300)
+    sft = Trainer("demo").train(write_jsonl(tmp_path / "both.jsonl", both_styles), steps=300, max_run_minutes=0)
     assert sft.status == "completed"
     pairs = write_jsonl(tmp_path / "rule.jsonl", [{"prompt": q, "chosen": a, "rejected": short(a)} for q, a in CAPITALS])
 

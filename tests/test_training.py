@@ -149,7 +149,8 @@ def test_a_checkpoint_keeps_every_random_generator_and_restores_them(tmp_path):
 @pytest.mark.slow
 def test_sigkill_mid_run_leaves_registry_and_checkpoint_and_resume_finishes(home):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "train", "--model", "demo", "--steps", "400", "--save-every", "20", "--json"],
+        [sys.executable, "-m", "training.cli", "train", "--model", "demo", "--steps", "400", "--save-every", "20", "--json",
+         "--max-run-minutes", "0"],  # no time box: on a busy machine the steps take longer, never fewer
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy(),
     )  # fmt: skip
     registry = Registry(home)
