@@ -35,7 +35,7 @@ MAX_PROPOSED_LENGTH = 8192
 EFFECTIVE_BATCH = 16  # rows an optimizer step for supervised training; pairs for DPO/ORPO
 MIN_STEPS_PER_EPOCH = 8  # a small dataset gets a smaller effective batch rather than a handful of steps
 SAMPLE_EXAMPLES = 2000  # token statistics from at most this many examples (spread over the file)
-CPU_RUNTIME_BYTES = 600 * 2**20  # a CPU training process before the model: python, torch, transformers, the data
+CPU_RUNTIME_BYTES = 520 * 2**20  # a CPU training process before the model: python, torch, transformers, the data
 CPU_RAM_FRACTION = 0.85  # of the available RAM a CPU run may plan to use
 QLORA_LINEAR_BYTES = 0.53  # NF4 with double quantization: 4 bits a weight plus its block constants
 QLORA_ELEMENT_BYTES = 4  # prepare_model_for_kbit_training keeps embeddings, norms and head in float32
@@ -43,7 +43,7 @@ PROBE_STEPS = 10
 
 # Sustained LoRA training throughput a device kind reaches, in FLOP/s (matched against the GPU's name, first match
 # wins). GPUs: an assumed fraction of the card's dense bf16 peak (35%; measured figures replace these as the GPU check
-# records them). CPU: per core, measured with benchmarks/plan_accuracy.py on a 2-core x86 cloud VM (fp32).
+# records them). CPU: per core, below (fp32).
 THROUGHPUT: list[tuple[str, float, str]] = [
     ("H200", 0.35 * 989e12, "assumed: 35% of an H200's bf16 peak"),
     ("H100", 0.35 * 989e12, "assumed: 35% of an H100's bf16 peak"),
@@ -56,8 +56,10 @@ THROUGHPUT: list[tuple[str, float, str]] = [
     ("T4", 0.25 * 65e12, "assumed: 25% of a T4's fp16 peak"),
     ("", 0.35 * 100e12, "assumed: an unknown NVIDIA GPU at 35 TFLOP/s"),
 ]
-CPU_FLOPS_PER_CORE = 12e9  # measured (see THROUGHPUT)
-STEP_OVERHEAD_S = {"cuda": 0.0015, "cpu": 0.002}  # per layer and micro-batch: kernel launches, Python, the optimizer
+# CPU: fitted to the ~28M model at 2 x 832 and 2 x 256 tokens and the demo model at 2 x 128, measured with
+# plan_accuracy.py on an idle 2-core AVX2 VM (769, 930 and 4,142 tokens/s; the estimates: -7%, -17%, +1%).
+CPU_FLOPS_PER_CORE = 48e9
+STEP_OVERHEAD_S = {"cuda": 0.0015, "cpu": 0.005}  # per layer and micro-batch: kernel launches, Python, the optimizer
 
 
 # ---------------------------------------------------------------------------------------------------------- facts
