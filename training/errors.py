@@ -112,7 +112,7 @@ CATALOGUE: dict[str, ErrorSpec] = {
     "INPUT_MODEL_NOT_FOUND": ErrorSpec(
         "Model not found: {model}",
         "Give a preset name (`backprop info` lists them), a hub id like 'Qwen/Qwen2.5-0.5B-Instruct', "
-        "a local folder with config.json, or 'demo'.",
+        "a local folder with config.json, a .gguf file, an Ollama model as ollama:NAME[:TAG], or 'demo'.",
     ),
     "INPUT_MODEL_NO_CHAT_TEMPLATE": ErrorSpec(
         "{model}'s tokenizer has no chat template: a multi-run cannot carry the chat tokens it would add across its merges",
@@ -279,7 +279,8 @@ CATALOGUE: dict[str, ErrorSpec] = {
         "Earlier exports are untouched. Check the free disk space and try again.",
     ),
     "RUNTIME_MERGE_MISMATCH": ErrorSpec(
-        "The merged model's logits differ from the adapter model's by {difference} (tolerance {tolerance})",
+        "The merged model's logits differ from the adapter model's by {difference} of their scale (tolerance "
+        "{tolerance}); greedy tokens differ at {mismatches} of {positions} positions",
         "The merged weights are not saved. Export the LoRA adapter instead, and report this with the run's spec.json.",
     ),
     "RUNTIME_GGUF_QUANTIZATION_FAILED": ErrorSpec(

@@ -40,6 +40,7 @@ class ChatModel(ABC):
     """A model that answers chat messages, piece by piece or all at once."""
 
     context_length: int | None = None  # tokens; a longer chat is refused, a long reply is cut to fit
+    description: str = "a model"  # what is loaded, in words: "the tuned adapter ... on ...", "the model ...", ...
 
     def stream(
         self,
@@ -98,6 +99,7 @@ class HFModel(ChatModel):
         from training.models import load_model, load_tokenizer, resolve_model
 
         source = resolve_model(str(model_dir), home)
+        self.description = f"the model {source.name}"
         tokenizer = load_tokenizer(source)  # may add ChatML tokens: the model then gets rows for them
         self._setup(load_model(source, device=_default_device(device), tokenizer=tokenizer), tokenizer)
 
@@ -107,8 +109,10 @@ class HFModel(ChatModel):
         self.stop_ids = end_of_turn_ids(model, tokenizer)
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         # Only the last position's logits are needed; computing all of them costs prompt length x vocabulary.
-        forward = getattr(model, "get_base_model", lambda: model)().forward
-        self._forward_options = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+        parameters = inspect.signature(getattr(model, "get_base_model", lambda: model)().forward).parameters
+        self._forward_options = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+        # transformers 5 names the KV cache `cache` and warns (mid-reply) about the older `past_key_values`.
+        self._cache_name = "cache" if "cache" in parameters else "past_key_values"
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         """The token ids of the chat so far, rendered with the chat template and the assistant's generation prompt."""
@@ -129,12 +133,13 @@ class HFModel(ChatModel):
         for _ in range(max_new_tokens):
             # Inference mode only around the forward pass: a generator must not leave it switched on for its reader.
             with torch.inference_mode():
-                out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **self._forward_options)
+                options = {self._cache_name: cache, **self._forward_options}
+                out = self.model(input_ids=input_ids, use_cache=True, **options)
                 token = sample(out.logits[0, -1])
             if token in self.stop_ids:
                 return
             yield token
-            input_ids, cache = torch.tensor([[token]], device=device), out.past_key_values
+            input_ids, cache = torch.tensor([[token]], device=device), out[self._cache_name]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -154,6 +159,7 @@ class AdapterModel(HFModel):
         if not config_path.is_file():
             raise BackpropError("INPUT_MODEL_NOT_FOUND", model=str(adapter_dir))
         self.base_model = _adapter_base(adapter_dir)  # a local folder or hub id
+        self.description = f"the tuned adapter {adapter_dir} on {self.base_model}"
         base = resolve_model(self.base_model, home)
         # The trainer saves the tokenizer beside the adapter (it may have gained chat tokens); others use the base's.
         has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
@@ -217,6 +223,7 @@ class GGUFModel(ChatModel):
         path = Path(gguf_path)
         if not path.is_file():
             raise BackpropError("INPUT_MODEL_NOT_FOUND", model=str(path))
+        self.description = f"the GGUF file {path}"
         try:
             # A context longer than the model was trained with only costs memory (and makes llama.cpp complain).
             n_ctx = min(n_ctx, _trained_context(path) or n_ctx)

@@ -1,7 +1,8 @@
 """Which model to train: presets, name resolution, and loading a base model with its tokenizer.
 
 `--model` takes a preset name or hub id (loaded with `from_pretrained` through the HF cache), a local HF
-folder, or `demo` (the built-in tiny model, see demo_model.py). A tokenizer without a chat template gets
+folder, a `.gguf` file or an Ollama model `ollama:NAME[:TAG]` (imported once into a cached folder, see gguf_import.py),
+or `demo` (the built-in tiny model, see demo_model.py). A tokenizer without a chat template gets
 ChatML (with tool calls rendered, see chat_template.py); ChatML tokens it lacks get new embedding and output rows
 (`fit_embeddings`), which training learns and saves with the adapter.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +63,19 @@ class ModelSource:
     is_local: bool
 
 
-def resolve_model(name: str, home: Path | None = None) -> ModelSource:
+def resolve_model(name: str, home: Path | None = None, on_progress: Callable[[str], None] | None = None) -> ModelSource:
+    """Where `name` loads from; a `.gguf` file or an `ollama:` name is imported into a cached folder first (its
+    progress as messages to `on_progress`, see gguf_import.py)."""
+    from training.gguf_import import imported_model, is_imported_name
+
     if name == DEMO:
         from training.demo_model import demo_model_path
 
         return ModelSource(DEMO, str(demo_model_path(home)), True)
+    if is_imported_name(name):
+        from training.config import load_settings
+
+        return ModelSource(name, str(imported_model(name, home or load_settings().home, on_progress)), True)
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists() and not (local / "adapter_config.json").exists():

@@ -161,7 +161,9 @@ class _Loop:
             self._join_process_group()
         if self.device == "cuda" and t.use_unsloth and not self.world.distributed:
             _import_unsloth_first()
-        source = resolve_model(self.settings.model, self.settings.home)
+        # A .gguf file or ollama: model is imported into a cached folder on first use, said as log events.
+        source = resolve_model(self.settings.model, self.settings.home,
+                               on_progress=lambda message: self.events.emit("log", level="info", message=message))  # fmt: skip
         if not source.is_local:  # a hub model not cached yet downloads first, with `download` events (no time box yet)
             download_model(source.path, on_progress=DownloadEvents(source.path, self.events.emit))
         self.tokenizer = load_tokenizer(source)  # before the data: rows its chat template cannot render are refused by line

@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed (the dist extra) logs to stdout when anything imports it (accelerate does, to unwrap a model): that
     # would break `--json`. This process never trains with it (torchrun's ranks do, with their logs).
     logging.getLogger("DeepSpeed").disabled = True
+    # Importing a .gguf or ollama: model takes a while the first time: say what it does, on stderr (stdout stays --json's).
+    importing = logging.getLogger("training.gguf_import")
+    importing.setLevel(logging.INFO)
+    importing.addHandler(logging.StreamHandler(sys.stderr))
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after `--` belongs to the user's script (`backprop run train.py -- --lr 0.01`).

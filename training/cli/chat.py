@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from training.errors import BackpropError
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    chat_commands = {"chat": "chat with a tuned model in the terminal", "generate": "one reply to one prompt, for scripts"}
+    chat_commands = {"chat": "chat with a model (a run's, or any model) in the terminal", "generate": "one reply to one prompt, for scripts"}
     for name, helptext in chat_commands.items():
         chat = sub.add_parser(name, parents=[common], help=helptext,
                               description="SOURCE: a run id, an adapter or merged model folder, or a .gguf file.")  # fmt: skip
@@ -26,9 +27,30 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         chat.set_defaults(handler=cmd_chat if name == "chat" else cmd_generate)
 
 
+def library_warnings_to_log() -> Path:
+    """transformers', peft's and Python's warnings go to a log file in the home, never into the middle of a reply."""
+    from transformers.utils import logging as hf_logging
+
+    from training.config import load_settings
+
+    path = load_settings().home / "logs" / "chat.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    hf_logging.disable_default_handler()  # its own handler writes to stderr
+    logging.captureWarnings(True)
+    for name in ("py.warnings", "transformers", "peft"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.propagate = False
+    return path
+
+
 def chat_model(args: argparse.Namespace):
     """The model behind SOURCE: for a run id, its adapter or its newest export of the chosen kind."""
     from training.generate import load_chat_model
+
+    library_warnings_to_log()
 
     source = args.source
     if args.use != "adapter" and not Path(source).exists():
@@ -54,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     model = chat_model(args)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chat with the tuned model. /reset clears the conversation, Ctrl-D quits.", file=sys.stderr)
+    print(f"Chat with {model.description}. /reset clears the conversation, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
             prompt = input("you> ").strip()
