@@ -98,11 +98,13 @@ def home(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     return home
 
 
-def backprop(*args: str, timeout: float = 300, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real `backprop` command in a subprocess."""
+def backprop(
+    *args: str, timeout: float = 300, check: bool = False, env: dict | None = None, input_text: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real `backprop` command in a subprocess (`input_text`: its standard input)."""
     result = subprocess.run(
         [sys.executable, "-m", "training.cli", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, input=input_text,
     )  # fmt: skip
     if check and result.returncode != 0:
         raise AssertionError(f"backprop {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")

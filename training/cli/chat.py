@@ -12,7 +12,10 @@ from training.errors import BackpropError
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    chat_commands = {"chat": "chat with a model (a run's, or any model) in the terminal", "generate": "one reply to one prompt, for scripts"}
+    chat_commands = {
+        "chat": "chat with a run's model or any model, in the terminal",
+        "generate": "one reply to one prompt, for scripts",
+    }
     for name, helptext in chat_commands.items():
         chat = sub.add_parser(name, parents=[common], help=helptext,
                               description="SOURCE: a run id, an adapter or merged model folder, or a .gguf file.")  # fmt: skip
