@@ -102,7 +102,8 @@ def test_threads_of_a_fresh_process_can_load_tokenizers_and_peft_at_once(home):
     one with ImportError; importing peft resolves transformers' names too, and failed beside a tokenizer's load)."""
     code = (
         "import threading\n"
-        "from training.models import load_tokenizer, peft_class, resolve_model\n"
+        "from training.hf_imports import peft_class\n"
+        "from training.models import load_tokenizer, resolve_model\n"
         "source, errors = resolve_model('demo'), []\n"
         "def load(what):\n"
         "    try:\n"

@@ -127,7 +127,8 @@ def test_a_merge_off_by_one_percent_in_one_layers_adapter_is_refused(tuned):
     import torch
 
     from training.export import merge_check, merge_tolerance
-    from training.models import load_model, load_tokenizer, peft_class, resolve_model
+    from training.hf_imports import peft_class
+    from training.models import load_model, load_tokenizer, resolve_model
 
     adapter = tuned["home"] / "runs" / tuned["run_id"] / "adapter"
     tokenizer = load_tokenizer(resolve_model(str(adapter)))

@@ -293,7 +293,7 @@ class _Scorer:
         no answer."""
         import torch
 
-        from training.models import transformers_class
+        from training.hf_imports import transformers_class
 
         GenerationConfig = transformers_class("GenerationConfig")  # noqa: N806 (a class)
 

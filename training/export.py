@@ -218,7 +218,8 @@ def merge(src: _Source, target: Path, home: Path) -> dict[str, Any]:
     The merged model must predict what base + adapter predicts (see `merge_check`)."""
     import torch
 
-    from training.models import load_model, load_tokenizer, peft_class, resolve_model
+    from training.hf_imports import peft_class
+    from training.models import load_model, load_tokenizer, resolve_model
 
     if src.merged_dir is not None:  # already merged: copy it
         for item in src.merged_dir.iterdir():

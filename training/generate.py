@@ -152,7 +152,8 @@ class AdapterModel(HFModel):
     """A base model with a LoRA adapter on top (a run's `adapter/` or a checkpoint folder)."""
 
     def __init__(self, adapter_dir: str | Path, home: Path | None = None, *, device: str | None = None):
-        from training.models import load_model, load_tokenizer, peft_class, resolve_model
+        from training.hf_imports import peft_class
+        from training.models import load_model, load_tokenizer, resolve_model
 
         adapter_dir = Path(adapter_dir)
         config_path = adapter_dir / "adapter_config.json"

@@ -610,7 +610,7 @@ def verify(gguf_path: Path, model_dir: Path, quantization: str) -> dict[str, Any
     at this precision: a real model's q8_0 file may rightly pick the other). Lower quantizations only have to load and
     generate."""
     llama_cpp = _require_llama_cpp()
-    from training.models import transformers_class
+    from training.hf_imports import transformers_class
 
     hf_tokenizer = transformers_class("AutoTokenizer").from_pretrained(str(model_dir))
     prompt = _probe_prompt(hf_tokenizer)
@@ -728,7 +728,7 @@ def _greedy_transformers(model_dir: Path, prompt: list[int], n: int) -> tuple[li
     """The reference: the HF model in fp32 on the CPU, n greedy tokens and their logits."""
     import torch
 
-    from training.models import transformers_class
+    from training.hf_imports import transformers_class
 
     model = transformers_class("AutoModelForCausalLM").from_pretrained(str(model_dir), dtype=torch.float32).eval()
     ids = torch.tensor([prompt])

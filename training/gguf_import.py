@@ -136,7 +136,7 @@ def _import(gguf_file: Path, target: Path, name: str, fingerprint: str, say: Pro
     require("export", "gguf")  # transformers reads GGUF through the gguf package
     import torch
 
-    from training.models import transformers_class
+    from training.hf_imports import transformers_class
 
     file_type = gguf_file_type(gguf_file)
     dtype = getattr(torch, _EXACT_DTYPES.get(file_type, "bfloat16"))
@@ -198,7 +198,7 @@ def _plain_copy(loaded: Any, name: str) -> Any:
     refuses `save_pretrained`. Built on the meta device and given the loaded tensors themselves (no second copy)."""
     import torch
 
-    from training.models import transformers_class
+    from training.hf_imports import transformers_class
 
     config = loaded.config
     for attribute in ("quantization_config", "_pre_quantization_dtype"):

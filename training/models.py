@@ -10,13 +10,13 @@ ChatML (with tool calls rendered, see chat_template.py); ChatML tokens it lacks 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from training.errors import BackpropError
+from training.hf_imports import transformers_class
 
 DEMO = "demo"
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -85,28 +85,6 @@ def resolve_model(name: str, home: Path | None = None, on_progress: Callable[[st
     if hub_id.count("/") != 1 or hub_id.startswith(("/", ".", "~")):
         raise BackpropError("INPUT_MODEL_NOT_FOUND", model=name)
     return ModelSource(name, hub_id, False)
-
-
-_IMPORTING = threading.Lock()
-
-
-def transformers_class(name: str) -> Any:
-    """`transformers.<name>` (AutoTokenizer, AutoModelForCausalLM, ...) resolved under a lock: the library's lazy first
-    import is not thread-safe (two threads asking at once, one gets ImportError), and the web app plans, counts tokens
-    and loads models on threads of one process."""
-    with _IMPORTING:
-        import transformers
-
-        return getattr(transformers, name)
-
-
-def peft_class(name: str) -> Any:
-    """`peft.<name>` (PeftModel, ...) under the same lock: importing peft resolves transformers' lazy names too, so it
-    must not run while another thread resolves one."""
-    with _IMPORTING:
-        import peft
-
-        return getattr(peft, name)
 
 
 def load_tokenizer(source: ModelSource) -> Any:
