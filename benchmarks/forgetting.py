@@ -11,7 +11,11 @@ The same multi-run (same data, steps, seeds, learning rate) runs twice, `--merge
 Printed for each: the forgetting matrix (eval loss of task j after run i), BWT on loss (mean over the earlier
 tasks of L[T][j] − L[j][j]; above 0 means forgetting) and the final average loss over the three tasks.
 
-Run: .venv/bin/python benchmarks/forgetting.py [--steps 150] [--rows 120]
+`--model real` runs the same on the real pretrained SmolLM2-135M-Instruct of the real-model tier (scripts/real_model.py)
+at a learning rate for a pretrained model (5e-4) and 20 steps per run unless --steps says otherwise: what a continual
+campaign does to a model that already knows things.
+
+Run: .venv/bin/python benchmarks/forgetting.py [--model demo|real] [--steps 150] [--rows 120]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "candle", "window", "garden", "pencil", "rocket", "forest",
          "mirror", "button", "planet", "bridge", "castle"]  # fmt: skip
@@ -48,11 +53,11 @@ def task_rows(name: str, rows: int, seed: int) -> list[dict]:
     ]
 
 
-def run(mode: str, files: list[Path], steps: int) -> dict:
+def run(model: str, lr: float, mode: str, files: list[Path], steps: int) -> dict:
     from training import Trainer
     from training.runs import Registry
 
-    result = Trainer("demo", seed=0, lr=3e-3, save_every=0, max_run_minutes=0).multi_run(
+    result = Trainer(model, seed=0, lr=lr, save_every=0, max_run_minutes=0).multi_run(
         [str(f) for f in files], steps_per_run=steps, merge_mode=mode, validation=0.15, name=f"forgetting-{mode}"
     )
     registry = Registry(Path(os.environ["BACKPROPAGATE_HOME"]))
@@ -61,7 +66,8 @@ def run(mode: str, files: list[Path], steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--model", choices=["demo", "real"], default="demo")
+    parser.add_argument("--steps", type=int, help="steps per run (default: 150 for demo, 20 for real)")
     parser.add_argument("--rows", type=int, default=120)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="backprop-forgetting-"))
@@ -69,15 +75,22 @@ def main() -> None:
                       BACKPROPAGATE_MAX_CPU_PERCENT="100")  # fmt: skip
     from training.multi_run import forgetting_metrics
 
+    if args.model == "real":
+        from train_throughput import real_model_dir
+
+        model, lr, steps = str(real_model_dir()), 5e-4, args.steps or 20
+    else:
+        model, lr, steps = "demo", 3e-3, args.steps or 150
+
     files = []
     for i, name in enumerate(("successor", "letters", "plurals")):
         path = work / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in task_rows(name, args.rows, seed=i)))
         files.append(path)
-    print(f"tasks: successor, letters, plurals; {args.rows} rows each; {args.steps} steps per run; demo model\n")
+    print(f"tasks: successor, letters, plurals; {args.rows} rows each; {steps} steps per run; model {Path(model).name}\n")
     summary = {}
     for mode in ("sequential", "slao"):
-        matrix = run(mode, files, args.steps)["matrix"]
+        matrix = run(model, lr, mode, files, steps)["matrix"]
         metrics = forgetting_metrics(matrix)
         summary[mode] = metrics
         print(f"{mode}: eval loss of task j (columns) after run i (rows)")

@@ -6,7 +6,8 @@ reports its peak: resident memory on CPU (`peak_rss_mb`, the whole process: Pyth
 memory on a GPU (`peak_vram_mb`, torch.cuda.max_memory_allocated: the plan's weights + LoRA + activations + logits).
 
 Cases: the demo model on the demo dataset; the ~28M-parameter model of benchmarks/train_throughput.py on log-normal
-texts (the plan's choices, then 8 rows of 1024 tokens); on CUDA also the GPU check's Qwen2.5-0.5B and -1.5B shapes.
+texts (the plan's choices, then 8 rows of 1024 tokens); the real SmolLM2-135M-Instruct (scripts/real_model.py) on the
+demo dataset; on CUDA also the GPU check's Qwen2.5-0.5B and -1.5B shapes.
 
     .venv/bin/python benchmarks/plan_accuracy.py [--steps 8] [--json OUT.json]
 
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     import torch
-    from train_throughput import build_model, make_texts
+    from train_throughput import build_model, make_texts, real_model_dir
     from transformers.utils import logging as hf_logging
 
     from training.cli.common import DEMO_DATASET
@@ -88,6 +89,7 @@ def main() -> None:
         ("demo", DEMO_DATASET, {}),
         (str(work / "m28"), texts, {}),
         (str(work / "m28"), texts, {"batch_size": 8, "max_seq_length": 1024, "packing": True}),
+        (str(real_model_dir()), DEMO_DATASET, {}),  # the real SmolLM2-135M-Instruct on the demo's 40 questions
     ]
     if torch.cuda.is_available():
         from gpu_check import SHAPES  # the real Qwen2.5 shapes, random weights

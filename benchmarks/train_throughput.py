@@ -59,17 +59,21 @@ def build_model(folder: Path):
     return tokenizer, model
 
 
-def real_model():
+def real_model_dir() -> Path:
     """The real-model tier's SmolLM2-135M-Instruct folder (built once, see scripts/real_model.py)."""
     import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.spec_from_file_location("real_model", ROOT / "scripts" / "real_model.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    folder = module.real_model_dir()
+    return module.real_model_dir()
+
+
+def real_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = real_model_dir()
     return folder, AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 

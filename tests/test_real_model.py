@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -182,3 +183,63 @@ def test_an_ollama_model_trains_and_goes_back_to_ollama(tmp_path, real_model_dir
 
     missing = backprop("train", "--model", "ollama:nosuch", "--data", str(data), env=env)
     assert missing.returncode == 1 and "[INPUT_MODEL_NOT_FOUND]" in missing.stderr and "ollama pull nosuch" in missing.stderr
+
+
+def test_dpo_and_a_two_run_slao_multi_run_complete_on_the_real_model(tmp_path, real_model_dir):
+    """Preference training (its reference = the real model with the adapter off) and SLAO's merge between two runs
+    handle tied embeddings, grouped-query attention and the real template as they do the demo model."""
+    home, env = new_home(tmp_path, real_model_dir)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Wrap: {w}", "chosen": f"<< {w} >>", "rejected": w}) + "\n"
+                             for w in WORDS[:12]))  # fmt: skip
+    dpo = backprop("train", "--model", str(real_model_dir), "--data", str(pairs), "--method", "dpo", "--steps", "3",
+                   "--max-run-minutes", "0", "--json", env=env, check=True)  # fmt: skip
+    assert json.loads(dpo.stdout.strip().splitlines()[-1])["status"] == "completed"
+
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(json.dumps(wrap(w)) + "\n" for w in WORDS[:8]))
+    second.write_text("".join(json.dumps(wrap(w)) + "\n" for w in WORDS[8:16]))
+    multi = backprop("multi-run", "--model", str(real_model_dir), "--data", str(first), "--data", str(second), "--steps",
+                     "2", "--max-run-minutes", "0", "--json", env=env, check=True, timeout=1800)  # fmt: skip
+    summary = json.loads(multi.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed", summary
+    children = Registry(home).children(summary["run_id"])
+    assert [c.status for c in children] == ["completed", "completed"]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of Italy?"}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Name a colour.\nJust one."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "France?"},
+     {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Spain?"}],
+]  # fmt: skip
+
+
+def test_the_modelfile_template_rendered_by_go_is_the_models_own_chat_template(tmp_path, real_model_dir):
+    """Ollama renders a Modelfile's TEMPLATE with Go's text/template. Rendered so (a Go program, tests/go_template),
+    Backprop's TEMPLATE for the real model gives exactly the prompt its own Jinja template gives, including the default
+    system prompt SmolLM2's template injects when a chat has none. (scripts/test installs Debian's Go.)"""
+    import subprocess
+
+    from training.models import load_tokenizer, resolve_model
+    from training.ollama import chat_pieces, go_template
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("needs Go (scripts/test installs Debian's golang-go)")
+    renderer = tmp_path / "render"
+    subprocess.run([go, "build", "-o", str(renderer), str(Path(__file__).parent / "go_template" / "main.go")],
+                   check=True, cwd=tmp_path, env={**os.environ, "GOFLAGS": "-mod=mod", "GOPROXY": "off"})  # fmt: skip
+    tokenizer = load_tokenizer(resolve_model(str(real_model_dir)))
+    pieces = chat_pieces(tokenizer)
+    assert pieces is not None, "the real model's template could not be turned into a Modelfile TEMPLATE"
+    template = go_template(pieces)
+    for messages in CONVERSATIONS:
+        request = json.dumps({"template": template, "messages": messages})
+        rendered = subprocess.run([str(renderer)], input=request, capture_output=True, text=True, check=True).stdout
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert pieces.bos + rendered == expected, (rendered, expected)
+    default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert default_system in tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False)
