@@ -243,3 +243,27 @@ def test_the_modelfile_template_rendered_by_go_is_the_models_own_chat_template(t
         assert pieces.bos + rendered == expected, (rendered, expected)
     default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert default_system in tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=False)
+
+
+def test_the_dataset_doctor_shows_a_row_as_the_real_model_sees_it(tmp_path, real_model_dir):
+    """The exact templated text, in pieces: the default system prompt the template injects and the question are read
+    but not trained; the reply and its end-of-turn token (<|im_end|>, which is also the pad token) are trained; tokens
+    beyond the max length are cut, and a row whose whole reply is cut is said to teach nothing; a dropped row says why."""
+    from training.models import load_tokenizer, resolve_model
+    from training.row_view import view_line
+
+    tokenizer = load_tokenizer(resolve_model(str(real_model_dir)))
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(wrap("apple")) + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    view = view_line(data, 1, tokenizer, max_seq_length=1024)
+    text = "".join(p.text for p in view.pieces)
+    assert text == tokenizer.apply_chat_template(wrap("apple")["messages"], tokenize=False)
+    assert [p.kind for p in view.pieces] == ["context", "trained"] and view.pieces[1].text == "<< apple >><|im_end|>\n"
+    assert "You are a helpful AI assistant named SmolLM" in view.pieces[0].text
+    assert (view.tokens, view.trained_tokens, view.cut_tokens, view.problem, view.note) == (38, 5, 0, "", "")
+
+    cut = view_line(data, 1, tokenizer, max_seq_length=30)
+    assert [p.kind for p in cut.pieces] == ["context", "cut"] and cut.trained_tokens == 0 and cut.cut_tokens == 8
+    assert "teaches nothing" in cut.note
+    dropped = view_line(data, 2, tokenizer, max_seq_length=1024)
+    assert dropped.pieces == [] and dropped.problem.startswith("[INPUT_DATASET_NO_ASSISTANT_TURN]")

@@ -825,3 +825,49 @@ def test_votes_and_a_corrected_answer_in_side_by_side_chat_become_a_dpo_run_from
     page.goto(server["url"] + "runs")
     wait_for(lambda: page.query_selector("#runs-table") and dpo_id in page.inner_text("#runs-table"), 30, "the run in Runs")
     assert f"votes on {run_id}" in page.inner_text("#runs-table")
+
+
+@pytest.mark.real_model
+def test_the_real_model_shows_what_it_sees_trains_from_the_train_page_and_chats(server, page, tmp_path, real_model_dir):
+    """The real SmolLM2-135M-Instruct in the browser: the Dataset page shows a row as the model sees it (its template's
+    default system prompt read but not trained, the reply and its end-of-turn token trained), the Train page trains it,
+    and Chat answers in the format it learnt."""
+    from test_real_model import WORDS, wrap
+
+    data = tmp_path / "wrap.jsonl"
+    data.write_text("".join(json.dumps(wrap(w)) + "\n" for w in WORDS))
+    upload(page, server, data)
+    wait_for(lambda: page.query_selector("#dataset-stats") is not None, 120, "the dataset statistics")
+    page.fill("#dataset-model", str(real_model_dir))
+    page.click("#dataset-model-label")  # leaving the field re-reads the dataset with that tokenizer
+    wait_for(lambda: "SmolLM" in (page.inner_text("#row-text") if page.query_selector("#row-text") else ""), 120,
+             "the first row as the real model sees it")  # fmt: skip
+    assert page.locator(".row-trained").first.inner_text().strip() == "<< apple >><|im_end|>"
+    assert "You are a helpful AI assistant named SmolLM" in page.locator(".row-context").first.inner_text()
+    assert page.inner_text("#row-summary") == "line 1: 38 tokens, 5 trained"
+    page.fill("#row-line", "70")
+    page.click("#row-show")
+    wait_for(lambda: page.query_selector("#row-error") is not None, 60, "the refusal of a line with no row")
+    assert "INPUT_INVALID_ARGUMENT" in page.inner_text("#row-error") and "lines 1-58" in page.inner_text("#row-error")
+    shot(page, "dataset-row")
+
+    page.click("#use-for-training")
+    page.wait_for_url(server["url"])
+    page.wait_for_selector("#start:not([disabled])")
+    page.fill("#field-model", str(real_model_dir))
+    page.fill("#field-steps", "24")
+    page.fill("#field-learning_rate", "1e-3")
+    page.fill("#field-batch_size", "4")
+    page.click("#start")
+    wait_for(lambda: page.inner_text("#status-pill") == "completed", 900, "the real model's run to complete")
+    runs = json.loads(backprop("list", "--json", env=server["env"], check=True).stdout)
+    run_id = next(r["id"] for r in runs if r["status"] == "completed" and r["model"] == str(real_model_dir))
+
+    page.goto(server["url"] + "chat")
+    page.wait_for_selector("#chat-input")
+    page.click("#chat-source")
+    page.get_by_role("option", name=f"{run_id} · adapter", exact=True).click()
+    page.fill("#chat-input", "Wrap: zebra")
+    page.click("#chat-send")
+    wait_for(lambda: page.locator(".reply").count() >= 1 and page.is_enabled("#chat-send"), 300, "the reply")
+    assert page.locator(".reply").last.inner_text().strip() == "<< zebra >>"

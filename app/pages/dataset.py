@@ -50,6 +50,41 @@ def pair_card(pair: rx.Var) -> rx.Component:
     )  # fmt: skip
 
 
+def piece(part: rx.Var) -> rx.Component:
+    """A run of the row's text: trained tokens highlighted, context dimmed, tokens beyond the max length struck out."""
+    return rx.text.span(
+        part["text"], class_name="row-" + part["kind"].to(str),
+        background=rx.match(part["kind"], ("trained", rx.color("green", 4)), ("cut", rx.color("red", 3)), "transparent"),
+        opacity=rx.cond(part["kind"] == "context", "0.55", "1"),
+        text_decoration=rx.cond(part["kind"] == "cut", "line-through", "none"),
+    )  # fmt: skip
+
+
+def row_card() -> rx.Component:
+    """ "What the model sees": one row as training encodes it, with the model's own chat template and tokenizer."""
+    return rx.card(
+        rx.vstack(
+            rx.hstack(
+                rx.text("What the model sees", size="2", weight="bold"),
+                rx.text("line", size="2"),
+                rx.input(value=DatasetState.row_line, on_change=DatasetState.set_row_line, width="80px", id="row-line"),
+                rx.button("Show", on_click=DatasetState.show_row, loading=DatasetState.row_busy, id="row-show"),
+                rx.text(DatasetState.row_summary, size="2", color_scheme="gray", id="row-summary"),
+                align="center", wrap="wrap",
+            ),
+            rx.text("green: trained on (the replies and their end-of-turn token); dimmed: read but not trained; struck "
+                    "out: beyond the max length, cut", size="1", color_scheme="gray"),
+            rx.cond(DatasetState.row_error != "", rx.callout(DatasetState.row_error, color_scheme="red", id="row-error")),
+            rx.cond(DatasetState.row_problem != "", rx.callout(DatasetState.row_problem, color_scheme="red", id="row-problem")),
+            rx.cond(DatasetState.row_note != "", rx.callout(DatasetState.row_note, color_scheme="amber", id="row-note")),
+            rx.box(rx.foreach(DatasetState.row_pieces, piece), white_space="pre-wrap", font_family="monospace",
+                   font_size="13px", width="100%", id="row-text"),
+            width="100%", align="start",
+        ),
+        width="100%",
+    )  # fmt: skip
+
+
 def stat(label: str, key: str) -> rx.Component:
     return rx.vstack(rx.text(label, size="1", color_scheme="gray"), rx.text(DatasetState.report[key], weight="bold"), spacing="0")
 
@@ -107,6 +142,7 @@ def dataset_page() -> rx.Component:
                     rx.foreach(DatasetState.errors, lambda e: rx.text("line ", e["line"], ": ", e["reason"], size="1",
                                                                      font_family="monospace")),
                     id="dataset-bad-lines", spacing="1")),
+                row_card(),
                 rx.text("Preview", size="2", weight="bold"),
                 rx.vstack(rx.foreach(DatasetState.preview, conversation_card), rx.foreach(DatasetState.pair_preview, pair_card),
                           width="100%", id="dataset-preview"),

@@ -18,6 +18,7 @@ from training.config import load_settings
 from training.datasets import FILE_TYPES, Example, scan, split
 from training.errors import BackpropError
 from training.models import load_tokenizer, resolve_model
+from training.row_view import view_line
 from training.sandbox import inside, safe_name
 
 PREVIEW_ROWS = 5
@@ -43,8 +44,17 @@ def analyze(path: Path, model: str) -> dict:
         "preview": [_shown(e.messages) for e in examples[:PREVIEW_ROWS] if not e.is_preference],
         "pair_preview": [{"prompt": _shown(e.prompt), "chosen": _shown(e.chosen), "rejected": _shown(e.rejected or [])}
                          for e in pairs[:PREVIEW_ROWS]],
-        "examples": len(examples), "pairs": len(pairs),
+        "examples": len(examples), "pairs": len(pairs), "first_line": examples[0].line if examples else "",
     }  # fmt: skip
+
+
+def row_view(path: Path, model: str, line: int, max_seq_length: int, response_only: bool) -> dict:
+    """What the model sees of the row on `line`: text pieces by kind (trained, context, cut), counts, problem or note."""
+    view = view_line(path, line, load_tokenizer(resolve_model(model)), max_seq_length, response_only)
+    summary = (f"line {view.line}: {view.tokens} tokens, {view.trained_tokens} trained" if not view.problem
+               else f"line {view.line} is dropped")  # fmt: skip
+    return {"pieces": [{"text": p.text, "kind": p.kind} for p in view.pieces], "summary": summary,
+            "problem": view.problem, "note": view.note}  # fmt: skip
 
 
 def _shown(messages: list[dict]) -> list[dict[str, str]]:
@@ -72,6 +82,14 @@ class DatasetState(rx.State):
     error: str = ""
     busy: bool = False
     max_upload_bytes: int = load_settings().ui.max_upload_mb * 2**20
+    # "What the model sees": one row as training encodes it (training/row_view.py)
+    row_line: str = ""
+    row_pieces: list[dict[str, str]] = []  # {"text", "kind": trained | context | cut}
+    row_summary: str = ""
+    row_problem: str = ""
+    row_note: str = ""
+    row_error: str = ""
+    row_busy: bool = False
 
     @handler()
     async def load(self):
@@ -79,6 +97,7 @@ class DatasetState(rx.State):
         self.model = (await self.get_state(TrainState)).model.strip() or "demo"  # the model picked for training
 
     set_model = setter("model")
+    set_row_line = setter("row_line")
 
     @handler()
     async def handle_upload(self, files: list[rx.UploadFile]):
@@ -149,6 +168,29 @@ class DatasetState(rx.State):
                 if tokens.get("count") else "-",
             }  # fmt: skip
             self._describe_split()
+            self.row_line, self.row_pieces, self.row_summary = str(report.get("first_line", "")), [], ""
+        await self._view_row()
+
+    @handler(background=True, busy="row_busy", error="row_error")
+    async def show_row(self):
+        """The row on line `row_line` as the model will see it, with the Train page's max length and loss masking."""
+        await self._view_row()
+
+    async def _view_row(self) -> None:
+        async with self:
+            if not self.selected or not self.row_line.strip():
+                return
+            if not self.row_line.strip().isdigit() or int(self.row_line) < 1:
+                raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"'{self.row_line}' is not a line number",
+                                    hint="Give the line of the row in the file: 1, 2, ...")  # fmt: skip
+            train = await self.get_state(TrainState)
+            typed = train.max_seq_length.strip()
+            max_len = int(typed) if typed.isdigit() else load_settings().training.max_seq_length
+            args = (inside(datasets_dir(), self.selected), self.model, int(self.row_line), max_len, train.response_only)
+        view = await asyncio.to_thread(row_view, *args)
+        async with self:
+            self.row_pieces, self.row_summary = view["pieces"], view["summary"]
+            self.row_problem, self.row_note = view["problem"], view["note"]
 
     def _describe_split(self) -> None:
         try:
