@@ -280,7 +280,7 @@ CATALOGUE: dict[str, ErrorSpec] = {
     ),
     "RUNTIME_MERGE_MISMATCH": ErrorSpec(
         "The merged model's logits differ from the adapter model's by {difference} of their scale (tolerance "
-        "{tolerance}); greedy tokens differ at {mismatches} of {positions} positions",
+        "{tolerance}); the greedy token differs at {flips} of {positions} positions",
         "The merged weights are not saved. Export the LoRA adapter instead, and report this with the run's spec.json.",
     ),
     "RUNTIME_GGUF_QUANTIZATION_FAILED": ErrorSpec(

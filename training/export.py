@@ -242,7 +242,7 @@ def merge(src: _Source, target: Path, home: Path) -> dict[str, Any]:
     report = merge_check(expected, actual, merge_tolerance(merged.config))
     if not report["ok"]:
         raise BackpropError("RUNTIME_MERGE_MISMATCH", difference=f"{report['relative_logit_diff']:.2e}",
-                            tolerance=f"{report['tolerance']:.2e}", mismatches=report["greedy_mismatches"],
+                            tolerance=f"{report['tolerance']:.2e}", flips=report["greedy_flips"],
                             positions=report["greedy_positions"])  # fmt: skip
     saved_dtype = getattr(merged.config, "dtype", None) or getattr(merged.config, "torch_dtype", None)
     if saved_dtype in (torch.bfloat16, torch.float16, "bfloat16", "float16"):
@@ -257,23 +257,16 @@ def merge(src: _Source, target: Path, home: Path) -> dict[str, Any]:
 def merge_check(expected: list[Any], actual: list[Any], tolerance: float) -> dict[str, Any]:
     """Compare the merged model's logits (`actual`, one [positions, vocabulary] tensor per probe) with base + adapter's.
 
-    Two conditions: the largest difference relative to the logits' scale is within `tolerance`, and the greedy
-    next token is the same at every position whose top two logits are further apart than the difference allowed
-    (closer ones are ties at float32 precision and may flip without anything being wrong). `tolerance`: relative, see
-    merge_tolerance."""
+    The check: the largest difference relative to the logits' scale is within `tolerance` (see merge_tolerance).
+    Reported beside it, where the greedy next token differs: within the bound a token can only flip where the top two
+    logits are within twice the difference (a tie at this precision), so a flip says where, not whether."""
     scale = max(float(e.abs().max()) for e in expected) or 1.0
     difference = max(float((e.double() - a.double()).abs().max()) for e, a in zip(expected, actual, strict=True))
-    allowed = tolerance * scale
-    positions = mismatches = 0
-    for e, a in zip(expected, actual, strict=True):
-        top = e.topk(2, dim=-1).values
-        decided = (top[:, 0] - top[:, 1]) > 2 * allowed
-        positions += int(decided.sum())
-        mismatches += int((decided & (e.argmax(-1) != a.argmax(-1))).sum())
+    positions = sum(e.shape[0] for e in expected)
+    flips = sum(int((e.argmax(-1) != a.argmax(-1)).sum()) for e, a in zip(expected, actual, strict=True))
     relative = difference / scale
-    return {"ok": relative <= tolerance and mismatches == 0, "relative_logit_diff": relative,
-            "max_logit_diff": difference, "logit_scale": scale, "tolerance": tolerance,
-            "greedy_positions": positions, "greedy_mismatches": mismatches,
+    return {"ok": relative <= tolerance, "relative_logit_diff": relative, "max_logit_diff": difference,
+            "logit_scale": scale, "tolerance": tolerance, "greedy_positions": positions, "greedy_flips": flips,
             "probes": [c[-1]["content"] for c in PROBE_CONVERSATIONS]}  # fmt: skip
 
 

@@ -605,10 +605,9 @@ def verify(gguf_path: Path, model_dir: Path, quantization: str) -> dict[str, Any
 
     Tokenization of the probes must match transformers exactly, and llama.cpp must generate GREEDY_TOKENS tokens. For
     f32, f16 and q8_0 llama.cpp is also fed transformers' greedy path after a chat prompt (so both see the same tokens):
-    its logits must be within `logit_tolerance` of transformers', relative to their scale, and its
-    next token must be transformers' wherever transformers' top two are further apart than that (closer ones are ties
-    at this precision: a real model's q8_0 file may rightly pick the other). Lower quantizations only have to load and
-    generate."""
+    its logits must be within `logit_tolerance` of transformers', relative to their scale (`greedy_match` reports
+    whether it also picks the same tokens: a real model's q8_0 file may rightly pick the other of two near-tied ones).
+    Lower quantizations only have to load and generate."""
     llama_cpp = _require_llama_cpp()
     from training.hf_imports import transformers_class
 
@@ -658,9 +657,6 @@ def verify(gguf_path: Path, model_dir: Path, quantization: str) -> dict[str, Any
         if report["relative_logit_diff"] > report["tolerance"]:
             problems.append(f"logits differ from transformers' by {report['relative_logit_diff']:.2e} of their scale "
                             f"(tolerance {report['tolerance']:.1e})")  # fmt: skip
-        if not report["greedy_match"]:
-            problems.append(f"the greedy token differs from transformers' at {report['greedy_mismatches']} positions "
-                            f"of {expected}")  # fmt: skip
     if len(generated) != GREEDY_TOKENS:
         problems.append(f"generated {len(generated)} of {GREEDY_TOKENS} tokens")
     report["ok"] = not problems
@@ -670,17 +666,15 @@ def verify(gguf_path: Path, model_dir: Path, quantization: str) -> dict[str, Any
 
 
 def _logit_check(forced: np.ndarray, expected: list[int], expected_logits: np.ndarray, tolerance: float) -> dict[str, Any]:
-    """llama.cpp's logits (`forced`) against transformers' along transformers' greedy path, relative to their scale."""
+    """llama.cpp's logits (`forced`) against transformers' along transformers' greedy path, relative to their scale.
+    `greedy_match`: llama.cpp picks transformers' token at every step (reported; within the bound a pick can only
+    differ where transformers' top two are within twice the difference, a tie at this precision)."""
     import numpy as np
 
     scale = float(np.abs(expected_logits).max()) or 1.0
     difference = float(np.abs(forced - expected_logits).max())
-    allowed = tolerance * scale
-    ours = forced.argmax(axis=-1)
-    rows = np.arange(len(expected))
-    gaps = expected_logits[rows, expected] - expected_logits[rows, ours]  # 0 where both pick the same token
-    mismatches = int((gaps > 2 * allowed).sum())
-    return {"greedy_match": mismatches == 0, "greedy_mismatches": mismatches, "max_logit_diff": difference,
+    flips = int((forced.argmax(axis=-1) != np.asarray(expected)).sum())
+    return {"greedy_match": flips == 0, "greedy_flips": flips, "max_logit_diff": difference,
             "relative_logit_diff": difference / scale, "logit_scale": scale, "tolerance": tolerance}  # fmt: skip
 
 

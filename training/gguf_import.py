@@ -13,12 +13,14 @@ A model trained from a quantized file inherits its quantization error: the impor
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +58,12 @@ def imported_model(name: str, home: Path, on_progress: Progress | None = None) -
     target = home / "models" / "imported" / f"{_stem(name)}-{fingerprint[:12]}"
     if (target / MARKER).is_file():
         return target
-    _import(gguf_file, target, name, fingerprint, say)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One import per target at a time, across threads (the web app plans and reads datasets on several) and processes.
+    with (target.parent / f".{target.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / MARKER).is_file():  # not imported by whoever held the lock before
+            _import(gguf_file, target, name, fingerprint, say)
     return target
 
 
@@ -96,7 +103,7 @@ def ollama_blob(name: str) -> tuple[Path, str]:
     reference = name.removeprefix(OLLAMA_PREFIX)
     model, _, tag = reference.partition(":")
     parts = model.split("/") if model else []
-    if not parts or len(parts) > 3 or not all(re.fullmatch(r"[\w.\-]+", p) for p in [*parts, tag or "latest"]):
+    if not parts or len(parts) > 3 or not all(re.fullmatch(r"\w[\w.\-]*", p) for p in [*parts, tag or "latest"]):
         raise BackpropError("INPUT_MODEL_NOT_FOUND", model=name, hint="Name an Ollama model as ollama:NAME or ollama:NAME:TAG "
                             "(as `ollama list` shows it).")  # fmt: skip
     if len(parts) == 1:
@@ -111,6 +118,8 @@ def ollama_blob(name: str) -> tuple[Path, str]:
     try:
         layers = json.loads(manifest_path.read_text(encoding="utf-8"))["layers"]
         digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == MODEL_LAYER)
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise ValueError(f"unexpected digest {digest!r}")
     except (OSError, ValueError, KeyError, StopIteration) as exc:
         raise BackpropError("INPUT_MODEL_INVALID", path=str(manifest_path), reason=f"no model layer in the manifest ({exc})",
                             hint="Pull the model again with `ollama pull`.") from exc  # fmt: skip
@@ -143,9 +152,7 @@ def _import(gguf_file: Path, target: Path, name: str, fingerprint: str, say: Pro
     kind = _FILE_TYPE_NAMES.get(file_type, f"file type {file_type}")
     if file_type not in _EXACT_DTYPES:
         say(f"{name} is quantized ({kind}): the model you train starts from the quantized weights and keeps their error")
-    staging = target.with_name(target.name + f".partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     started = time.monotonic()
     try:
         folder, file = str(gguf_file.parent), gguf_file.name
@@ -167,9 +174,7 @@ def _import(gguf_file: Path, target: Path, name: str, fingerprint: str, say: Pro
         atomic.write_json(staging / MARKER, {"source": name, "file": str(gguf_file), "fingerprint": fingerprint,
                                              "gguf_file_type": kind, "dtype": str(dtype).replace("torch.", ""),
                                              "seconds": round(time.monotonic() - started, 1)})  # fmt: skip
-        if (target / MARKER).is_file():  # another process imported it meanwhile: keep theirs
-            return
-        atomic.publish_dir(staging, target)
+        atomic.publish_dir(staging, target)  # under the lock: nobody else writes the target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"imported {name} into {target} in {time.monotonic() - started:.0f} s")
@@ -210,7 +215,9 @@ def _plain_copy(loaded: Any, name: str) -> Any:
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         reason = f"weights missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}"
-        raise BackpropError("DEP_MODEL_LOAD_FAILED", model=name, reason=reason)
+        raise BackpropError("DEP_MODEL_LOAD_FAILED", model=name, reason=reason,
+                            hint="This GGUF's tensors do not fit the architecture transformers reads it as: start from "
+                                 "the model's Hugging Face folder or hub id instead.")  # fmt: skip
     if tied:
         model.tie_weights()
     return model

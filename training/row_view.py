@@ -53,6 +53,8 @@ def view_example(example: Example, tokenizer: Any, max_seq_length: int, response
     view.tokens = len(encoded.input_ids)
     view.trained_tokens = kinds.count("trained")
     view.cut_tokens = kinds.count("cut")
+    if example.is_preference:
+        view.note = "a preference pair: shown is the prompt with the chosen answer; the rejected one is encoded the same way"
     if view.cut_tokens:
         view.note = (f"{view.cut_tokens} of its {view.tokens} tokens lie beyond the max length ({max_seq_length}) and are cut"
                      + ("; the whole reply is cut, so this row teaches nothing: raise the max length" if not view.trained_tokens

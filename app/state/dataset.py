@@ -168,29 +168,32 @@ class DatasetState(rx.State):
                 if tokens.get("count") else "-",
             }  # fmt: skip
             self._describe_split()
-            self.row_line, self.row_pieces, self.row_summary = str(report.get("first_line", "")), [], ""
-        await self._view_row()
+            self.row_line = str(report.get("first_line", ""))
+            self._clear_row()
+        return DatasetState.show_row  # after this handler lets go of `busy`: a model change stays possible meanwhile
 
     @handler(background=True, busy="row_busy", error="row_error")
     async def show_row(self):
         """The row on line `row_line` as the model will see it, with the Train page's max length and loss masking."""
-        await self._view_row()
-
-    async def _view_row(self) -> None:
         async with self:
+            self._clear_row()
             if not self.selected or not self.row_line.strip():
                 return
             if not self.row_line.strip().isdigit() or int(self.row_line) < 1:
                 raise BackpropError("INPUT_INVALID_ARGUMENT", reason=f"'{self.row_line}' is not a line number",
                                     hint="Give the line of the row in the file: 1, 2, ...")  # fmt: skip
             train = await self.get_state(TrainState)
-            typed = train.max_seq_length.strip()
+            # What the run will use: the length typed on the Train page, else the one its plan fills in.
+            typed = train.max_seq_length.strip() or train.placeholders.get("max_seq_length", "").strip()
             max_len = int(typed) if typed.isdigit() else load_settings().training.max_seq_length
             args = (inside(datasets_dir(), self.selected), self.model, int(self.row_line), max_len, train.response_only)
         view = await asyncio.to_thread(row_view, *args)
         async with self:
             self.row_pieces, self.row_summary = view["pieces"], view["summary"]
             self.row_problem, self.row_note = view["problem"], view["note"]
+
+    def _clear_row(self) -> None:
+        self.row_pieces, self.row_summary, self.row_problem, self.row_note, self.row_error = [], "", "", "", ""
 
     def _describe_split(self) -> None:
         try:

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     # Importing a .gguf or ollama: model takes a while the first time: say what it does, on stderr (stdout stays --json's).
     importing = logging.getLogger("training.gguf_import")
     importing.setLevel(logging.INFO)
-    importing.addHandler(logging.StreamHandler(sys.stderr))
+    if not importing.handlers:  # main() may run more than once in a process (tests, scripts)
+        importing.addHandler(logging.StreamHandler(sys.stderr))
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after `--` belongs to the user's script (`backprop run train.py -- --lr 0.01`).

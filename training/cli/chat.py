@@ -38,6 +38,8 @@ def library_warnings_to_log() -> Path:
 
     path = load_settings().home / "logs" / "chat.log"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if any(getattr(h, "baseFilename", None) == str(path) for h in logging.getLogger("py.warnings").handlers):
+        return path  # already routed in this process
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     hf_logging.disable_default_handler()  # its own handler writes to stderr
