@@ -516,6 +516,18 @@ def test_dpo_on_a_preference_file_continued_from_an_sft_run_charts_reward_accura
     shot(page, "multi-run-orpo")
 
 
+def ask_the_adapter(page, server, run_id: str, prompt: str) -> None:
+    """On the Chat page, pick the run's adapter, send `prompt` and wait for the whole reply."""
+    page.goto(server["url"] + "chat")
+    page.wait_for_selector("#chat-input")
+    page.click("#chat-source")
+    page.get_by_role("option", name=f"{run_id} · adapter", exact=True).click()
+    page.fill("#chat-input", prompt)
+    page.click("#chat-send")
+    wait_for(lambda: page.locator(".reply").count() >= 1 and page.locator(".reply").last.inner_text().strip(), 300, "a reply")
+    wait_for(lambda: page.is_enabled("#chat-send"), 300, "the reply to finish")
+
+
 def test_the_trained_run_exports_to_gguf_verified_by_llama_cpp_and_answers_in_chat(server, page):
     # Continues the new user's path with the run trained from the browser in the first test (60 steps).
     runs = json.loads(backprop("list", "--json", env=server["env"], check=True).stdout)
@@ -542,14 +554,7 @@ def test_the_trained_run_exports_to_gguf_verified_by_llama_cpp_and_answers_in_ch
     wait_for(lambda: page.query_selector("#export-hub-error") is not None, 60, "the hub refusal")
     assert "DEP_HUB_AUTH_FAILED" in page.inner_text("#export-hub-error")
 
-    page.goto(server["url"] + "chat")
-    page.wait_for_selector("#chat-input")
-    page.click("#chat-source")
-    page.get_by_role("option", name=f"{run_id} · adapter", exact=True).click()
-    page.fill("#chat-input", "What is the capital of France?")
-    page.click("#chat-send")
-    wait_for(lambda: page.locator(".reply").count() >= 1 and page.locator(".reply").last.inner_text().strip(), 180, "a reply")
-    wait_for(lambda: page.is_enabled("#chat-send"), 180, "the reply to finish")
+    ask_the_adapter(page, server, run_id, "What is the capital of France?")
     assert "capital" in page.locator(".reply").last.inner_text()  # 60 steps on the demo data: it answers in kind
     # Side by side: the same prompt to the base model, whose reply shows beside the tuned one.
     page.get_by_text("Side by side with the base model").click()
@@ -864,11 +869,5 @@ def test_the_real_model_shows_what_it_sees_trains_from_the_train_page_and_chats(
     runs = json.loads(backprop("list", "--json", env=server["env"], check=True).stdout)
     run_id = next(r["id"] for r in runs if r["status"] == "completed" and r["model"] == str(real_model_dir))
 
-    page.goto(server["url"] + "chat")
-    page.wait_for_selector("#chat-input")
-    page.click("#chat-source")
-    page.get_by_role("option", name=f"{run_id} · adapter", exact=True).click()
-    page.fill("#chat-input", "Wrap: zebra")
-    page.click("#chat-send")
-    wait_for(lambda: page.locator(".reply").count() >= 1 and page.is_enabled("#chat-send"), 300, "the reply")
+    ask_the_adapter(page, server, run_id, "Wrap: zebra")
     assert page.locator(".reply").last.inner_text().strip() == "<< zebra >>"
