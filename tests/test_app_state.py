@@ -535,7 +535,7 @@ FORMS = {
                     "report_to", "nproc", "strategy", "method", "beta", "orpo_lambda"},
     ExportState: {"source", "folder", "format", "quantization", "ollama_name", "register", "hub_repo", "private"},
     ChatState: {"source", "folder", "compare", "prompt"},
-    DatasetState: {"model", "validation"},
+    DatasetState: {"model", "validation", "row_line"},
     RunsState: {"status_filter", "search"},
     CompareState: {"show_all"},
 }  # fmt: skip
