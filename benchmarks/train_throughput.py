@@ -130,7 +130,7 @@ def run_baseline(folder: Path, texts: list[str], batch_size: int) -> tuple[int, 
             mask[i, : len(r["input_ids"])] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # as Backprop trains on CPU
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size, num_train_epochs=1,
                              learning_rate=LR, save_strategy="no", report_to=[], logging_strategy="no", use_cpu=True,
@@ -162,8 +162,9 @@ def run_trl(folder: Path, texts: list[str], rows: int) -> tuple[int, float]:
                        packing=True, padding_free=True, max_length=1024)  # fmt: skip
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", task_type="CAUSAL_LM")
     dataset = Dataset.from_list([{"text": t} for t in texts])
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=config, processing_class=tokenizer,
-                         train_dataset=dataset, callbacks=[clock], peft_config=lora)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # as Backprop trains on CPU
+    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=dataset, callbacks=[clock],
+                         peft_config=lora)  # fmt: skip
     trainer.train()
     return tokens, clock.end - clock.begin
 
