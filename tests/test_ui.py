@@ -850,6 +850,7 @@ def test_the_real_model_shows_what_it_sees_trains_from_the_train_page_and_chats(
     assert page.locator(".row-trained").first.inner_text().strip() == "<< apple >><|im_end|>"
     assert "You are a helpful AI assistant named SmolLM" in page.locator(".row-context").first.inner_text()
     assert page.inner_text("#row-summary") == "line 1: 38 tokens, 5 trained"
+    shot(page, "dataset-row-view")
     page.fill("#row-line", "70")
     page.click("#row-show")
     wait_for(lambda: page.query_selector("#row-error") is not None, 60, "the refusal of a line with no row")
